@@ -1,0 +1,29 @@
+"""Pure optax + jax: Newton-Schulz, Muon, and the Moonlight recipe.
+
+Imports jax and optax only, so the optimizer can be used without the rest of
+muonjax (no flax, no meshes).
+"""
+
+from muonjax.optim.matrix_axes import MatrixAxes
+from muonjax.optim.muon import ScaleByMuonState, muon, scale_by_muon, scale_by_shape
+from muonjax.optim.newton_schulz import (
+    JORDAN,
+    POLAR_EXPRESS,
+    newton_schulz_flops,
+    orthogonalize,
+)
+from muonjax.optim.recipes import moonlight, moonlight_labels
+
+__all__ = [
+    "JORDAN",
+    "POLAR_EXPRESS",
+    "MatrixAxes",
+    "ScaleByMuonState",
+    "moonlight",
+    "moonlight_labels",
+    "muon",
+    "newton_schulz_flops",
+    "orthogonalize",
+    "scale_by_muon",
+    "scale_by_shape",
+]

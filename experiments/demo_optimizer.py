@@ -63,7 +63,7 @@ def loss_fn(params, windows):
 
 
 def group_rms(tree, labels, group):
-    leaves = [x for x, l in zip(jax.tree.leaves(tree), jax.tree.leaves(labels)) if l == group]
+    leaves = [x for x, lab in zip(jax.tree.leaves(tree), jax.tree.leaves(labels)) if lab == group]
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves) / sum(x.size for x in leaves))
 
 

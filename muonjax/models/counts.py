@@ -1,0 +1,40 @@
+"""Parameter counts from shapes alone (nnx.eval_shape: nothing is allocated)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+
+from muonjax.models.config import ModelConfig
+
+
+def abstract_model(config: ModelConfig):
+    """The model with ShapeDtypeStructs in place of arrays."""
+    from muonjax.models.transformer import Transformer
+
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+
+
+def param_counts(config: ModelConfig) -> dict[str, int]:
+    """total / active (used per token) / embedding (token embedding + LM head)
+    parameter counts, and both without the embedding."""
+    state = nnx.state(abstract_model(config), nnx.Param)
+    total = active = embedding = 0
+    routed_fraction = config.experts_per_token / config.n_routed_experts
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        size = math.prod(leaf.shape)
+        total += size
+        if names[0] in ("embed", "lm_head"):
+            embedding += size
+        # only experts_per_token of the routed experts run for a given token
+        active += size * routed_fraction if "experts" in names else size
+    return {
+        "total": total,
+        "active": round(active),
+        "embedding": embedding,
+        "total_non_embedding": total - embedding,
+        "active_non_embedding": round(active) - embedding,
+    }

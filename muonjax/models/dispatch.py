@@ -1,0 +1,144 @@
+"""Dropless routed experts: y_t = sum_j w_tj SwiGLU_{e_tj}(x_t), no token dropped.
+
+Two methods, chosen by measurement (experiments/bench_model.py and the note on
+issue 3):
+
+- "blocks" (default on CPU): assignments sorted by expert, each expert's group
+  padded to whole row blocks, then a loop over the used blocks only, each one a
+  plain (block, D) @ (D, F) matmul against its expert's weights. Compute scales
+  with the rows actually routed, whatever the imbalance. The loop has a
+  hand-written VJP so that its trip count can be data-dependent and weight
+  gradients accumulate in place.
+- "ragged_dot" (default on GPU/TPU): the sorted rows through
+  jax.lax.ragged_dot, which accelerators lower to grouped matmuls. On CPU it
+  expands to a dense masked matmul (E times the FLOPs), hence not used there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def routed_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD, *, method="auto"):
+    """Each token's k chosen SwiGLU experts, weighted and summed."""
+    if method == "auto":
+        method = "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+    T, K = experts_TK.shape
+    E = gate_EDF.shape[0]
+    if method == "ragged_dot":
+        flat_N = experts_TK.reshape(-1)
+        order_N = jnp.argsort(flat_N, stable=True)
+        sizes_E = jnp.bincount(flat_N, length=E).astype(jnp.int32)
+        x_ND = x_TD[order_N // K]
+        h_NF = jax.nn.silu(lax.ragged_dot(x_ND, gate_EDF, sizes_E)) * lax.ragged_dot(
+            x_ND, up_EDF, sizes_E
+        )
+        y_ND = lax.ragged_dot(h_NF, down_EFD, sizes_E)
+        y_ND = y_ND * weights_TK.reshape(-1)[order_N][:, None].astype(y_ND.dtype)
+        return jnp.zeros_like(x_TD).at[order_N // K].add(y_ND)
+    # Small blocks waste less padding, large ones run faster matmuls on CPU;
+    # 128 rows suit groups under ~400 rows per expert (measured).
+    block = 128 if T * K < 400 * E else 256
+    assignment_R, expert_B, used_blocks = block_layout(experts_TK, E, block)
+    token_R = assignment_R // K  # == T on padding rows: gathers 0, scatter drops
+    x_RD = jnp.take(x_TD, token_R, axis=0, mode="fill", fill_value=0)
+    y_RD = grouped_swiglu(x_RD, expert_B, used_blocks, gate_EDF, up_EDF, down_EFD, block)
+    w_R = jnp.take(weights_TK.reshape(-1), assignment_R, mode="fill", fill_value=0)
+    return jnp.zeros_like(x_TD).at[token_R].add(y_RD * w_R[:, None].astype(y_RD.dtype), mode="drop")
+
+
+def block_layout(experts_TK, n_experts: int, block: int):
+    """Sorts the T*k assignments by expert and pads each expert's group to whole blocks.
+
+    Returns assignment_R (the assignment index t*k+j in each of the R padded
+    rows, T*k on padding), expert_B (the expert of each block) and used_blocks
+    (how many blocks hold rows). R = block * B is a static bound: T*k rows plus
+    at most block-1 padding rows per expert.
+    """
+    T, K = experts_TK.shape
+    N = T * K
+    n_blocks = (N + n_experts * (block - 1)) // block
+    expert_N = experts_TK.reshape(-1).astype(jnp.int32)
+    order_N = jnp.argsort(expert_N, stable=True).astype(jnp.int32)
+    count_E = jnp.bincount(expert_N, length=n_experts).astype(jnp.int32)
+    padded_E = (count_E + block - 1) // block * block
+    padded_end_E = jnp.cumsum(padded_E)
+    sorted_expert_N = expert_N[order_N]
+    rank_N = jnp.arange(N, dtype=jnp.int32) - (jnp.cumsum(count_E) - count_E)[sorted_expert_N]
+    row_N = (padded_end_E - padded_E)[sorted_expert_N] + rank_N
+    assignment_R = (
+        jnp.full((n_blocks * block,), N, jnp.int32).at[row_N].set(order_N, unique_indices=True)
+    )
+    block_start_B = jnp.arange(n_blocks, dtype=jnp.int32) * block
+    expert_B = jnp.minimum(
+        jnp.searchsorted(padded_end_E, block_start_B, side="right"), n_experts - 1
+    )
+    return assignment_R, expert_B.astype(jnp.int32), padded_end_E[-1] // block
+
+
+def _take(w, e):
+    return lax.dynamic_index_in_dim(w, e, 0, keepdims=False)
+
+
+def _forward_blocks(x_RD, expert_B, used_blocks, gate_EDF, up_EDF, down_EFD, block):
+    def body(b, carry):
+        e, x = expert_B[b], lax.dynamic_slice_in_dim(x_RD, b * block, block)
+        g, u = x @ _take(gate_EDF, e), x @ _take(up_EDF, e)
+        y = (jax.nn.silu(g) * u) @ _take(down_EFD, e)
+        return tuple(
+            lax.dynamic_update_slice_in_dim(a, v, b * block, 0) for a, v in zip(carry, (y, g, u))
+        )
+
+    R, F = x_RD.shape[0], gate_EDF.shape[-1]
+    zeros = (
+        jnp.zeros((R, x_RD.shape[1]), x_RD.dtype),
+        jnp.zeros((R, F), x_RD.dtype),
+        jnp.zeros((R, F), x_RD.dtype),
+    )
+    return lax.fori_loop(0, used_blocks, body, zeros)  # rows past used_blocks stay 0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def grouped_swiglu(x_RD, expert_B, used_blocks, gate_EDF, up_EDF, down_EFD, block):
+    """Row block b of x_RD through expert expert_B[b]'s SwiGLU; blocks from
+    used_blocks on are skipped and give 0."""
+    return _forward_blocks(x_RD, expert_B, used_blocks, gate_EDF, up_EDF, down_EFD, block)[0]
+
+
+def _grouped_swiglu_fwd(x_RD, expert_B, used_blocks, gate_EDF, up_EDF, down_EFD, block):
+    y, g, u = _forward_blocks(x_RD, expert_B, used_blocks, gate_EDF, up_EDF, down_EFD, block)
+    return y, (x_RD, expert_B, used_blocks, gate_EDF, up_EDF, down_EFD, g, u)
+
+
+def _grouped_swiglu_bwd(block, residuals, dy_RD):
+    x_RD, expert_B, used_blocks, gate_EDF, up_EDF, down_EFD, g_RF, u_RF = residuals
+
+    def body(b, carry):
+        dx_RD, dgate, dup, ddown = carry
+        e = expert_B[b]
+        rows = lambda a: lax.dynamic_slice_in_dim(a, b * block, block)
+        x, g, u, dy = rows(x_RD), rows(g_RF), rows(u_RF), rows(dy_RD)
+        sig = jax.nn.sigmoid(g)
+        act = g * sig  # silu(g)
+        dh = dy @ _take(down_EFD, e).T
+        dg = dh * u * sig * (1 + g * (1 - sig))  # silu'(g) = sig (1 + g (1 - sig))
+        du = dh * act
+        dx = dg @ _take(gate_EDF, e).T + du @ _take(up_EDF, e).T
+        accumulate = lambda w, v: lax.dynamic_update_index_in_dim(w, _take(w, e) + v, e, 0)
+        return (
+            lax.dynamic_update_slice_in_dim(dx_RD, dx, b * block, 0),
+            accumulate(dgate, x.T @ dg),
+            accumulate(dup, x.T @ du),
+            accumulate(ddown, (act * u).T @ dy),
+        )
+
+    zeros = tuple(jnp.zeros_like(a) for a in (x_RD, gate_EDF, up_EDF, down_EFD))
+    dx_RD, dgate, dup, ddown = lax.fori_loop(0, used_blocks, body, zeros)
+    return dx_RD, None, None, dgate, dup, ddown
+
+
+grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)

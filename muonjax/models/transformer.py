@@ -1,0 +1,119 @@
+"""The MoE language model: embedding, a scanned stack of dense blocks, a scanned
+stack of MoE blocks, final norm, untied LM head."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from muonjax.models.attention import attention
+from muonjax.models.config import ModelConfig
+from muonjax.models.layers import MLP, Linear, RMSNorm
+from muonjax.models.moe import MoE, balance_router_bias
+
+LAYERS = "layers"  # logical name of the stacking axis
+
+
+class ModelAux(NamedTuple):
+    """What the forward pass reports besides logits (monitoring, QK-Clip, balancing)."""
+
+    max_logit_LH: jax.Array  # max pre-softmax attention logit per layer and head
+    expert_load_ME: jax.Array  # per MoE layer, the fraction of assignments per expert
+    balance_loss: jax.Array  # sum over MoE layers of the sequence-wise auxiliary loss
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: attention, then a dense MLP or an MoE."""
+
+    def __init__(self, config: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
+        c = config
+        self.attn_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps)
+        self.attn = attention(c, rngs=rngs)
+        self.mlp_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps)
+        if moe:
+            self.moe = MoE(c, rngs=rngs)
+        else:
+            self.mlp = MLP(c.d_model, c.intermediate_size, std=c.init_std, dtype=c.dtype, rngs=rngs)
+
+    def __call__(self, x_BLD, positions_BL):
+        h, max_logit_H = self.attn(self.attn_norm(x_BLD), positions_BL)
+        x_BLD = x_BLD + h.astype(x_BLD.dtype)
+        if hasattr(self, "moe"):
+            h, moe_aux = self.moe(self.mlp_norm(x_BLD))
+        else:
+            h, moe_aux = self.mlp(self.mlp_norm(x_BLD)), None
+        return x_BLD + h.astype(x_BLD.dtype), (max_logit_H, moe_aux)
+
+
+def _stack(config: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs):
+    """n Blocks with every parameter stacked on a leading "layers" axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+    def create(rngs):
+        return Block(config, moe=moe, rngs=rngs)
+
+    return create(rngs) if n else None
+
+
+@nnx.scan(
+    in_axes=(0, nnx.Carry, None),
+    out_axes=(nnx.Carry, 0),
+    transform_metadata={nnx.PARTITION_NAME: LAYERS},
+)
+def _run_stack(block, x_BLD, positions_BL):
+    return block(x_BLD, positions_BL)
+
+
+class Transformer(nnx.Module):
+    """tokens (B, L) int -> logits (B, L, V) float32, and ModelAux."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed = nnx.Embed(
+            c.vocab_size,
+            c.d_model,
+            embedding_init=nnx.with_metadata(
+                nnx.initializers.normal(1.0), out_sharding=("vocab", "embed"), eager_sharding=False
+            ),
+            rngs=rngs,
+        )
+        self.dense_layers = _stack(c, c.first_k_dense, False, rngs)
+        self.moe_layers = _stack(c, c.n_moe_layers, True, rngs)
+        self.final_norm = RMSNorm(c.d_model, eps=c.rms_norm_eps)
+        self.lm_head = Linear(
+            c.d_model, c.vocab_size, ("embed", "vocab"), std=c.init_std, dtype=c.dtype, rngs=rngs
+        )
+
+    def __call__(self, tokens_BL):
+        c = self.config
+        B, L = tokens_BL.shape
+        positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
+        x_BLD = self.embed(tokens_BL).astype(c.dtype)
+        max_logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
+        if self.dense_layers is not None:
+            x_BLD, (max_logit_LH, _) = _run_stack(self.dense_layers, x_BLD, positions_BL)
+            max_logits.append(max_logit_LH)
+        if self.moe_layers is not None:
+            x_BLD, (max_logit_LH, moe_aux) = _run_stack(self.moe_layers, x_BLD, positions_BL)
+            max_logits.append(max_logit_LH)
+            loads.append(moe_aux.load_E)
+            balance = jnp.sum(moe_aux.balance_loss)
+        x_BLD = self.final_norm(x_BLD)
+        logits_BLV = self.lm_head(x_BLD)
+        aux = ModelAux(
+            max_logit_LH=jnp.concatenate(max_logits),
+            expert_load_ME=jnp.concatenate(loads) if loads else jnp.zeros((0, c.n_routed_experts)),
+            balance_loss=balance,
+        )
+        return logits_BLV.astype(jnp.float32), aux
+
+    def balance_experts(self, expert_load_ME, rate: float = 1e-3):
+        """Moves each MoE layer's router bias toward balanced load (outside the gradient)."""
+        if self.moe_layers is not None:
+            bias = self.moe_layers.moe.router.bias
+            bias[...] = balance_router_bias(bias[...], expert_load_ME, rate)

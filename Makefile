@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) experiments/demo_optimizer.py
+	$(PY) experiments/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -18,6 +18,7 @@ Writes results/bench_model/results.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import statistics
@@ -29,7 +30,7 @@ import optax
 from flax import nnx
 
 import muonjax
-from muonjax.models import Transformer, param_counts, preset
+from muonjax.models import Transformer, flops_per_token, preset
 from muonjax.models.attention import attention
 from muonjax.models.dispatch import routed_experts
 from muonjax.models.moe import MoE
@@ -45,23 +46,6 @@ def median_seconds(fn, *args, repeats):
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def model_flops_per_token(config, seq_len):
-    counts = param_counts(config)
-    matmul_params = (
-        counts["active"] - config.vocab_size * config.d_model
-    )  # embedding lookup: no matmul
-    attn = (
-        2
-        * seq_len
-        * config.n_heads
-        * (
-            config.qk_head_dim
-            + (config.v_head_dim if config.attention == "mla" else config.head_dim)
-        )
-    )
-    return 3 * (2 * matmul_params + config.n_layers * attn)
 
 
 def loss_fn(model, tokens):
@@ -91,7 +75,7 @@ def throughput(config, batch, seq_len, repeats):
 
     seconds = median_seconds(fwd_bwd, state, tokens, repeats=repeats)
     tokens_per_step = batch * seq_len
-    flops = model_flops_per_token(config, seq_len) * tokens_per_step
+    flops = flops_per_token(config, seq_len) * tokens_per_step
     return {
         "seconds_per_step": seconds,
         "tokens_per_s": tokens_per_step / seconds,
@@ -149,6 +133,10 @@ def breakdown(config, batch, seq_len, repeats):
     return parts
 
 
+def _routed_sum(w, x, experts, weights, method):
+    return jnp.sum(routed_experts(x, experts, weights, *w, method=method))
+
+
 def dispatch_methods(repeats):
     """Forward+backward of the routed experts alone, by dispatch method: on the
     small preset's MoE shape and on one with Moonlight's 64 experts, 6 active."""
@@ -159,13 +147,16 @@ def dispatch_methods(repeats):
     }.items():
         keys = jax.random.split(jax.random.key(0), 6)
         x = jax.random.normal(keys[0], (T, D))
-        experts = jax.vmap(lambda k: jax.random.choice(k, E, (K,), replace=False))(jax.random.split(keys[1], T))
+        choose = functools.partial(jax.random.choice, a=E, shape=(K,), replace=False)
+        experts = jax.vmap(lambda k, choose=choose: choose(k))(jax.random.split(keys[1], T))
         weights = jax.random.uniform(keys[2], (T, K))
-        w = tuple(0.05 * jax.random.normal(k, s) for k, s in zip(keys[3:], [(E, D, F), (E, D, F), (E, F, D)]))
+        w = tuple(
+            0.05 * jax.random.normal(k, s)
+            for k, s in zip(keys[3:], [(E, D, F), (E, D, F), (E, F, D)])
+        )
         for method in ("blocks", "ragged_dot"):
-            g = jax.jit(
-                jax.grad(lambda w, x, m=method: jnp.sum(routed_experts(x, experts, weights, *w, method=m)), argnums=(0, 1))
-            )
+            loss = functools.partial(_routed_sum, experts=experts, weights=weights, method=method)
+            g = jax.jit(jax.grad(loss, argnums=(0, 1)))
             out[f"{name}, {method}"] = median_seconds(g, w, x, repeats=repeats)
     return out
 
@@ -233,7 +224,7 @@ def main():
         "breakdown_seconds": parts,
         "dispatch_seconds": dispatch,
         "compile_seconds": compiles,
-        "flops_per_token": model_flops_per_token(config, args.seq_len),
+        "flops_per_token": flops_per_token(config, args.seq_len),
         "devices": jax.device_count(),
     }
     (RESULTS / "results.json").write_text(json.dumps(out, indent=2))

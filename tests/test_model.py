@@ -9,7 +9,14 @@ import pytest
 from flax import nnx
 
 import muonjax
-from muonjax.models import ModelConfig, Transformer, balance_router_bias, param_counts, preset
+from muonjax.models import (
+    ModelConfig,
+    Transformer,
+    balance_router_bias,
+    flops_per_token,
+    param_counts,
+    preset,
+)
 from muonjax.models.dispatch import routed_experts
 from muonjax.models.moe import MoE, balance_loss
 
@@ -291,3 +298,19 @@ def test_bad_config_is_a_clear_error():
         ModelConfig(attention="gqa")
     with pytest.raises(ValueError, match="moe_dispatch='onehot'"):
         ModelConfig(moe_dispatch="onehot")
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_flops_per_token_matches_xla_count(attention):
+    # one dense layer: XLA's cost analysis counts a scan body once, so only a
+    # stack of one layer is counted in full
+    config = preset("small").replace(n_layers=1, first_k_dense=1, attention=attention, head_dim=32)
+    graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+    tokens = jnp.zeros((4, 129), jnp.int32)
+
+    def loss(state):
+        logits, _ = nnx.merge(graphdef, state)(tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    counted = jax.jit(jax.grad(loss)).lower(state).compile().cost_analysis()["flops"]
+    assert counted == pytest.approx(flops_per_token(config, 128) * 4 * 128, rel=0.03)

@@ -38,3 +38,14 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
         "total_non_embedding": total - embedding,
         "active_non_embedding": round(active) - embedding,
     }
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> int:
+    """Forward+backward model FLOPs per token (PaLM's convention): 6 x the
+    active matmul parameters (the k routed experts, not the embedding lookup)
+    plus 12 x layers x seq_len x heads x (qk + v head dims) / 2 for attention."""
+    counts = param_counts(config)
+    matmul_params = counts["active"] - config.vocab_size * config.d_model
+    v_dim = config.v_head_dim if config.attention == "mla" else config.head_dim
+    attention = 2 * seq_len * config.n_heads * (config.qk_head_dim + v_dim)
+    return 3 * (2 * matmul_params + config.n_layers * attention)

@@ -1,0 +1,239 @@
+"""The trainer: exact resume (also after kill -9), data determinism, metrics,
+non-finite steps, BPE, and a falling loss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from muonjax.train import TrainConfig, TrainingStopped, read_metrics, train
+from muonjax.train.corpus import load_corpus, split_texts
+from muonjax.train.pipeline import eval_batches, train_batches
+
+DOCUMENTED_FIELDS = {
+    "step",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "tokens_per_s",
+    "update_rms_muon",
+    "update_rms_adamw",
+    "weight_rms_muon",
+    "weight_rms_adamw",
+    "max_attention_logit",
+    "expert_load_imbalance",
+    "skipped_steps",
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A few hundred KB of real text: some of this Python's own stdlib."""
+    folder = tmp_path_factory.mktemp("corpus")
+    texts = load_corpus().texts[:40]
+    for i, text in enumerate(texts):
+        (folder / f"doc{i:02d}.py").write_text(text)
+    return str(folder)
+
+
+def _config(corpus, out, **changes):
+    base = dict(
+        out=str(out),
+        data=(corpus,),
+        steps=12,
+        batch_size=8,
+        seq_len=32,
+        log_every=1,
+        eval_every=6,
+        checkpoint_every=4,
+        warmup_steps=2,
+        progress=False,
+    )
+    return TrainConfig(**{**base, **changes})
+
+
+def _losses(out):
+    return [(m["step"], m["loss"]) for m in read_metrics(out) if "loss" in m]
+
+
+def _final_state(out, step):
+    return jax.tree.leaves(
+        ocp.StandardCheckpointer().restore(os.path.abspath(f"{out}/checkpoints/{step}/state"))
+    )
+
+
+def _assert_same_state(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_is_bit_identical(corpus, tmp_path):
+    whole = train(_config(corpus, tmp_path / "whole", steps=12), log=lambda *_: None)
+    train(_config(corpus, tmp_path / "split", steps=6, decay_steps=12), log=lambda *_: None)
+    resumed = train(
+        _config(corpus, tmp_path / "split", steps=12, decay_steps=12),
+        resume=True,
+        log=lambda *_: None,
+    )
+    assert _losses(tmp_path / "whole") == _losses(tmp_path / "split")
+    assert len(_losses(tmp_path / "whole")) == 12
+    assert whole["eval_loss"] == resumed["eval_loss"]
+    _assert_same_state(_final_state(tmp_path / "whole", 12), _final_state(tmp_path / "split", 12))
+
+
+def test_metrics_have_the_documented_fields(corpus, tmp_path):
+    train(_config(corpus, tmp_path / "run", steps=6, optimizer="adamw"), log=lambda *_: None)
+    records = read_metrics(tmp_path / "run")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    for r in steps[1:]:  # the first step's time is compilation
+        assert DOCUMENTED_FIELDS <= r.keys(), DOCUMENTED_FIELDS - r.keys()
+        assert all(np.isfinite(r[k]) for k in DOCUMENTED_FIELDS)
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["optimizer"] == "adamw" and len(config["data"]["fingerprint"]) == 64
+    assert (
+        config["parameters"]["total"]
+        == config["parameters"]["muon_group"] + config["parameters"]["adamw_group"]
+    )
+    assert any(
+        p.name.startswith("events.out.tfevents")
+        for p in (tmp_path / "run" / "tensorboard").iterdir()
+    )
+
+
+def test_tiny_loss_falls(corpus, tmp_path):
+    summary = train(
+        _config(corpus, tmp_path / "run", steps=40, batch_size=16, checkpoint_every=40),
+        log=lambda *_: None,
+    )
+    losses = [loss for _, loss in _losses(tmp_path / "run")]
+    assert np.mean(losses[-5:]) < 0.7 * losses[0], losses
+    assert summary["eval_loss"] < 0.75 * losses[0]
+
+
+def test_data_pipeline_is_deterministic_and_resumes_exactly():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    first = train_batches(tokens, 31, 4, seed=3, shard_index=0, shard_count=1)
+    batches = [next(first) for _ in range(100)]  # crosses an epoch (78 windows)
+    again = train_batches(tokens, 31, 4, seed=3, shard_index=0, shard_count=1)
+    for b in batches:
+        np.testing.assert_array_equal(next(again), b)
+    other_seed = train_batches(tokens, 31, 4, seed=4, shard_index=0, shard_count=1)
+    assert not np.array_equal(next(other_seed), batches[0])
+    # state round trip: a new iterator set to the state after 37 batches goes on identically
+    it = train_batches(tokens, 31, 4, seed=3, shard_index=0, shard_count=1)
+    for _ in range(37):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    restored = train_batches(tokens, 31, 4, seed=3, shard_index=0, shard_count=1)
+    restored.set_state(state)
+    for b in batches[37:]:
+        np.testing.assert_array_equal(next(restored), b)
+    # windows are contiguous text, and shards are disjoint
+    assert np.all(np.diff(batches[0].astype(int), axis=1) == 1)
+    shards = [train_batches(tokens, 31, 2, seed=3, shard_index=i, shard_count=2) for i in range(2)]
+    seen = [{tuple(row) for _ in range(19) for row in next(s)} for s in shards]
+    assert not seen[0] & seen[1]
+    assert len(eval_batches(tokens, 31, 4, 3, 0, 1)) == 3
+
+
+def test_validation_split_holds_out_the_end():
+    train_texts, validation = split_texts(("abcdefgh", "ijkl"), 0.25)
+    assert "".join(train_texts) == "abcdefghi" and "".join(validation) == "jkl"
+    train_texts, validation = split_texts(("abcd", "efgh"), 0.5)
+    assert train_texts == ["abcd"] and validation == ["efgh"]
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(corpus, tmp_path):
+    # A learning rate of 1e12 sends AdamW's parameters to inf within a few steps.
+    config = _config(
+        corpus,
+        tmp_path / "run",
+        steps=30,
+        optimizer="adamw",
+        learning_rate=1e12,
+        warmup_steps=0,
+        checkpoint_every=1,
+        max_nonfinite=3,
+    )
+    with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss") as stopped:
+        train(config, log=lambda *_: None)
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert records[-1]["skipped_steps"] == 3
+    last_good = int(str(stopped.value).split("checkpoint is step ")[1].split()[0])
+    assert last_good == records[-1]["step"] - 3
+    assert all(np.all(np.isfinite(x)) for x in _final_state(tmp_path / "run", last_good))
+
+
+def test_kill_during_save_resumes_from_last_complete_checkpoint(corpus, tmp_path):
+    args = [
+        "--data",
+        corpus,
+        "--steps",
+        "24",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "100",
+        "--checkpoint-every",
+        "2",
+        "--warmup-steps",
+        "2",
+        "--no-progress",
+    ]
+    cmd = [sys.executable, "-m", "muonjax", "train"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(killed), *args], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # kill -9 while a save is in flight
+        folder = killed / "checkpoints"
+        if (
+            folder.exists()
+            and any("tmp" in p.name for p in folder.iterdir())
+            and len(list(folder.iterdir())) > 2
+        ):
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = subprocess.run(
+        [*cmd, "--out", str(killed), "--resume", "--no-progress"], capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step" in resumed.stdout + resumed.stderr
+    whole = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "whole"), *args], capture_output=True, text=True
+    )
+    assert whole.returncode == 0, whole.stderr
+    assert _losses(killed) == _losses(tmp_path / "whole")
+    _assert_same_state(_final_state(killed, 24), _final_state(tmp_path / "whole", 24))
+
+
+def test_bpe_tokenizer_is_trained_saved_and_reused(corpus, tmp_path):
+    config = _config(corpus, tmp_path / "run", steps=4, tokenizer="bpe", bpe_vocab_size=512)
+    train(config, log=lambda *_: None)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data"]["vocab_size"] == 512 and saved["model"]["vocab_size"] == 512
+    tokenizer_file = tmp_path / "run" / "tokenizer.json"
+    before = tokenizer_file.read_bytes()
+    train(config.replace(steps=6), resume=True, log=lambda *_: None)
+    assert tokenizer_file.read_bytes() == before
+    # BPE packs more text per token than bytes do
+    assert saved["data"]["train_tokens"] < 0.6 * saved["data"]["characters"]

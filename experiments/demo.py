@@ -3,8 +3,8 @@
     python experiments/demo.py [--steps 400] [--preset tiny] [--out runs/demo-...]
 
 Trains the preset twice on the default corpus (the Python standard library's
-source) with `muonjax.train`, prints a side-by-side table and writes
-loss.png next to the two runs.
+source) with `muonjax.train`, data-parallel with ZeRO-1 over 8 simulated CPU
+devices, prints a side-by-side table and writes loss.png next to the two runs.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--learning-rate", type=float, default=1e-2)
-    parser.add_argument("--cpu-devices", type=int, default=None, help="simulate this many devices")
+    parser.add_argument(
+        "--cpu-devices", type=int, default=8, help="simulated devices (mesh data=N)"
+    )
     parser.add_argument("--out", default=time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
-    if args.cpu_devices:
-        import jax
+    import jax  # before anything starts the backend
 
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
 
     from muonjax.train import ConfigError, TrainConfig, read_metrics, train
 
@@ -48,6 +49,7 @@ def main():
             warmup_steps=args.steps // 20,
             eval_every=max(args.steps // 8, 1),
             checkpoint_every=args.steps,
+            mesh=f"data={args.cpu_devices}",
         )
         print(f"training {args.preset} with {optimizer} -> {config.out}", flush=True)
         try:

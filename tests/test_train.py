@@ -16,6 +16,7 @@ import pytest
 from muonjax.train import TrainConfig, TrainingStopped, read_metrics, train
 from muonjax.train.corpus import load_corpus, split_texts
 from muonjax.train.pipeline import eval_batches, train_batches
+from muonjax.train.tokenizer import tokenizer_for_run
 
 DOCUMENTED_FIELDS = {
     "step",
@@ -122,29 +123,37 @@ def test_tiny_loss_falls(corpus, tmp_path):
 
 
 def test_data_pipeline_is_deterministic_and_resumes_exactly():
-    tokens = np.arange(10_000, dtype=np.uint16)
-    first = train_batches(tokens, 31, 4, seed=3, shard_index=0, shard_count=1)
+    tokens = np.arange(10_000, dtype=np.uint16)  # every window distinct
+    first = train_batches(tokens, 31, 4, seed=3)
     batches = [next(first) for _ in range(100)]  # crosses an epoch (78 windows)
-    again = train_batches(tokens, 31, 4, seed=3, shard_index=0, shard_count=1)
+    again = train_batches(tokens, 31, 4, seed=3)
     for b in batches:
         np.testing.assert_array_equal(next(again), b)
-    other_seed = train_batches(tokens, 31, 4, seed=4, shard_index=0, shard_count=1)
-    assert not np.array_equal(next(other_seed), batches[0])
+    assert not np.array_equal(next(train_batches(tokens, 31, 4, seed=4)), batches[0])
     # state round trip: a new iterator set to the state after 37 batches goes on identically
-    it = train_batches(tokens, 31, 4, seed=3, shard_index=0, shard_count=1)
+    it = train_batches(tokens, 31, 4, seed=3)
     for _ in range(37):
         next(it)
     state = json.loads(json.dumps(it.get_state()))
-    restored = train_batches(tokens, 31, 4, seed=3, shard_index=0, shard_count=1)
+    restored = train_batches(tokens, 31, 4, seed=3)
     restored.set_state(state)
     for b in batches[37:]:
         np.testing.assert_array_equal(next(restored), b)
-    # windows are contiguous text, and shards are disjoint
+    # windows are contiguous text; each epoch visits every window once
     assert np.all(np.diff(batches[0].astype(int), axis=1) == 1)
-    shards = [train_batches(tokens, 31, 2, seed=3, shard_index=i, shard_count=2) for i in range(2)]
-    seen = [{tuple(row) for _ in range(19) for row in next(s)} for s in shards]
-    assert not seen[0] & seen[1]
-    assert len(eval_batches(tokens, 31, 4, 3, 0, 1)) == 3
+    epoch = {row[0] for b in batches[:19] for row in b}
+    assert len(epoch) == 76
+    # two processes each get their rows of the same global batches
+    halves = [
+        train_batches(tokens, 31, 4, seed=3, process_index=i, process_count=2) for i in range(2)
+    ]
+    for b in batches[:10]:
+        np.testing.assert_array_equal(np.concatenate([next(h) for h in halves]), b)
+    assert len(eval_batches(tokens, 31, 4, 3)) == 3
+    np.testing.assert_array_equal(
+        np.concatenate([eval_batches(tokens, 31, 4, 3, i, 2)[1] for i in range(2)]),
+        eval_batches(tokens, 31, 4, 3)[1],
+    )
 
 
 def test_validation_split_holds_out_the_end():
@@ -227,13 +236,14 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(corpus, tmp_path
 
 
 def test_bpe_tokenizer_is_trained_saved_and_reused(corpus, tmp_path):
-    config = _config(corpus, tmp_path / "run", steps=4, tokenizer="bpe", bpe_vocab_size=512)
+    config = _config(corpus, tmp_path / "run", steps=2, tokenizer="bpe", bpe_vocab_size=512)
     train(config, log=lambda *_: None)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data"]["vocab_size"] == 512 and saved["model"]["vocab_size"] == 512
-    tokenizer_file = tmp_path / "run" / "tokenizer.json"
-    before = tokenizer_file.read_bytes()
-    train(config.replace(steps=6), resume=True, log=lambda *_: None)
-    assert tokenizer_file.read_bytes() == before
+    # a resumed run loads the saved tokenizer rather than training another
+    reused = tokenizer_for_run("bpe", tmp_path / "run", ["other text entirely"], 300)
+    assert reused.vocab_size == 512
+    text = load_corpus((corpus,)).texts[0][:2000]
+    assert reused.decode(reused.encode([text])[0]) == text
     # BPE packs more text per token than bytes do
     assert saved["data"]["train_tokens"] < 0.6 * saved["data"]["characters"]

@@ -44,6 +44,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     init_std: float = 0.02
     dtype: str = "float32"  # activations and matmuls; params stay float32
+    remat: bool = False  # recompute each layer in the backward pass instead of storing it
 
     def __post_init__(self):
         errors = []
@@ -129,6 +130,7 @@ PRESETS = {
         rope_theta=50000.0,
         rms_norm_eps=1e-5,
         dtype="bfloat16",
+        remat=True,
     ),
 }
 

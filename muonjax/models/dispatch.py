@@ -57,7 +57,8 @@ def block_layout(experts_TK, n_experts: int, block: int):
     Returns assignment_R (the assignment index t*k+j in each of the R padded
     rows, T*k on padding), expert_B (the expert of each block) and used_blocks
     (how many blocks hold rows). R = block * B is a static bound: T*k rows plus
-    at most block-1 padding rows per expert.
+    at most block-1 padding rows per expert. Expert ids >= n_experts (another
+    shard's experts) are left out.
     """
     T, K = experts_TK.shape
     N = T * K
@@ -68,11 +69,11 @@ def block_layout(experts_TK, n_experts: int, block: int):
     padded_E = (count_E + block - 1) // block * block
     padded_end_E = jnp.cumsum(padded_E)
     sorted_expert_N = expert_N[order_N]
-    rank_N = jnp.arange(N, dtype=jnp.int32) - (jnp.cumsum(count_E) - count_E)[sorted_expert_N]
-    row_N = (padded_end_E - padded_E)[sorted_expert_N] + rank_N
-    assignment_R = (
-        jnp.full((n_blocks * block,), N, jnp.int32).at[row_N].set(order_N, unique_indices=True)
-    )
+    ours_N = sorted_expert_N < n_experts
+    e_N = jnp.minimum(sorted_expert_N, n_experts - 1)
+    rank_N = jnp.arange(N, dtype=jnp.int32) - (jnp.cumsum(count_E) - count_E)[e_N]
+    row_N = jnp.where(ours_N, (padded_end_E - padded_E)[e_N] + rank_N, n_blocks * block)
+    assignment_R = jnp.full((n_blocks * block,), N, jnp.int32).at[row_N].set(order_N, mode="drop")
     block_start_B = jnp.arange(n_blocks, dtype=jnp.int32) * block
     expert_B = jnp.minimum(
         jnp.searchsorted(padded_end_E, block_start_B, side="right"), n_experts - 1

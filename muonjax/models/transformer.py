@@ -68,6 +68,16 @@ def _run_stack(block, x_BLD, positions_BL):
     return block(x_BLD, positions_BL)
 
 
+@nnx.scan(
+    in_axes=(0, nnx.Carry, None),
+    out_axes=(nnx.Carry, 0),
+    transform_metadata={nnx.PARTITION_NAME: LAYERS},
+)
+def _run_stack_remat(block, x_BLD, positions_BL):
+    # keep only each layer's input; recompute the rest in the backward pass
+    return nnx.remat(lambda b, x, p: b(x, p))(block, x_BLD, positions_BL)
+
+
 class Transformer(nnx.Module):
     """tokens (B, L) int -> logits (B, L, V) float32, and ModelAux."""
 
@@ -95,11 +105,12 @@ class Transformer(nnx.Module):
         positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
         x_BLD = self.embed(tokens_BL).astype(c.dtype)
         max_logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
+        run = _run_stack_remat if c.remat else _run_stack
         if self.dense_layers is not None:
-            x_BLD, (max_logit_LH, _) = _run_stack(self.dense_layers, x_BLD, positions_BL)
+            x_BLD, (max_logit_LH, _) = run(self.dense_layers, x_BLD, positions_BL)
             max_logits.append(max_logit_LH)
         if self.moe_layers is not None:
-            x_BLD, (max_logit_LH, moe_aux) = _run_stack(self.moe_layers, x_BLD, positions_BL)
+            x_BLD, (max_logit_LH, moe_aux) = run(self.moe_layers, x_BLD, positions_BL)
             max_logits.append(max_logit_LH)
             loads.append(moe_aux.load_E)
             balance = jnp.sum(moe_aux.balance_loss)

@@ -111,11 +111,11 @@ def map_matrices(
     tree: Any,
     *rest: Any,
 ) -> Any:
-    """tree_map of fn(view, leaf, *rest_leaves) with each leaf's MatrixView."""
+    """tree_map of fn(path, view, leaf, *rest_leaves) with each leaf's MatrixView."""
 
     def per_leaf(path, leaf, *others):
         axes = None if matrix_axes is None else matrix_axes(path, leaf)
         where = f"the leaf at {jax.tree_util.keystr(path) or '<root>'}"
-        return fn(matrix_view(leaf.shape, axes, where), leaf, *others)
+        return fn(path, matrix_view(leaf.shape, axes, where), leaf, *others)
 
     return jax.tree_util.tree_map_with_path(per_leaf, tree, *rest)

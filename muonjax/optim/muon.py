@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -14,6 +15,9 @@ from muonjax.optim.newton_schulz import (
     orthogonalize,
     resolve_coefficients,
 )
+
+# (path, N, orthogonalize) -> O: runs `orthogonalize` on N (leaf layout) wherever it likes
+OrthogonalizeWith = Callable[[Any, jax.Array, Callable[[jax.Array], jax.Array]], jax.Array]
 
 
 class ScaleByMuonState(NamedTuple):
@@ -32,18 +36,25 @@ def scale_by_muon(
     mu_dtype: Any | None = None,
     matrix_axes: MatrixAxesFn | None = None,
     compute_dtype: Any = "float32",
+    orthogonalize_with: OrthogonalizeWith | None = None,
 ) -> optax.GradientTransformation:
     """Orthogonalized momentum: O = NewtonSchulz(N), paper Eq. 1-2.
 
     M <- momentum * M + G; N = G + momentum * M (Nesterov) or N = M; each
     matrix of N is orthogonalized on its own (see `orthogonalize`). Every leaf
     must be a matrix or a stack of matrices (last two axes, or `matrix_axes`).
+
+    `orthogonalize_with(path, N, orthogonalize)` may decide where each stack
+    is orthogonalized: it gets N in the leaf's layout and a function that
+    orthogonalizes such an array, and returns the result (e.g. after placing
+    N on a mesh so that each device orthogonalizes only its own matrices;
+    muonjax.parallel.Plan.orthogonalize does this for Distributed Muon).
     """
     resolve_coefficients(ns_coeffs, ns_steps)  # fail at construction, not in jit
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
-        map_matrices(lambda view, p: None, matrix_axes, params)  # shape check
+        map_matrices(lambda path, view, p: None, matrix_axes, params)  # shape check
         return ScaleByMuonState(
             momentum=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
         )
@@ -54,16 +65,22 @@ def scale_by_muon(
             lambda m, g: (momentum * m + g).astype(m.dtype), state.momentum, updates
         )
 
-        def direction(view, g, m):
+        def direction(path, view, g, m):
             n = g + momentum * m if nesterov else m  # in the wider of both dtypes
-            o = orthogonalize(
-                view.to_matrix(n),
-                ns_steps=ns_steps,
-                ns_coeffs=ns_coeffs,
-                eps=eps,
-                compute_dtype=compute_dtype,
-            )
-            return view.from_matrix(o).astype(g.dtype)
+
+            def orthogonalize_leaf(x):  # x: an array laid out like n
+                o = orthogonalize(
+                    view.to_matrix(x),
+                    ns_steps=ns_steps,
+                    ns_coeffs=ns_coeffs,
+                    eps=eps,
+                    compute_dtype=compute_dtype,
+                )
+                return view.from_matrix(o)
+
+            if orthogonalize_with is None:
+                return orthogonalize_leaf(n).astype(g.dtype)
+            return orthogonalize_with(path, n, orthogonalize_leaf).astype(g.dtype)
 
         directions = map_matrices(direction, matrix_axes, updates, new_momentum)
         return directions, ScaleByMuonState(momentum=new_momentum)
@@ -83,7 +100,7 @@ def scale_by_shape(
     def update_fn(updates, state, params=None):
         del params
 
-        def scale(view, u):
+        def scale(path, view, u):
             return (u * (rms_scale * max(view.rows_cols) ** 0.5)).astype(u.dtype)
 
         return map_matrices(scale, matrix_axes, updates), state
@@ -104,6 +121,7 @@ def muon(
     mu_dtype: Any | None = None,
     matrix_axes: MatrixAxesFn | None = None,
     compute_dtype: Any = "float32",
+    orthogonalize_with: OrthogonalizeWith | None = None,
 ) -> optax.GradientTransformation:
     """Moonlight's Muon for matrices: W <- W - lr (rms_scale sqrt(max(A,B)) O + wd W).
 
@@ -122,6 +140,7 @@ def muon(
             mu_dtype=mu_dtype,
             matrix_axes=matrix_axes,
             compute_dtype=compute_dtype,
+            orthogonalize_with=orthogonalize_with,
         ),
         scale_by_shape(rms_scale=rms_scale, matrix_axes=matrix_axes),
         optax.add_decayed_weights(weight_decay),

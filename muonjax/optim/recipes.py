@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from muonjax.optim.matrix_axes import MatrixAxesFn
-from muonjax.optim.muon import muon
+from muonjax.optim.muon import OrthogonalizeWith, muon
 from muonjax.optim.newton_schulz import CoefficientsLike
 
 MUON, ADAMW = "muon", "adamw"
@@ -60,6 +60,7 @@ def moonlight(
     adam_eps: float = 1e-8,
     labels: Callable[[Any], Any] | None = None,
     matrix_axes: MatrixAxesFn | None = None,
+    orthogonalize_with: OrthogonalizeWith | None = None,
 ) -> optax.GradientTransformation:
     """Moonlight's optimizer (paper Sec. 2.2): `muon` plus AdamW, one lr and wd.
 
@@ -81,6 +82,7 @@ def moonlight(
                 eps=eps,
                 mu_dtype=mu_dtype,
                 matrix_axes=matrix_axes,
+                orthogonalize_with=orthogonalize_with,
             ),
             ADAMW: optax.adamw(
                 learning_rate,

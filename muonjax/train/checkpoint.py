@@ -1,4 +1,5 @@
-"""orbax checkpoints of a run: the train state, the data iterator, and metadata.
+"""orbax checkpoints of a run: the train state, and metadata (config, step and
+the data iterator's state, which is the same on every process).
 
 Saves are asynchronous (the step loop continues while files are written) and
 atomic: a save killed half-way leaves a tmp folder that latest_step() ignores,
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import pathlib
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -26,27 +26,23 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state, data_iterator, meta: dict) -> None:
+    def save(self, step: int, state, meta: dict) -> None:
         """Starts writing; returns once the arrays are copied off the devices."""
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
-                meta=ocp.args.JsonSave(meta),
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
             ),
         )
 
-    def restore(self, step: int, abstract_state, data_iterator):
+    def restore(self, step: int, abstract_state):
         """The state laid out as `abstract_state` says (shapes, dtypes, shardings:
-        it may be another mesh than the one saved from); the data iterator is
-        restored in place. Returns (state, meta)."""
+        it may be another mesh, or another number of processes, than the one
+        saved from), and the metadata."""
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
-                meta=ocp.args.JsonRestore(),
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
             ),
         )
         return restored.state, restored.meta

@@ -21,6 +21,8 @@ RESUMABLE = frozenset(
         "keep_checkpoints",
         "progress",
         "cpu_devices",
+        "mesh",  # a checkpoint restores onto any mesh
+        "zero1",
     }
 )
 
@@ -56,6 +58,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
     cpu_devices: int | None = None
+    mesh: str | None = None  # "data=4,expert=2"; default: every device on data
+    zero1: bool = True  # partition optimizer state over the data axis
     progress: bool = True
 
     def __post_init__(self):

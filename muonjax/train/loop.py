@@ -4,7 +4,6 @@ loop with logging, evaluation and checkpoints, and exact resume."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 import platform
@@ -13,22 +12,15 @@ import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from muonjax.models import param_counts, preset
+from muonjax.parallel.mesh import describe, make_mesh, parse_mesh
 from muonjax.train import checkpoint, pipeline
 from muonjax.train.config import ConfigError, TrainConfig, save_json
 from muonjax.train.corpus import load_corpus, split_texts
 from muonjax.train.metrics import MetricsWriter
-from muonjax.train.step import (
-    abstract_state,
-    eval_loss,
-    init_state,
-    make_optimizer,
-    param_groups,
-    train_step,
-)
+from muonjax.train.program import build, check_batch
+from muonjax.train.step import param_groups
 from muonjax.train.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_for_run
 
 CONFIG_FILE = "config.json"
@@ -91,10 +83,10 @@ def load_data(config: TrainConfig, out: pathlib.Path) -> RunData:
             f"--data has {len(train)} training tokens, fewer than one batch of "
             f"--batch-size {config.batch_size} x (--seq-len {config.seq_len} + 1)"
         )
-    if len(validation) < window:
+    if len(validation) < config.batch_size * window:
         raise ConfigError(
-            f"--data leaves {len(validation)} validation tokens, fewer than one sequence of "
-            f"{window}; pass more text or a larger --validation-fraction"
+            f"--data leaves {len(validation)} validation tokens, fewer than one batch of "
+            f"{config.batch_size} x {window}; pass more text or a larger --validation-fraction"
         )
     description = {
         **corpus.describe(),
@@ -106,36 +98,24 @@ def load_data(config: TrainConfig, out: pathlib.Path) -> RunData:
     return RunData(train, validation, tokenizer, description)
 
 
-def data_mesh() -> jax.sharding.Mesh:
-    """Every device on one data-parallel axis."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     """Runs (or resumes) `config`; returns a summary of the run."""
     out = pathlib.Path(config.out)
     saved = _saved_config(out, resume)
-    mesh = data_mesh()
-    if config.batch_size % mesh.size:
-        raise ConfigError(
-            f"--batch-size {config.batch_size} is not divisible by the data-parallel size {mesh.size}"
-        )
+    mesh = make_mesh(parse_mesh(config.mesh))
+    check_batch(config.batch_size, mesh)
     lead = jax.process_index() == 0
     data = load_data(config, out)
     if saved is not None:
         _check_resumable(config, saved, data.description)
     model_config = preset(config.preset).replace(vocab_size=data.tokenizer.vocab_size)
-    tx = make_optimizer(config)
-    graphdef, shapes = abstract_state(model_config, tx, config.seed)
-    replicated = NamedSharding(mesh, P())
-    state_shardings = jax.tree.map(lambda _: replicated, shapes)
-    batch_sharding = NamedSharding(mesh, P("data"))
+    program = build(config, model_config, mesh)
     run_config = {
         "train": config.to_json(),
         "model": dataclasses.asdict(model_config),
         "parameters": {
             **param_counts(model_config),
-            **{f"{g}_group": n for g, n in param_groups(shapes.params).items()},
+            **{f"{g}_group": n for g, n in param_groups(program.shapes.params).items()},
         },
         "data": data.description,
         "environment": {
@@ -143,6 +123,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
             "python": platform.python_version(),
             "devices": jax.device_count(),
             "processes": jax.process_count(),
+            "mesh": describe(mesh),
             "platform": jax.default_backend(),
         },
     }
@@ -151,46 +132,32 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
         data.tokenizer.save(out)
         save_json(out / CONFIG_FILE, run_config)
 
-    step_fn = jax.jit(
-        functools.partial(train_step, graphdef, tx, config),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, None),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(
-        functools.partial(eval_loss, graphdef), in_shardings=(state_shardings, batch_sharding)
-    )
-    local_batch = config.batch_size // jax.process_count()
+    process, processes = jax.process_index(), jax.process_count()
     batches = pipeline.train_batches(
-        data.train_tokens,
-        config.seq_len,
-        local_batch,
-        config.seed,
-        jax.process_index(),
-        jax.process_count(),
+        data.train_tokens, config.seq_len, config.batch_size, config.seed, process, processes
     )
     ckpt = checkpoint.Checkpointer(out / CHECKPOINT_DIR, config.keep_checkpoints)
     latest = ckpt.latest_step() if resume else None
     if latest is None:
-        state = jax.jit(
-            lambda: init_state(model_config, tx, config.seed)[1], out_shardings=state_shardings
-        )()
+        state = program.init()
         if resume:
             log(f"{out}: no complete checkpoint yet; starting again from step 0")
     else:
-        state, _ = ckpt.restore(latest, checkpoint.with_shardings(shapes, state_shardings), batches)
-        log(f"{out}: resumed from step {latest}")
+        state, meta = ckpt.restore(latest, program.abstract())
+        batches.set_state(meta["data"])
+        log(f"{out}: resumed from step {latest} on mesh {describe(mesh)}")
     start = int(state.step)
     meta = {"config": config.to_json(), "data_fingerprint": data.description["fingerprint"]}
+    to_device = lambda rows: jax.make_array_from_process_local_data(program.batch, rows)
     validation = [
-        jax.make_array_from_process_local_data(batch_sharding, b)
+        to_device(b)
         for b in pipeline.eval_batches(
             data.validation_tokens,
             config.seq_len,
-            local_batch,
+            config.batch_size,
             config.eval_batches,
-            jax.process_index(),
-            jax.process_count(),
+            process,
+            processes,
         )
     ]
     writer = MetricsWriter(out, resume_step=start if resume else None) if lead else None
@@ -200,8 +167,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
     clock, timed_steps = None, 0
     try:
         for step in range(start, config.steps):
-            batch = jax.make_array_from_process_local_data(batch_sharding, next(batches))
-            state, metrics = step_fn(state, batch)
+            state, metrics = program.step(state, to_device(next(batches)))
             done = step + 1
             nonfinite = int(state.nonfinite)  # waits for the step
             if clock is None:  # time from the end of the first (compiling) step on
@@ -224,7 +190,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
                     loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}"
                 )
             if done % config.eval_every == 0 or done == config.steps:
-                value = float(np.mean([eval_fn(state, b) for b in validation]))
+                value = float(np.mean([program.eval(state, b) for b in validation]))
                 summary["eval_loss"] = value
                 if writer:
                     writer.write(done, {"eval_loss": value})
@@ -235,7 +201,7 @@ def train(config: TrainConfig, *, resume: bool = False, log=print) -> dict:
                     f"(updates skipped); the last good checkpoint is step {ckpt.latest_step()} in {out / CHECKPOINT_DIR}"
                 )
             if (done % config.checkpoint_every == 0 or done == config.steps) and nonfinite == 0:
-                ckpt.save(done, state, batches, {**meta, "step": done})
+                ckpt.save(done, state, {**meta, "step": done, "data": batches.get_state()})
         ckpt.wait()
     finally:
         ckpt.close()

@@ -1,5 +1,9 @@
-"""grain pipelines: token stream -> packed windows -> seeded shuffle -> batches,
-each JAX process reading its own disjoint shard."""
+"""grain pipelines: token stream -> packed windows -> seeded shuffle -> batches.
+
+Every JAX process reads only its own rows of each global batch, and the
+global batches are those of a single process, so the global batches do not depend on the number of processes (a run
+on 2 hosts sees what a run on 1 sees) and the iterator state is the same
+everywhere."""
 
 from __future__ import annotations
 
@@ -25,18 +29,31 @@ class TokenWindows:
 
 
 def train_batches(
-    tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, shard_index: int, shard_count: int
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> grain.DatasetIterator:
-    """An endless iterator of (batch_size, seq_len + 1) int32 batches for one shard.
+    """An endless iterator of this process's (batch_size / process_count, seq_len + 1)
+    int32 rows of each global batch.
 
-    Shuffled from `seed`, reshuffled every epoch; its get_state()/set_state()
-    resume exactly where it stopped. The shard holds every shard_count-th window.
+    Shuffled from `seed`, reshuffled every epoch; get_state() / set_state()
+    resume exactly where it stopped.
     """
+    rows = batch_size // process_count
+    lo = process_index * rows
     windows = grain.MapDataset.source(TokenWindows(tokens, seq_len))
-    usable = len(windows) // shard_count * shard_count  # equal shards
-    dataset = windows[:usable][shard_index::shard_count]
-    dataset = dataset.shuffle(seed=seed).repeat(None).batch(batch_size, drop_remainder=True)
-    return iter(dataset.to_iter_dataset())
+    stream = windows.shuffle(seed=seed).repeat(
+        None
+    )  # global batch b: stream[b*batch_size:][:batch_size]
+    # row i of this process is row lo + i % rows of global batch i // rows;
+    # the process reads only its own windows
+    mine = grain.MapDataset.range(len(stream) // batch_size * rows).map(
+        lambda i: stream[i // rows * batch_size + lo + i % rows]
+    )
+    return iter(mine.batch(rows, drop_remainder=True).to_iter_dataset())
 
 
 def eval_batches(
@@ -44,13 +61,14 @@ def eval_batches(
     seq_len: int,
     batch_size: int,
     n_batches: int,
-    shard_index: int,
-    shard_count: int,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> list[np.ndarray]:
-    """A fixed list of this shard's validation batches: the first windows, in order."""
+    """This process's rows of a fixed list of validation batches: the first windows, in order."""
     windows = TokenWindows(tokens, seq_len)
-    usable = min(len(windows), n_batches * batch_size * shard_count)
-    ids = np.arange(shard_index, usable, shard_count)[
-        : usable // shard_count // batch_size * batch_size
+    n_batches = min(n_batches, len(windows) // batch_size)
+    rows = batch_size // process_count
+    lo = process_index * rows
+    return [
+        np.stack([windows[b * batch_size + lo + i] for i in range(rows)]) for b in range(n_batches)
     ]
-    return [np.stack([windows[i] for i in chunk]) for chunk in ids.reshape(-1, batch_size)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -38,11 +39,17 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
     )
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """muon: the Moonlight recipe; adamw: AdamW everywhere. Same lr and wd (paper Sec. 2.2)."""
+def make_optimizer(config: TrainConfig, orthogonalize_with=None) -> optax.GradientTransformation:
+    """muon: the Moonlight recipe; adamw: AdamW everywhere. Same lr and wd (paper Sec. 2.2).
+    `orthogonalize_with`: where Muon orthogonalizes each matrix stack (see
+    muonjax.parallel.Plan.orthogonalize)."""
     schedule = learning_rate_schedule(config)
     if config.optimizer == "muon":
-        return muonjax.moonlight(schedule, weight_decay=config.weight_decay)
+        return muonjax.moonlight(
+            schedule,
+            weight_decay=config.weight_decay,
+            orthogonalize_with=orthogonalize_with,
+        )
     return optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=config.weight_decay)
 
 
@@ -70,7 +77,7 @@ def _rms(tree) -> jax.Array:
     if not leaves:
         return jnp.zeros((), jnp.float32)
     total = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
-    return jnp.sqrt(total / sum(x.size for x in leaves))
+    return jnp.sqrt(total / float(sum(x.size for x in leaves)))
 
 
 def _group(tree, labels, group):
@@ -85,9 +92,9 @@ def lm_loss(graphdef, params, rest, tokens_BL):
     return ce, aux
 
 
-def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL):
-    """One optimizer step; a non-finite loss or gradient skips the update."""
-    schedule = learning_rate_schedule(config)
+def loss_and_grads(graphdef, params, rest, tokens_BL):
+    """Cross-entropy, the model's aux outputs, and the gradient of
+    cross-entropy + balance loss with respect to the parameters."""
 
     def loss_fn(variables):
         ce, aux = lm_loss(graphdef, *variables, tokens_BL)
@@ -95,9 +102,19 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL):
 
     # Differentiating the non-Param variables too (their gradient is unused)
     # keeps all of the model's variables on one trace level, as nnx.scan needs.
-    (_, (ce, aux)), (grads, _) = jax.value_and_grad(loss_fn, has_aux=True)(
-        (state.params, state.rest)
-    )
+    (_, (ce, aux)), (grads, _) = jax.value_and_grad(loss_fn, has_aux=True)((params, rest))
+    return ce, aux, grads
+
+
+def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, grads_fn=None):
+    """One optimizer step; a non-finite loss or gradient skips the update.
+
+    `grads_fn(params, rest, tokens)` computes (ce, aux, grads), by default
+    `loss_and_grads`; muonjax.train.program passes a data-parallel one whose
+    gradients arrive reduce-scattered into the optimizer state's layout (ZeRO-1).
+    """
+    grads_fn = grads_fn or functools.partial(loss_and_grads, graphdef)
+    ce, aux, grads = grads_fn(state.params, state.rest, tokens_BL)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model = nnx.merge(graphdef, params, state.rest)
@@ -121,7 +138,7 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL):
         "loss": ce,
         "balance_loss": aux.balance_loss,
         "grad_norm": grad_norm,
-        "learning_rate": schedule(state.step),
+        "learning_rate": learning_rate_schedule(config)(state.step),
         "max_attention_logit": jnp.max(aux.max_logit_LH),
         # max over MoE layers of (most-loaded expert's share / the mean share)
         "expert_load_imbalance": jnp.max(load.max(-1) / load.mean(-1))

@@ -1,0 +1,210 @@
+"""Logical axis names -> mesh axes, and ZeRO-1 shardings for optimizer state.
+
+Parameters are sharded by their logical names (experts over `expert`, heads
+and MLP width and vocabulary over `tensor`) and replicated over `data`.
+Optimizer state is, in addition, partitioned over `data` (ZeRO-1). Where a
+leaf has a stack axis (layers, experts) that `data` divides, that axis takes
+`data`: each device then holds whole matrices and orthogonalizes only its own.
+Otherwise a matrix axis takes it, as plain ZeRO-1 does; Muon gathers such a
+matrix before Newton-Schulz and every data rank orthogonalizes it (the
+paper's Distributed Muon), without the final gather of the update.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from muonjax.parallel.mesh import MeshError
+
+# Logical name -> mesh axis (None: replicated). Batch is split over data and
+# expert: the expert axis is a data-parallel axis for everything but experts.
+RULES = {
+    "batch": ("data", "expert"),
+    "experts": "expert",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "embed": None,
+    "kv": None,
+    "q_lora": None,
+    None: None,
+}
+STACK_AXES = ("experts", "layers")  # preferred in this order for ZeRO-1's data axis
+
+
+def mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple)."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _size(mesh, entry) -> int:
+    return math.prod(mesh.shape[a] for a in mesh_axes(entry))
+
+
+def _entry(axes: tuple[str, ...]):
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def logical_spec(mesh, logical: tuple, shape: tuple[int, ...], where: str) -> P:
+    """The PartitionSpec of a parameter from its logical axis names."""
+    entries = []
+    for dim, (name, size) in enumerate(zip(logical, shape)):
+        if name not in RULES:
+            raise MeshError(f"{where}: logical axis {name!r} has no sharding rule")
+        axes = tuple(a for a in mesh_axes(RULES[name]) if mesh.shape[a] > 1)
+        if size % _size(mesh, axes):
+            raise MeshError(
+                f"mesh {_describe(mesh, axes)} does not divide dimension {dim} ({name}) of size {size} "
+                f"of {where} {tuple(shape)}"
+            )
+        entries.append(_entry(axes))
+    return P(*entries)
+
+
+def zero1_spec(mesh, logical: tuple, shape: tuple[int, ...], spec: P) -> P:
+    """`spec` with the data axis added: on a stack axis if possible, else the
+    largest matrix axis it divides; replicated over data if none."""
+    data = mesh.shape["data"]
+    if data == 1:
+        return spec
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    dims = [d for name in STACK_AXES for d, n in enumerate(logical) if n == name]
+    dims += sorted((d for d in range(len(shape)) if d not in dims), key=lambda d: -shape[d])
+    for d in dims:
+        if shape[d] % (_size(mesh, entries[d]) * data) == 0:
+            entries[d] = _entry(mesh_axes(entries[d]) + ("data",))
+            return P(*entries)
+    return spec
+
+
+def without_data_on_matrix(spec: P, ndim: int) -> P:
+    """Where a matrix must be whole for Newton-Schulz: data only on stack axes."""
+    entries = list(spec) + [None] * (ndim - len(spec))
+    for d in (ndim - 2, ndim - 1):
+        entries[d] = _entry(tuple(a for a in mesh_axes(entries[d]) if a != "data"))
+    return P(*entries)
+
+
+def _describe(mesh, axes) -> str:
+    return ",".join(f"{a}={mesh.shape[a]}" for a in axes) or "(none)"
+
+
+class Plan:
+    """Shardings of a model's parameters, their ZeRO-1 state and the batch.
+
+    `params` is the model's nnx.Param state (arrays or ShapeDtypeStructs);
+    leaf paths below are those of its array leaves.
+    """
+
+    def __init__(self, mesh, params: nnx.State, zero1: bool = True):
+        self.mesh = mesh
+        self.zero1 = zero1 and mesh.shape["data"] > 1
+        variables = jax.tree_util.tree_leaves_with_path(
+            params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+        paths = [path for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        self._param_specs, self._state_specs, self._logical = {}, {}, {}
+        for path, (var_path, var) in zip(paths, variables, strict=True):
+            where = jax.tree_util.keystr(var_path)
+            logical = tuple(var.get_metadata().get("out_sharding") or (None,) * len(var.shape))
+            spec = logical_spec(mesh, logical, var.shape, where)
+            self._param_specs[path] = spec
+            self._logical[path] = logical
+            self._state_specs[path] = (
+                zero1_spec(mesh, logical, var.shape, spec) if self.zero1 else spec
+            )
+        treedef = jax.tree.structure(params)
+        self.param_specs = jax.tree.unflatten(treedef, list(self._param_specs.values()))
+        self.state_specs = jax.tree.unflatten(treedef, list(self._state_specs.values()))
+        self.params = jax.tree.unflatten(
+            treedef, [self.named(s) for s in self._param_specs.values()]
+        )
+        self.state_like = jax.tree.unflatten(
+            treedef, [self.named(s) for s in self._state_specs.values()]
+        )
+        self._lengths = sorted({len(p) for p in paths}, reverse=True)
+
+    def named(self, spec: P) -> NamedSharding:
+        return NamedSharding(self.mesh, spec)
+
+    @property
+    def batch(self) -> NamedSharding:
+        return self.named(P(RULES["batch"]))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return self.named(P())
+
+    def _entry(self, path, shape):
+        """(logical names, param spec, ZeRO-1 spec) of the parameter whose path
+        ends `path` and which has `shape`; None if there is none."""
+        for n in self._lengths:
+            key = tuple(path[-n:])
+            if len(path) >= n and key in self._state_specs:
+                spec = self._state_specs[key]
+                if not _fits(self.mesh, spec, shape):
+                    return None
+                return self._logical[key], self._param_specs[key], spec
+        return None
+
+    def _state_spec(self, path, shape) -> P | None:
+        entry = self._entry(path, shape)
+        return None if entry is None else entry[2]
+
+    def for_state(self, state_shapes: Any) -> Any:
+        """Shardings for an optimizer state: a leaf whose path ends with a
+        parameter's path is sharded like that parameter's ZeRO-1 state;
+        anything else (step counts) is replicated."""
+
+        def pick(path, leaf):
+            spec = self._state_spec(path, leaf.shape)
+            return self.replicated if spec is None else self.named(spec)
+
+        return jax.tree_util.tree_map_with_path(pick, state_shapes)
+
+    def splits_stack(self, path, shape) -> bool:
+        """Whether Muon's state of this leaf is split over data along a stack
+        axis, so that each data rank orthogonalizes only its own matrices."""
+        entry = self._entry(path, shape)
+        if entry is None or not self.zero1:
+            return False
+        logical, _, state_spec = entry
+        entries = list(state_spec) + [None] * (len(shape) - len(state_spec))
+        return any(
+            "data" in mesh_axes(entries[d]) for d, name in enumerate(logical) if name in STACK_AXES
+        )
+
+    def orthogonalize(self, path, n, orthogonalize_fn):
+        """For muonjax.moonlight(orthogonalize_with=...): Distributed Muon.
+
+        A stack whose optimizer state `data` splits along a stack axis is
+        orthogonalized where it lives, each device its own matrices, with no
+        communication. A matrix whose state `data` splits along a matrix axis
+        (its stack, if any, is not divisible by `data`) is gathered and
+        orthogonalized on every data rank, as in the paper; its update is then
+        whole everywhere, so ZeRO-1's gather of the update is not needed and
+        the bytes moved stay those of ZeRO-1 AdamW.
+        """
+        entry = self._entry(path, n.shape)
+        if entry is None or not self.zero1:
+            return orthogonalize_fn(n)
+        spec = (
+            entry[2]
+            if self.splits_stack(path, n.shape)
+            else without_data_on_matrix(entry[2], n.ndim)
+        )
+        return orthogonalize_fn(jax.lax.with_sharding_constraint(n, self.named(spec)))
+
+
+def _fits(mesh, spec: P, shape) -> bool:
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    return len(entries) == len(shape) and all(
+        shape[d] % _size(mesh, entries[d]) == 0 for d in range(len(shape))
+    )

@@ -1,0 +1,94 @@
+"""`muonjax inspect`: the train step compiled from abstract shapes (nothing
+allocated), and what it costs each device: memory, FLOPs, communication."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+import muonjax
+from muonjax.models import flops_per_token, param_counts, preset
+from muonjax.parallel import hlo
+from muonjax.parallel.mesh import describe
+from muonjax.train.config import TrainConfig
+from muonjax.train.program import build
+
+
+def _shard_bytes(shapes, shardings) -> int:
+    return sum(
+        math.prod(s.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
+        for a, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings), strict=True)
+    )
+
+
+def newton_schulz_total(params, where=lambda path, leaf: True) -> int:
+    """Newton-Schulz FLOPs of one step over the whole model (every Muon matrix
+    once), or over the leaves `where(path, leaf)` selects."""
+    labels = jax.tree.leaves(muonjax.moonlight_labels(params))
+    return sum(
+        muonjax.newton_schulz_flops(p.shape)
+        for (path, p), label in zip(jax.tree_util.tree_leaves_with_path(params), labels)
+        if label == "muon" and where(path, p)
+    )
+
+
+def inspect(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
+    model_config = preset(config.preset)
+    program = build(config, model_config, mesh)
+    devices = mesh.size
+    batch = jax.ShapeDtypeStruct(
+        (config.batch_size, config.seq_len + 1), jnp.int32, sharding=program.batch
+    )
+    compiled = program.step.lower(program.abstract(), batch).compile()
+    memory = compiled.memory_analysis()
+    peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    peak -= memory.alias_size_in_bytes  # donated state: inputs reused as outputs
+
+    # The optimizer update alone, on the shardings the step gives it: its
+    # program has no loops, so XLA's FLOP count is exact (Newton-Schulz and
+    # the elementwise work, per device).
+    params, opt_state = program.shapes.params, program.shapes.opt_state
+    grads_sharding = program.plan.state_like if program.plan.zero1 else program.plan.params
+    optimizer = jax.jit(
+        program.tx.update,
+        in_shardings=(grads_sharding, program.shardings.opt_state, program.plan.params),
+        out_shardings=(program.plan.params, program.shardings.opt_state),
+    )
+    optimizer_flops = optimizer.lower(params, opt_state, params).compile().cost_analysis()["flops"]
+
+    tokens = config.batch_size * config.seq_len
+    model_flops = flops_per_token(model_config, config.seq_len) * tokens / devices
+    muon = config.optimizer == "muon"
+    ns_total = newton_schulz_total(params) if muon else 0
+    ns_split = (
+        newton_schulz_total(params, lambda path, p: program.plan.splits_stack(path, p.shape))
+        if muon
+        else 0
+    )
+    comm = hlo.collective_bytes(compiled.as_text(), devices)
+    counts = param_counts(model_config)
+    return {
+        "preset": config.preset,
+        "optimizer": config.optimizer,
+        "mesh": describe(mesh),
+        "zero1": program.plan.zero1,
+        "batch_size": config.batch_size,
+        "seq_len": config.seq_len,
+        "parameters": counts["total"],
+        "param_bytes": _shard_bytes(params, program.plan.params),
+        "opt_state_bytes": _shard_bytes(opt_state, program.shardings.opt_state),
+        "peak_bytes": int(peak),
+        "step_flops": float(model_flops + optimizer_flops),
+        "model_flops": float(model_flops),
+        "optimizer_flops": float(optimizer_flops),
+        "newton_schulz_flops_whole_model": float(ns_total),
+        # of which in stacks split over data (each rank its share) / on every data rank
+        "newton_schulz_flops_split": float(ns_split),
+        "newton_schulz_flops_redundant": float(ns_total - ns_split),
+        "collective_bytes": comm["bytes"],
+        "collective_instructions": comm["instructions"],
+        "collectives_in_loops_of_unknown_trip_count": comm["in_loops_of_unknown_trip_count"],
+        "devices": devices,
+    }

@@ -251,3 +251,24 @@ def test_bad_matrix_axes_is_a_clear_error():
     axes = lambda path, leaf: muonjax.MatrixAxes(rows=0, cols=0)
     with pytest.raises(ValueError, match="distinct, non-empty"):
         muonjax.muon(0.1, matrix_axes=axes).init({"w": jnp.ones((4, 4))})
+
+
+def test_orthogonalize_with_sees_every_leaf_and_decides_where_it_runs():
+    params = {"a": jnp.ones((4, 6)), "stack": {"w": jnp.ones((3, 5, 2))}}
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+    seen = []
+
+    def hook(path, n, orthogonalize):
+        seen.append((jax.tree_util.keystr(path), n.shape))
+        return orthogonalize(n[::-1])[::-1]  # any placement, e.g. reordered stacks
+
+    plain = muonjax.scale_by_muon()
+    hooked = muonjax.scale_by_muon(orthogonalize_with=hook)
+    expected, _ = plain.update(grads, plain.init(params))
+    got, _ = hooked.update(grads, hooked.init(params))
+    assert sorted(seen) == [("['a']", (4, 6)), ("['stack']['w']", (3, 5, 2))]
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), got, expected)
+    # the hook's result is what the update uses
+    zeroing = muonjax.scale_by_muon(orthogonalize_with=lambda path, n, fn: jnp.zeros_like(n))
+    zeros, _ = zeroing.update(grads, zeroing.init(params))
+    assert all(not np.any(x) for x in jax.tree.leaves(zeros))

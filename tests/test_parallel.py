@@ -3,7 +3,6 @@ ZeRO-1 partitions the optimizer state, Distributed Muon orthogonalizes each
 matrix once, meshes are checked, and multi-process runs agree."""
 
 import json
-import math
 import os
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from muonjax.models import preset
 from muonjax.parallel import MeshError, Plan, make_mesh, parse_mesh
 from muonjax.train import TrainConfig, read_metrics, train
 from muonjax.train.corpus import load_corpus
-from muonjax.train.inspect import inspect, newton_schulz_total
+from muonjax.train.inspect import inspect, newton_schulz_total, optimizer_flops, shard_bytes
 from muonjax.train.program import build
 from muonjax.train.step import param_groups
 
@@ -54,13 +53,6 @@ def test_sharded_steps_equal_single_device_step(optimizer):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=mesh_text)
 
 
-def _shard_bytes(shapes, shardings):
-    return sum(
-        math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
-        for a, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings))
-    )
-
-
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
 def test_zero1_partitions_optimizer_state_over_data(optimizer):
     config = TrainConfig(optimizer=optimizer, batch_size=8, mesh="data=8")
@@ -68,26 +60,20 @@ def test_zero1_partitions_optimizer_state_over_data(optimizer):
     program = build(config, TINY, mesh)
     replicated = build(config.replace(zero1=False), TINY, mesh)
     opt = program.shapes.opt_state
-    sharded_bytes = _shard_bytes(opt, program.shardings.opt_state)
-    full_bytes = _shard_bytes(opt, replicated.shardings.opt_state)
+    sharded_bytes = shard_bytes(opt, program.shardings.opt_state)
+    full_bytes = shard_bytes(opt, replicated.shardings.opt_state)
     assert full_bytes == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt))
     # 1/data, but for the few leaves no axis of which 8 divides (step counts)
     assert sharded_bytes <= full_bytes / 8 * 1.02 + 64
     # parameters stay replicated over data
-    assert _shard_bytes(program.shapes.params, program.plan.params) == sum(
+    assert shard_bytes(program.shapes.params, program.plan.params) == sum(
         x.size * 4 for x in jax.tree.leaves(program.shapes.params)
     )
 
 
 def _optimizer_flops(config, model_config, mesh):
-    """Per-device FLOPs of the compiled optimizer update (no loops: exact)."""
     program = build(config, model_config, mesh)
-    params, opt = program.shapes.params, program.shapes.opt_state
-    update = jax.jit(
-        program.tx.update,
-        in_shardings=(program.plan.state_like, program.shardings.opt_state, program.plan.params),
-    )
-    return update.lower(params, opt, params).compile().cost_analysis()["flops"], params
+    return optimizer_flops(program), program.shapes.params
 
 
 def test_each_device_orthogonalizes_only_its_own_matrices():

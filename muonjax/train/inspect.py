@@ -13,10 +13,11 @@ from muonjax.models import flops_per_token, param_counts, preset
 from muonjax.parallel import hlo
 from muonjax.parallel.mesh import describe
 from muonjax.train.config import TrainConfig
-from muonjax.train.program import build
+from muonjax.train.program import Program, build
 
 
-def _shard_bytes(shapes, shardings) -> int:
+def shard_bytes(shapes, shardings) -> int:
+    """Bytes one device holds of `shapes` laid out by `shardings`."""
     return sum(
         math.prod(s.shard_shape(a.shape)) * jnp.dtype(a.dtype).itemsize
         for a, s in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings), strict=True)
@@ -34,6 +35,20 @@ def newton_schulz_total(params, where=lambda path, leaf: True) -> int:
     )
 
 
+def optimizer_flops(program: Program) -> float:
+    """Per-device FLOPs of the optimizer update alone, on the shardings the step
+    gives it. Its program has no loops, so XLA's count is exact (Newton-Schulz
+    and the elementwise work)."""
+    params, opt_state = program.shapes.params, program.shapes.opt_state
+    grads_sharding = program.plan.state_like if program.plan.zero1 else program.plan.params
+    update = jax.jit(
+        program.tx.update,
+        in_shardings=(grads_sharding, program.shardings.opt_state, program.plan.params),
+        out_shardings=(program.plan.params, program.shardings.opt_state),
+    )
+    return float(update.lower(params, opt_state, params).compile().cost_analysis()["flops"])
+
+
 def inspect(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
     model_config = preset(config.preset)
     program = build(config, model_config, mesh)
@@ -46,17 +61,8 @@ def inspect(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
     peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
     peak -= memory.alias_size_in_bytes  # donated state: inputs reused as outputs
 
-    # The optimizer update alone, on the shardings the step gives it: its
-    # program has no loops, so XLA's FLOP count is exact (Newton-Schulz and
-    # the elementwise work, per device).
     params, opt_state = program.shapes.params, program.shapes.opt_state
-    grads_sharding = program.plan.state_like if program.plan.zero1 else program.plan.params
-    optimizer = jax.jit(
-        program.tx.update,
-        in_shardings=(grads_sharding, program.shardings.opt_state, program.plan.params),
-        out_shardings=(program.plan.params, program.shardings.opt_state),
-    )
-    optimizer_flops = optimizer.lower(params, opt_state, params).compile().cost_analysis()["flops"]
+    update_flops = optimizer_flops(program)
 
     tokens = config.batch_size * config.seq_len
     model_flops = flops_per_token(model_config, config.seq_len) * tokens / devices
@@ -77,12 +83,12 @@ def inspect(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
         "batch_size": config.batch_size,
         "seq_len": config.seq_len,
         "parameters": counts["total"],
-        "param_bytes": _shard_bytes(params, program.plan.params),
-        "opt_state_bytes": _shard_bytes(opt_state, program.shardings.opt_state),
+        "param_bytes": shard_bytes(params, program.plan.params),
+        "opt_state_bytes": shard_bytes(opt_state, program.shardings.opt_state),
         "peak_bytes": int(peak),
-        "step_flops": float(model_flops + optimizer_flops),
+        "step_flops": float(model_flops + update_flops),
         "model_flops": float(model_flops),
-        "optimizer_flops": float(optimizer_flops),
+        "optimizer_flops": update_flops,
         "newton_schulz_flops_whole_model": float(ns_total),
         # of which in stacks split over data (each rank its share) / on every data rank
         "newton_schulz_flops_split": float(ns_split),

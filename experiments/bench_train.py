@@ -21,8 +21,9 @@ import jax
 from flax import nnx
 
 import muonjax
+import muonjax.train
 from muonjax.models import abstract_model, flops_per_token, preset
-from muonjax.train import TrainConfig, train
+from muonjax.train import TrainConfig
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "results" / "bench_train"
 SETUPS = {
@@ -31,9 +32,9 @@ SETUPS = {
 }
 
 
-def run(tmp, name, **kw):
+def tokens_per_s(tmp, name, **kw):
     config = TrainConfig(out=str(pathlib.Path(tmp) / name), eval_every=10**6, progress=False, **kw)
-    return train(config, log=lambda *_: None)["tokens_per_s"]
+    return muonjax.train.run(config, log=lambda *_: None).tokens_per_s
 
 
 def step_flops(preset_name, batch_size, seq_len):
@@ -57,7 +58,7 @@ def main():
         )
         for name, setup in SETUPS.items():
             tps = {
-                opt: run(
+                opt: tokens_per_s(
                     tmp,
                     f"{name}-{opt}",
                     preset=name,
@@ -81,8 +82,8 @@ def main():
                 f"(Newton-Schulz {ns / 1e9:.1f} GFLOP/step, forward+backward {model / 1e9:.1f} GFLOP/step)"
             )
         setup, every = SETUPS["tiny"], 5
-        never = run(tmp, "ckpt-never", checkpoint_every=10**6, **setup)
-        often = run(tmp, "ckpt-often", checkpoint_every=every, **setup)
+        never = tokens_per_s(tmp, "ckpt-never", checkpoint_every=10**6, **setup)
+        often = tokens_per_s(tmp, "ckpt-often", checkpoint_every=every, **setup)
         tokens = setup["batch_size"] * setup["seq_len"]
         step_never, step_often = tokens / never, tokens / often
         lost = (step_often - step_never) * every

@@ -33,7 +33,7 @@ def main():
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
 
-    from muonjax.train import ConfigError, TrainConfig, read_metrics, train
+    from muonjax.train import ConfigError, TrainConfig, read_metrics, run
 
     out = pathlib.Path(args.out)
     runs = {}
@@ -53,7 +53,7 @@ def main():
         )
         print(f"training {args.preset} with {optimizer} -> {config.out}", flush=True)
         try:
-            runs[optimizer] = (train(config, log=print), read_metrics(config.out))
+            runs[optimizer] = (run(config, log=print), read_metrics(config.out))
         except ConfigError as e:
             print(f"demo: error: {e}", file=sys.stderr)
             return 2
@@ -69,8 +69,8 @@ def main():
     for name, (summary, metrics) in runs.items():
         steps = [r for r in metrics if "loss" in r]
         print(
-            f"{name:10s} {np.mean([r['loss'] for r in steps[-5:]]):10.3f} {summary['eval_loss']:10.3f} "
-            f"{summary['tokens_per_s']:9.0f} {per_lr(steps, 'update_rms_muon'):26.3f} "
+            f"{name:10s} {np.mean([r['loss'] for r in steps[-5:]]):10.3f} {summary.eval_loss:10.3f} "
+            f"{summary.tokens_per_s:9.0f} {per_lr(steps, 'update_rms_muon'):26.3f} "
             f"{per_lr(steps, 'update_rms_adamw'):12.3f}"
         )
     print(

@@ -7,6 +7,7 @@ tx = muonjax.moonlight(learning_rate=4.2e-4)   # Muon + AdamW, Moonlight recipe
 from muonjax.optim import (
     JORDAN,
     POLAR_EXPRESS,
+    UPDATE_SCALE_RULES,
     MatrixAxes,
     ScaleByMuonState,
     moonlight,
@@ -16,6 +17,7 @@ from muonjax.optim import (
     orthogonalize,
     scale_by_muon,
     scale_by_shape,
+    weight_decay_mask,
 )
 
 __version__ = "0.1.0"
@@ -23,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "JORDAN",
     "POLAR_EXPRESS",
+    "UPDATE_SCALE_RULES",
     "MatrixAxes",
     "ScaleByMuonState",
     "moonlight",
@@ -32,4 +35,5 @@ __all__ = [
     "orthogonalize",
     "scale_by_muon",
     "scale_by_shape",
+    "weight_decay_mask",
 ]

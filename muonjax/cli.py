@@ -10,9 +10,18 @@ import pathlib
 import sys
 
 from muonjax.parallel.mesh import MeshError
-from muonjax.train.config import OPTIMIZERS, TOKENIZERS, ConfigError, TrainConfig
+from muonjax.train.config import (
+    CONFIG_FILE,
+    ConfigError,
+    TrainConfig,
+    add_arguments,
+    given_fields,
+)
 
 EXIT_USAGE = 2
+EXIT_PREEMPTED = (
+    75  # sysexits' EX_TEMPFAIL: stopped by a signal, checkpointed, relaunch to continue
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -21,120 +30,25 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train_parser(subparsers) -> argparse.ArgumentParser:
-    defaults = TrainConfig()
     p = subparsers.add_parser(
         "train",
         help="train a model",
         description="Train a Moonlight-style MoE language model with Muon (the Moonlight recipe) "
-        "or AdamW. Outputs in --out: config.json, metrics.jsonl, tensorboard/, checkpoints/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "or AdamW. Outputs in --out: config.json, metrics.jsonl, tensorboard/, checkpoints/. "
+        f"Exit codes: 0 done, 1 stopped by divergence, 2 bad input, {EXIT_PREEMPTED} stopped by "
+        "SIGTERM/SIGINT after checkpointing (relaunch with --resume or --resume-if-exists).",
     )
-    # Every default is None here so that --resume can tell which flags were
-    # given; the real defaults come from TrainConfig (shown in --help).
-    add = lambda flag, help, default, **kw: p.add_argument(
-        flag, help=f"{help} (default: {default})", **kw
-    )
-    add("--preset", "model preset: tiny, small, moonlight-16b-a3b", defaults.preset)
-    add(
-        "--optimizer",
-        f"{' | '.join(OPTIMIZERS)}; muon is the Moonlight recipe (Muon for hidden matrices, AdamW for embeddings, head, norms)",
-        defaults.optimizer,
-    )
-    add("--steps", "number of optimizer steps in the run", defaults.steps, type=int)
-    add(
-        "--batch-size",
-        "global batch size in sequences; divisible by the data-parallel size",
-        defaults.batch_size,
-        type=int,
-    )
-    add("--seq-len", "tokens per sequence", defaults.seq_len, type=int)
-    add(
-        "--learning-rate",
-        "peak learning rate, shared by Muon and AdamW",
-        defaults.learning_rate,
-        type=float,
-    )
-    add(
-        "--warmup-steps", "linear warmup steps before cosine decay", defaults.warmup_steps, type=int
-    )
-    add(
-        "--decay-steps",
-        "cosine decay horizon in steps (lr ends at 10%% of peak there); fix it to extend a run later",
-        "--steps",
-        type=int,
-    )
-    add(
-        "--weight-decay",
-        "decoupled weight decay, shared by Muon and AdamW",
-        defaults.weight_decay,
-        type=float,
-    )
-    add("--seed", "seed for initialization and data order", defaults.seed, type=int)
-    add(
-        "--data",
-        "text files, folders or globs to train on (several allowed)",
-        "the Python standard library's source",
-        nargs="+",
-    )
-    add(
-        "--tokenizer",
-        f"{' | '.join(TOKENIZERS)}: raw UTF-8 bytes, or a byte-level BPE trained on the run's data and saved with it",
-        defaults.tokenizer,
-    )
-    add(
-        "--bpe-vocab-size",
-        "vocabulary size of the BPE tokenizer",
-        defaults.bpe_vocab_size,
-        type=int,
-    )
-    add(
-        "--validation-fraction",
-        "fraction of the text held out for evaluation (the end of the corpus)",
-        defaults.validation_fraction,
-        type=float,
-    )
-    add("--out", "run directory; must not exist unless --resume", defaults.out)
-    p.add_argument(
+    add_arguments(p)
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its last complete checkpoint; flags not given keep the run's values",
     )
-    add("--checkpoint-every", "steps between checkpoints", defaults.checkpoint_every, type=int)
-    add(
-        "--keep-checkpoints",
-        "how many recent checkpoints to keep",
-        defaults.keep_checkpoints,
-        type=int,
-    )
-    add(
-        "--eval-every",
-        "steps between evaluations on the held-out text",
-        defaults.eval_every,
-        type=int,
-    )
-    add("--eval-batches", "batches per evaluation", defaults.eval_batches, type=int)
-    add("--log-every", "steps between metrics lines", defaults.log_every, type=int)
-    add(
-        "--max-nonfinite",
-        "consecutive non-finite steps (skipped) before the run stops",
-        defaults.max_nonfinite,
-        type=int,
-    )
-    add("--cpu-devices", "simulate this many devices on the CPU", "the real devices", type=int)
-    p.add_argument(
-        "--no-progress", dest="progress", action="store_const", const=False, help="no progress bar"
-    )
-    add(
-        "--mesh",
-        "device mesh as AXIS=SIZE,... over data, expert, tensor (unnamed axes are 1)",
-        "every device on data",
-    )
-    p.add_argument(
-        "--no-zero1",
-        dest="zero1",
-        action="store_const",
-        const=False,
-        help="replicate the optimizer state over the data axis instead of partitioning it (ZeRO-1)",
+    resume.add_argument(
+        "--resume-if-exists",
+        action="store_true",
+        help="--resume when --out holds a run, else start it: a scheduler can relaunch the same command",
     )
     _distributed_flags(p)
     return p
@@ -186,27 +100,20 @@ def _start_jax(args, cpu_devices):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
 
+INSPECT_DEFAULTS = {"preset": "small", "seq_len": 1024, "mesh": "data=8"}
+
+
 def _inspect_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "inspect",
         help="compile a train step from shapes alone and report its per-device costs",
-        description="Compile the train step of --preset on a simulated CPU mesh from abstract shapes "
-        "(nothing is allocated, so moonlight-16b-a3b on 64 devices is fine) and print, per device: "
-        "parameter, optimizer-state and peak memory bytes; FLOPs of the step and of the optimizer "
-        "update; bytes sent by each kind of collective.",
+        description="Compile the train step that `muonjax train` would run, on a simulated CPU "
+        "mesh from abstract shapes (nothing is allocated, so moonlight-16b-a3b on 64 devices is "
+        "fine) and print, per device: parameter, optimizer-state and peak memory bytes; FLOPs of "
+        "the step and of the optimizer update; bytes sent by each kind of collective. Takes "
+        "train's flags; --batch-size defaults to data x expert x --grad-accum.",
     )
-    p.add_argument("--preset", default="small", help="model preset (default: small)")
-    p.add_argument("--optimizer", default="muon", help="muon | adamw (default: muon)")
-    p.add_argument(
-        "--mesh", default="data=8", help="AXIS=SIZE,... over data, expert, tensor (default: data=8)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, help="global batch in sequences (default: data x expert)"
-    )
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
-    p.add_argument(
-        "--no-zero1", dest="zero1", action="store_false", help="replicate optimizer state over data"
-    )
+    add_arguments(p, defaults=INSPECT_DEFAULTS)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -214,7 +121,8 @@ def _inspect_parser(subparsers) -> argparse.ArgumentParser:
 def _inspect(args) -> int:
     from muonjax.parallel.mesh import parse_mesh
 
-    sizes = parse_mesh(args.mesh)
+    given = given_fields(args)
+    sizes = parse_mesh(given.get("mesh", INSPECT_DEFAULTS["mesh"]))
     import jax  # simulate the mesh's devices on the CPU, before the backend starts
 
     jax.config.update("jax_platforms", "cpu")
@@ -222,15 +130,8 @@ def _inspect(args) -> int:
     from muonjax.parallel.mesh import make_mesh
     from muonjax.train.inspect import inspect
 
-    batch = args.batch_size or sizes["data"] * sizes["expert"]
-    config = TrainConfig(
-        preset=args.preset,
-        optimizer=args.optimizer,
-        batch_size=batch,
-        seq_len=args.seq_len,
-        mesh=args.mesh,
-        zero1=args.zero1,
-    )
+    batch = sizes["data"] * sizes["expert"] * given.get("grad_accum", 1)
+    config = TrainConfig(**{**INSPECT_DEFAULTS, "batch_size": batch, **given})
     report = inspect(config, make_mesh(sizes))
     if args.json:
         print(json.dumps(report))
@@ -254,16 +155,17 @@ def _human(x) -> str:
 
 
 def _config_from_args(args) -> tuple[TrainConfig, bool]:
-    runtime = ("command", "resume", "coordinator", "num_processes", "process_id")
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in runtime}
-    if "data" in given:
-        given["data"] = tuple(given["data"])
-    if args.resume:
-        saved_path = pathlib.Path(given.get("out", TrainConfig.out)) / "config.json"
-        if saved_path.exists():
-            saved = TrainConfig.from_json(json.loads(saved_path.read_text())["train"])
-            return saved.replace(**given), True
-    return TrainConfig(**given), args.resume
+    """The run's config, and whether to resume it: on --resume the saved config
+    with the flags given on top."""
+    given = given_fields(args)
+    saved_path = pathlib.Path(given.get("out", TrainConfig.out)) / CONFIG_FILE
+    resume = args.resume or (args.resume_if_exists and saved_path.exists())
+    if resume and saved_path.exists():
+        saved = TrainConfig.from_json(json.loads(saved_path.read_text())["train"])
+        return saved.replace(**given), True
+    from muonjax.train.finetune import inherit_from_source
+
+    return TrainConfig(**inherit_from_source(given)), resume
 
 
 def main(argv=None) -> int:
@@ -277,17 +179,20 @@ def main(argv=None) -> int:
             return _inspect(args)
         config, resume = _config_from_args(args)
         _start_jax(args, config.cpu_devices)
-        from muonjax.train.loop import TrainingStopped, train
+        from muonjax.train.loop import Preempted, TrainingStopped, run
 
         try:
-            summary = train(config, resume=resume)
+            summary = run(config, resume=resume)
         except TrainingStopped as e:
             print(f"muonjax train: {e}", file=sys.stderr)
             return 1
+        except Preempted as e:
+            print(f"muonjax train: {e}", file=sys.stderr)
+            return EXIT_PREEMPTED
     except (ConfigError, MeshError) as e:
         print(f"muonjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    print(json.dumps(summary))
+    print(json.dumps(summary.to_json()))
     return 0
 
 

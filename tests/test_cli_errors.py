@@ -37,13 +37,17 @@ def text_dir(tmp_path):
         ),
         (["--optimizer", "sgd"], "--optimizer 'sgd' is unknown (valid: muon, adamw)"),
         (["--steps", "-3"], "--steps must be positive, got -3"),
-        (["--learning-rate=-0.001"], "--learning-rate must be positive, got -0.001"),
+        (["--learning-rate=-0.001"], "--learning-rate must be positive and finite, got -0.001"),
         (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
         (
             ["--data", "no/such/file.txt"],
             "--data no/such/file.txt is not a file or folder and matches no file",
         ),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--model", "d_model=wide"], "--model d_model=wide: expected int"),
+        (["--model", "heads=4"], "--model: unknown key heads (valid: d_model, n_layers"),
+        (["--learning-rate", "inf"], "--learning-rate must be positive and finite, got inf"),
+        (["--model-config", "no/such.json"], "--model-config no/such.json: No such file"),
     ],
 )
 def test_bad_flags(tmp_path, args, match):

@@ -15,7 +15,7 @@ import pytest
 
 from muonjax.models import preset
 from muonjax.parallel import MeshError, Plan, make_mesh, parse_mesh
-from muonjax.train import TrainConfig, read_metrics, train
+from muonjax.train import TrainConfig, read_metrics, run
 from muonjax.train.corpus import load_corpus
 from muonjax.train.inspect import inspect, newton_schulz_total, optimizer_flops, shard_bytes
 from muonjax.train.program import build
@@ -258,7 +258,7 @@ def test_two_processes_agree_with_one(corpus, tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     # the same run in this process, on its 8 devices
-    train(
+    run(
         TrainConfig(
             out=str(tmp_path / "one"), data=(corpus,), steps=4, batch_size=8, seq_len=32, log_every=1,
             eval_every=4, checkpoint_every=2, mesh="data=4,expert=2", progress=False,
@@ -277,8 +277,8 @@ def test_two_processes_agree_with_one(corpus, tmp_path):
 def test_restore_onto_a_smaller_mesh(corpus, tmp_path):
     base = dict(data=(corpus,), steps=6, decay_steps=6, warmup_steps=2, batch_size=8, seq_len=32, log_every=1,
                 eval_every=6, checkpoint_every=3, progress=False)  # fmt: skip
-    train(TrainConfig(out=str(tmp_path / "whole"), mesh="data=8", **base), log=lambda *_: None)
-    train(
+    run(TrainConfig(out=str(tmp_path / "whole"), mesh="data=8", **base), log=lambda *_: None)
+    run(
         TrainConfig(out=str(tmp_path / "moved"), mesh="data=8", **{**base, "steps": 3}),
         log=lambda *_: None,
     )

@@ -13,8 +13,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from muonjax.train import TrainConfig, TrainingStopped, read_metrics, train
+from muonjax.train import TrainConfig, TrainingStopped, read_metrics, run
 from muonjax.train.corpus import load_corpus, split_texts
+from muonjax.train.optimizers import learning_rate_schedule
 from muonjax.train.pipeline import eval_batches, train_batches
 from muonjax.train.tokenizer import tokenizer_for_run
 
@@ -77,21 +78,21 @@ def _assert_same_state(a, b):
 
 
 def test_resume_is_bit_identical(corpus, tmp_path):
-    whole = train(_config(corpus, tmp_path / "whole", steps=12), log=lambda *_: None)
-    train(_config(corpus, tmp_path / "split", steps=6, decay_steps=12), log=lambda *_: None)
-    resumed = train(
+    whole = run(_config(corpus, tmp_path / "whole", steps=12), log=lambda *_: None)
+    run(_config(corpus, tmp_path / "split", steps=6, decay_steps=12), log=lambda *_: None)
+    resumed = run(
         _config(corpus, tmp_path / "split", steps=12, decay_steps=12),
         resume=True,
         log=lambda *_: None,
     )
     assert _losses(tmp_path / "whole") == _losses(tmp_path / "split")
     assert len(_losses(tmp_path / "whole")) == 12
-    assert whole["eval_loss"] == resumed["eval_loss"]
+    assert whole.eval_loss == resumed.eval_loss
     _assert_same_state(_final_state(tmp_path / "whole", 12), _final_state(tmp_path / "split", 12))
 
 
 def test_metrics_have_the_documented_fields(corpus, tmp_path):
-    train(_config(corpus, tmp_path / "run", steps=6, optimizer="adamw"), log=lambda *_: None)
+    run(_config(corpus, tmp_path / "run", steps=6, optimizer="adamw"), log=lambda *_: None)
     records = read_metrics(tmp_path / "run")
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 7))
@@ -113,13 +114,13 @@ def test_metrics_have_the_documented_fields(corpus, tmp_path):
 
 
 def test_tiny_loss_falls(corpus, tmp_path):
-    summary = train(
+    summary = run(
         _config(corpus, tmp_path / "run", steps=40, batch_size=16, checkpoint_every=40),
         log=lambda *_: None,
     )
     losses = [loss for _, loss in _losses(tmp_path / "run")]
     assert np.mean(losses[-5:]) < 0.7 * losses[0], losses
-    assert summary["eval_loss"] < 0.75 * losses[0]
+    assert summary.eval_loss < 0.75 * losses[0]
 
 
 def test_data_pipeline_is_deterministic_and_resumes_exactly():
@@ -176,9 +177,15 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(corpus, tmp_path):
         max_nonfinite=3,
     )
     with pytest.raises(TrainingStopped, match="3 steps in a row had a non-finite loss") as stopped:
-        train(config, log=lambda *_: None)
+        run(config, log=lambda *_: None)
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert records[-1]["skipped_steps"] == 3
+    # the logged learning rate is the applied one: skipped steps do not advance the
+    # optimizer's count, so the three skipped steps log the rate of the first of them
+    first_skipped = records[-3]["step"]
+    applied = float(learning_rate_schedule(config)(first_skipped - 1))
+    assert [r["learning_rate"] for r in records[-3:]] == pytest.approx([applied] * 3, rel=1e-6)
+    assert float(learning_rate_schedule(config)(first_skipped + 1)) != pytest.approx(applied)
     last_good = int(str(stopped.value).split("checkpoint is step ")[1].split()[0])
     assert last_good == records[-1]["step"] - 3
     assert all(np.all(np.isfinite(x)) for x in _final_state(tmp_path / "run", last_good))
@@ -237,7 +244,7 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(corpus, tmp_path
 
 def test_bpe_tokenizer_is_trained_saved_and_reused(corpus, tmp_path):
     config = _config(corpus, tmp_path / "run", steps=2, tokenizer="bpe", bpe_vocab_size=512)
-    train(config, log=lambda *_: None)
+    run(config, log=lambda *_: None)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["data"]["vocab_size"] == 512 and saved["model"]["vocab_size"] == 512
     # a resumed run loads the saved tokenizer rather than training another

@@ -5,18 +5,25 @@ muonjax (no flax, no meshes).
 """
 
 from muonjax.optim.matrix_axes import MatrixAxes
-from muonjax.optim.muon import ScaleByMuonState, muon, scale_by_muon, scale_by_shape
+from muonjax.optim.muon import (
+    UPDATE_SCALE_RULES,
+    ScaleByMuonState,
+    muon,
+    scale_by_muon,
+    scale_by_shape,
+)
 from muonjax.optim.newton_schulz import (
     JORDAN,
     POLAR_EXPRESS,
     newton_schulz_flops,
     orthogonalize,
 )
-from muonjax.optim.recipes import moonlight, moonlight_labels
+from muonjax.optim.recipes import moonlight, moonlight_labels, weight_decay_mask
 
 __all__ = [
     "JORDAN",
     "POLAR_EXPRESS",
+    "UPDATE_SCALE_RULES",
     "MatrixAxes",
     "ScaleByMuonState",
     "moonlight",
@@ -26,4 +33,5 @@ __all__ = [
     "orthogonalize",
     "scale_by_muon",
     "scale_by_shape",
+    "weight_decay_mask",
 ]

@@ -1,15 +1,28 @@
-"""Training configuration: one frozen dataclass, saved as config.json with each run."""
+"""Training configuration: one frozen dataclass, saved as config.json with each run.
+
+Every field carries its command-line help in its metadata, so `muonjax train
+--help`, `TrainConfig.from_args` and the Python defaults come from this one
+place.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 import pathlib
+import types
+import typing
 
-from muonjax.models.config import PRESETS
+from muonjax.models.config import PRESETS, ModelConfig
+from muonjax.optim import UPDATE_SCALE_RULES
+from muonjax.train.optimizers import NS_COEFFS, NS_DTYPES, OPTIMIZERS, SCHEDULES
 
-OPTIMIZERS = ("muon", "adamw")
+CONFIG_FILE = "config.json"  # in each run's directory: {"train": TrainConfig, "model": ..., ...}
 TOKENIZERS = ("byte", "bpe")
+DATA_FORMATS = ("text", "sft-jsonl")
+DTYPES = ("float32", "bfloat16")
 
 # Fields a resumed run may change; anything else changes what is computed.
 RESUMABLE = frozenset(
@@ -23,89 +36,212 @@ RESUMABLE = frozenset(
         "cpu_devices",
         "mesh",  # a checkpoint restores onto any mesh
         "zero1",
+        "grad_accum",  # the same global batch, summed in float32: a memory knob
+        "remat",  # recomputes, changes no value
     }
 )
+
+# Model fields --model may not set: the tokenizer fixes the vocabulary, and
+# --dtype / --remat are flags of their own.
+_NOT_MODEL_OVERRIDES = frozenset({"vocab_size", "dtype", "remat"})
 
 
 class ConfigError(ValueError):
     """A bad value a user can pass: the CLI prints it on one line and exits 2."""
 
 
+def _field(default, help: str, *, choices=None, flag: str | None = None, factory=None):
+    metadata = {"help": help, "choices": choices, "flag": flag}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """One training run. `decay_steps` (default: steps) is the cosine horizon, so
-    a run can be stopped at N and resumed to 2N on the schedule of a 2N run."""
+    """One training run. `decay_steps` (default: steps) is the schedule's horizon,
+    so a run can be stopped at N and resumed to 2N on the schedule of a 2N run."""
 
-    out: str = "runs/default"
-    preset: str = "tiny"
-    optimizer: str = "muon"  # muon = the Moonlight recipe (muonjax.moonlight)
-    steps: int = 200
-    batch_size: int = 16
-    seq_len: int = 128
-    learning_rate: float = 1e-2
-    warmup_steps: int = 20
-    decay_steps: int | None = None
-    weight_decay: float = 0.1
-    seed: int = 0
-    data: tuple[str, ...] = ()  # files, folders or globs; empty: the Python stdlib
-    tokenizer: str = "byte"
-    bpe_vocab_size: int = 1024
-    validation_fraction: float = 0.02
-    eval_every: int = 50
-    eval_batches: int = 4
-    log_every: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
-    cpu_devices: int | None = None
-    mesh: str | None = None  # "data=4,expert=2"; default: every device on data
-    zero1: bool = True  # partition optimizer state over the data axis
-    progress: bool = True
+    # the run
+    out: str = _field("runs/default", "run directory; must not exist unless --resume")
+    seed: int = _field(0, "seed for initialization and data order")
+    steps: int = _field(200, "number of optimizer steps in the run")
+    batch_size: int = _field(
+        16, "global batch in sequences per optimizer step; divisible by the data-parallel size"
+    )
+    seq_len: int = _field(128, "tokens per sequence")
+    grad_accum: int = _field(
+        1,
+        "split each global batch into this many micro-batches inside the step and sum their "
+        "gradients (float32) before one optimizer update; peak memory follows batch/grad_accum",
+    )
+    # the model
+    preset: str = _field("tiny", "model preset", choices=tuple(PRESETS))
+    model: dict = _field(
+        None,
+        "override ModelConfig fields of the preset, KEY=VALUE,... "
+        "(e.g. d_model=384,n_layers=6,n_routed_experts=32)",
+        factory=dict,
+    )
+    dtype: str | None = _field(
+        None,
+        "activations and matmuls (parameters and optimizer state stay float32); default: the preset's",
+        choices=DTYPES,
+    )
+    remat: bool | None = _field(
+        None,
+        "recompute each layer in the backward pass instead of storing it; default: the preset's",
+    )
+    # the optimizer
+    optimizer: str = _field(
+        "muon",
+        "muon: the Moonlight recipe (Muon for hidden matrices, AdamW for embeddings, head, "
+        "norms); adamw: AdamW everywhere",
+        choices=tuple(OPTIMIZERS),
+    )
+    learning_rate: float = _field(1e-2, "peak learning rate, shared by Muon and AdamW")
+    weight_decay: float = _field(0.1, "decoupled weight decay, shared by Muon and AdamW")
+    weight_decay_adamw: float | None = _field(
+        None, "weight decay of the muon recipe's AdamW group alone; default: --weight-decay"
+    )
+    decay_norms: bool = _field(
+        True, "decay norm scales and biases too (--no-decay-norms: only matrices decay)"
+    )
+    rms_scale: float = _field(0.2, "Muon's target update RMS (paper Sec. 2.2: AdamW's 0.2)")
+    update_scale: str = _field(
+        "moonlight",
+        "how Muon scales each orthogonalized matrix (paper Table 1): moonlight = rms_scale "
+        "sqrt(max(A,B)) (Adjusted LR), hidden = rms_scale sqrt(d_model) (Baseline), "
+        "update_norm = rms_scale / RMS(O) (Update Norm), jordan = sqrt(max(1, fan_out/fan_in))",
+        choices=UPDATE_SCALE_RULES,
+    )
+    momentum: float = _field(0.95, "Muon's momentum")
+    nesterov: bool = _field(True, "Nesterov momentum for Muon")
+    ns_steps: int = _field(5, "Newton-Schulz iterations")
+    ns_coeffs: str = _field("jordan", "Newton-Schulz coefficients", choices=NS_COEFFS)
+    ns_dtype: str = _field("float32", "Newton-Schulz compute dtype", choices=NS_DTYPES)
+    adam_b1: float = _field(0.9, "AdamW's beta1")
+    adam_b2: float = _field(0.95, "AdamW's beta2")
+    adam_eps: float = _field(1e-8, "AdamW's epsilon")
+    # the schedule
+    schedule: str = _field(
+        "cosine",
+        "cosine: warmup then cosine decay; wsd: warmup, stable, then linear decay over the last "
+        "--decay-fraction; constant: warmup then constant",
+        choices=tuple(SCHEDULES),
+    )
+    warmup_steps: int = _field(20, "linear warmup steps from 0 to the peak learning rate")
+    decay_steps: int | None = _field(
+        None,
+        "the schedule's horizon in steps (default: --steps); fix it to extend a run later",
+    )
+    decay_fraction: float = _field(0.2, "wsd: fraction of the horizon spent decaying")
+    min_lr_ratio: float = _field(0.1, "final learning rate as a fraction of the peak")
+    # the data
+    data: tuple[str, ...] = _field(
+        (),
+        "text files, folders or globs (several allowed); default: the Python standard library's source",
+    )
+    data_format: str = _field(
+        "text",
+        'text: plain text; sft-jsonl: one {"prompt": ..., "response": ...} per line, '
+        "loss on response tokens only",
+        choices=DATA_FORMATS,
+    )
+    tokenizer: str = _field(
+        "byte",
+        "byte: raw UTF-8 bytes; bpe: a byte-level BPE trained on the run's data and saved with it",
+        choices=TOKENIZERS,
+    )
+    bpe_vocab_size: int = _field(1024, "vocabulary size of the BPE tokenizer")
+    validation_fraction: float = _field(
+        0.02, "fraction of the text held out for evaluation (the end of the corpus)"
+    )
+    # fine-tuning
+    init_from: str | None = _field(
+        None,
+        "start from the final parameters of the run in this directory (fine-tuning); its model "
+        "and tokenizer are used",
+    )
+    init_optimizer_state: bool = _field(
+        False, "with --init-from: keep that run's optimizer state too (same optimizer only)"
+    )
+    # logging, evaluation, checkpoints
+    eval_every: int = _field(50, "steps between evaluations on the held-out text")
+    eval_batches: int = _field(4, "batches per evaluation")
+    log_every: int = _field(10, "steps between metrics lines")
+    checkpoint_every: int = _field(100, "steps between checkpoints")
+    keep_checkpoints: int = _field(3, "how many recent checkpoints to keep")
+    max_nonfinite: int = _field(5, "consecutive non-finite steps (skipped) before the run stops")
+    progress: bool = _field(True, "a progress bar on a terminal")
+    # devices
+    cpu_devices: int | None = _field(
+        None, "simulate this many devices on the CPU; default: the real devices"
+    )
+    mesh: str | None = _field(
+        None,
+        "device mesh as AXIS=SIZE,... over data, expert, tensor (unnamed axes are 1); "
+        "default: every device on data",
+    )
+    zero1: bool = _field(
+        True, "partition the optimizer state over the data axis (ZeRO-1; --no-zero1 replicates it)"
+    )
 
     def __post_init__(self):
+        object.__setattr__(self, "data", tuple(self.data))
+        object.__setattr__(self, "model", dict(self.model or {}))
         problems = []
 
         def check(ok, message):
             if not ok:
                 problems.append(message)
 
-        check(
-            self.preset in PRESETS,
-            f"--preset {self.preset!r} is unknown (valid: {', '.join(PRESETS)})",
-        )
-        check(
-            self.optimizer in OPTIMIZERS,
-            f"--optimizer {self.optimizer!r} is unknown (valid: {', '.join(OPTIMIZERS)})",
-        )
-        check(
-            self.tokenizer in TOKENIZERS,
-            f"--tokenizer {self.tokenizer!r} is unknown (valid: {', '.join(TOKENIZERS)})",
-        )
-        for name in (
-            "steps",
-            "batch_size",
-            "seq_len",
-            "eval_every",
-            "log_every",
-            "checkpoint_every",
-        ):
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                problems.append(f"{_flag(f)} {value!r} is unknown (valid: {', '.join(choices)})")
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every"):
             check(
                 getattr(self, name) > 0,
-                f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}",
+                f"{_flag(name)} must be positive, got {getattr(self, name)}",
+            )
+        for name in (
+            "checkpoint_every",
+            "grad_accum",
+            "ns_steps",
+            "keep_checkpoints",
+            "max_nonfinite",
+        ):
+            check(
+                getattr(self, name) >= 1,
+                f"{_flag(name)} must be at least 1, got {getattr(self, name)}",
             )
         for name in ("warmup_steps", "seed", "eval_batches"):
             check(
-                getattr(self, name) >= 0,
-                f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}",
+                getattr(self, name) >= 0, f"{_flag(name)} must be >= 0, got {getattr(self, name)}"
             )
-        check(self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}")
-        check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+        for name in ("learning_rate", "rms_scale", "adam_eps"):
+            value = getattr(self, name)
+            check(
+                finite(value) and value > 0,
+                f"{_flag(name)} must be positive and finite, got {value}",
+            )
+        for name in ("weight_decay", "weight_decay_adamw"):
+            value = getattr(self, name)
+            check(
+                value is None or (finite(value) and value >= 0),
+                f"{_flag(name)} must be >= 0 and finite, got {value}",
+            )
+        for name in ("momentum", "adam_b1", "adam_b2", "min_lr_ratio", "decay_fraction"):
+            value = getattr(self, name)
+            check(
+                finite(value) and 0 <= value <= 1, f"{_flag(name)} must be in [0, 1], got {value}"
+            )
         check(
-            self.keep_checkpoints >= 1,
-            f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}",
-        )
-        check(
-            self.max_nonfinite >= 1, f"--max-nonfinite must be at least 1, got {self.max_nonfinite}"
+            self.batch_size % self.grad_accum == 0,
+            f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}",
         )
         check(
             0 < self.validation_fraction < 1,
@@ -123,12 +259,33 @@ class TrainConfig:
             self.cpu_devices is None or self.cpu_devices >= 1,
             f"--cpu-devices must be at least 1, got {self.cpu_devices}",
         )
+        check(
+            not self.init_optimizer_state or self.init_from,
+            "--init-optimizer-state needs --init-from",
+        )
         if problems:
             raise ConfigError("; ".join(problems))
+        if self.preset in PRESETS:
+            object.__setattr__(self, "model", _typed_overrides(self.model))
+            self.model_config()  # raises ConfigError on an invalid combination
 
     @property
     def schedule_steps(self) -> int:
         return self.decay_steps if self.decay_steps is not None else self.steps
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The preset with --model, --dtype and --remat applied (and the tokenizer's vocabulary)."""
+        changes = dict(self.model)
+        if self.dtype is not None:
+            changes["dtype"] = self.dtype
+        if self.remat is not None:
+            changes["remat"] = self.remat
+        if vocab_size is not None:
+            changes["vocab_size"] = vocab_size
+        try:
+            return PRESETS[self.preset].replace(**changes)
+        except ValueError as e:
+            raise ConfigError(f"--model: {e}") from None
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
@@ -138,13 +295,28 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> TrainConfig:
+        """A saved config; fields added since it was saved take their defaults."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"config.json has unknown fields {sorted(unknown)}")
-        data = dict(data)
-        data["data"] = tuple(data.get("data", ()))
         return cls(**data)
+
+    @classmethod
+    def from_args(cls, argv: list[str], base: TrainConfig | None = None) -> TrainConfig:
+        """The config the same words give on the command line (`muonjax train ARGS`),
+        on top of `base` (default: the defaults)."""
+        parser = argparse.ArgumentParser(prog="TrainConfig.from_args", exit_on_error=False)
+        add_arguments(parser)
+        try:
+            args, rest = parser.parse_known_args(argv)
+        except argparse.ArgumentError as e:
+            raise ConfigError(str(e)) from None
+        if rest:
+            raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
+        from muonjax.train.finetune import inherit_from_source  # it reads configs: imports this
+
+        return (base or cls()).replace(**inherit_from_source(given_fields(args)))
 
     def resume_changes(self, saved: TrainConfig) -> list[str]:
         """The fields that differ from a saved run's and may not change on resume."""
@@ -153,6 +325,131 @@ class TrainConfig:
             for f in dataclasses.fields(self)
             if f.name not in RESUMABLE and getattr(self, f.name) != getattr(saved, f.name)
         ]
+
+
+def _flag(field) -> str:
+    name = field if isinstance(field, str) else field.name
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(hint):
+    """X for `X | None`; anything else unchanged."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(t for t in args if t is not type(None))
+    return hint
+
+
+def _typed_overrides(model: dict) -> dict:
+    valid = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in _NOT_MODEL_OVERRIDES]
+    unknown = sorted(set(model) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"--model: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"(valid: {', '.join(valid)})"
+        )
+    return {k: _typed(k, v) for k, v in model.items()}
+
+
+def _typed(key: str, value):
+    """A --model value as its ModelConfig field's type; strings are parsed."""
+    hint = typing.get_type_hints(ModelConfig)[key]
+    base = _unwrap_optional(hint)
+    optional = base is not hint
+    if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+        return None
+    if isinstance(value, str) and base is not str:
+        text = value
+        if base is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"--model {key}={text}: expected true or false")
+            return text.lower() in ("true", "1")
+        try:
+            return base(text)
+        except ValueError:
+            raise ConfigError(f"--model {key}={text}: expected {base.__name__}") from None
+    ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(f"--model {key}={value!r}: expected {base.__name__}")
+    return value
+
+
+def parse_model_overrides(text: str) -> dict:
+    """'d_model=384,n_layers=6' -> {'d_model': '384', 'n_layers': '6'} (typed later)."""
+    overrides = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--model expects KEY=VALUE,..., got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def load_model_file(path: str) -> dict:
+    """--model-config FILE.json: an object of ModelConfig fields."""
+    try:
+        data = json.loads(pathlib.Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--model-config {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"--model-config {path} is not JSON ({e.msg} at line {e.lineno})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--model-config {path} must hold a JSON object of ModelConfig fields")
+    data.pop("vocab_size", None)  # a saved config.json's "model" works too: the tokenizer sets it
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """One flag per TrainConfig field, help and defaults from the field (or from
+    `defaults`, for a command whose defaults differ). Every default is SUPPRESS,
+    so that the parsed namespace holds only the flags given."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = (defaults or {}).get(f.name, default)
+        help_text = meta["help"]
+        if default not in (None, (), {}):  # the others say their default in words
+            help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")
+        kind = _unwrap_optional(hints[f.name])
+        kw = dict(help=help_text, default=argparse.SUPPRESS, dest=f.name)
+        if meta.get("choices"):  # checked by TrainConfig, in its own words
+            kw["metavar"] = "|".join(meta["choices"])
+        flag = _flag(f)
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "model":
+            parser.add_argument(flag, type=str, metavar="KEY=VALUE,...", **kw)
+            parser.add_argument(
+                "--model-config",
+                dest="model_config",
+                default=argparse.SUPPRESS,
+                metavar="FILE.json",
+                help="ModelConfig fields from a JSON object (a run's config.json 'model' works); "
+                "--model overrides it",
+            )
+        elif typing.get_origin(kind) is tuple:
+            parser.add_argument(flag, nargs="+", **kw)
+        else:
+            parser.add_argument(flag, type=kind, **kw)
+
+
+def given_fields(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields a parsed namespace sets (--model and --model-config merged)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if "model" in given or hasattr(args, "model_config"):
+        model = load_model_file(args.model_config) if hasattr(args, "model_config") else {}
+        model.update(parse_model_overrides(given.get("model", "")))
+        given["model"] = model
+    if "data" in given:
+        given["data"] = tuple(given["data"])
+    return given
 
 
 def save_json(path: pathlib.Path, data: dict) -> None:

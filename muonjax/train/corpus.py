@@ -1,11 +1,13 @@
 """The text a run trains on: files, folders or globs, or by default the Python
-standard library's own source, read in a fixed order and fingerprinted."""
+standard library's own source, read in a fixed order and fingerprinted; or, for
+fine-tuning (--data-format sft-jsonl), prompt/response examples from JSONL files."""
 
 from __future__ import annotations
 
 import dataclasses
 import glob
 import hashlib
+import json
 import pathlib
 import sysconfig
 
@@ -118,3 +120,75 @@ def split_texts(texts: tuple[str, ...], validation_fraction: float) -> tuple[lis
             validation.append(text[cut - seen :])
         seen += len(text)
     return train, validation
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+    """Prompt/response pairs (--data-format sft-jsonl), in file and line order."""
+
+    pairs: tuple[tuple[str, str], ...]
+    paths: tuple[str, ...]
+    fingerprint: str  # sha256 over the files' paths and bytes, in order, as for Corpus
+
+    def describe(self) -> dict:
+        return {
+            "files": len(self.paths),
+            "examples": len(self.pairs),
+            "characters": sum(len(p) + len(r) for p, r in self.pairs),
+            "fingerprint": self.fingerprint,
+            "first": self.paths[0],
+            "last": self.paths[-1],
+        }
+
+
+def _examples_in(path: pathlib.Path, text: str) -> list[tuple[str, str]]:
+    """One {"prompt": str, "response": str} object per non-blank line; other keys
+    are ignored. Split on "\n" only: JSON strings may hold U+2028 and the like."""
+    pairs = []
+    for number, line in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"--data {path} line {number}"
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where} is not JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(example, dict):
+            raise ConfigError(
+                f"{where} is a JSON {type(example).__name__}, "
+                'not an object {"prompt": ..., "response": ...}'
+            )
+        for key in ("prompt", "response"):
+            if key not in example:
+                raise ConfigError(f'{where} has no "{key}" (keys: {", ".join(example) or "none"})')
+            if not isinstance(example[key], str):
+                raise ConfigError(
+                    f'{where}: "{key}" must be a string, got {type(example[key]).__name__}'
+                )
+        pairs.append((example["prompt"], example["response"]))
+    return pairs
+
+
+def load_examples(patterns: tuple[str, ...]) -> Examples:
+    """Reads --data-format sft-jsonl files (UTF-8, blank lines skipped)."""
+    if not patterns:
+        raise ConfigError(
+            "--data-format sft-jsonl needs --data: "
+            'JSONL files of {"prompt": ..., "response": ...} lines'
+        )
+    digest = hashlib.sha256()
+    pairs, paths = [], []
+    for path in _user_files(patterns):
+        data = path.read_bytes()
+        pairs.extend(_examples_in(path, _decode(path, data)))
+        paths.append(str(path))
+        digest.update(str(path).encode() + b"\0" + data)
+    if not pairs:
+        raise ConfigError(f"--data {' '.join(patterns)} holds no examples (every line is blank)")
+    return Examples(pairs=tuple(pairs), paths=tuple(paths), fingerprint=digest.hexdigest())
+
+
+def split_examples(pairs, validation_fraction: float) -> tuple[list, list]:
+    """The last `validation_fraction` of the examples, in file order, held out."""
+    cut = round(len(pairs) * (1 - validation_fraction))
+    return list(pairs[:cut]), list(pairs[cut:])

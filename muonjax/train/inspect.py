@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 import muonjax
-from muonjax.models import flops_per_token, param_counts, preset
+from muonjax.models import flops_per_token, param_counts
 from muonjax.parallel import hlo
 from muonjax.parallel.mesh import describe
 from muonjax.train.config import TrainConfig
@@ -50,7 +50,7 @@ def optimizer_flops(program: Program) -> float:
 
 
 def inspect(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
-    model_config = preset(config.preset)
+    model_config = config.model_config()
     program = build(config, model_config, mesh)
     devices = mesh.size
     batch = jax.ShapeDtypeStruct(
@@ -81,6 +81,9 @@ def inspect(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
         "mesh": describe(mesh),
         "zero1": program.plan.zero1,
         "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        # the global batch's rows per forward/backward pass; peak memory follows it
+        "micro_batch_size": config.batch_size // config.grad_accum,
         "seq_len": config.seq_len,
         "parameters": counts["total"],
         "param_bytes": shard_bytes(params, program.plan.params),

@@ -17,13 +17,15 @@ from muonjax.models.moe import ExpertSharding, expert_sharding
 from muonjax.parallel import RULES, MeshError, Plan
 from muonjax.parallel.sharding import mesh_axes
 from muonjax.train.config import TrainConfig
+from muonjax.train.optimizers import make_optimizer
 from muonjax.train.step import (
     TrainState,
     abstract_state,
+    accumulated_grads,
+    count_targets,
     eval_loss,
+    global_grads,
     init_state,
-    loss_and_grads,
-    make_optimizer,
     train_step,
 )
 
@@ -56,25 +58,30 @@ class Program:
 BATCH_AXES = RULES["batch"]
 
 
-def _grads_fn(graphdef, plan: Plan, layout: ExpertSharding):
-    """Data-parallel gradients in the optimizer state's layout.
+def _grads_fn(graphdef, config: TrainConfig, plan: Plan, layout: ExpertSharding):
+    """Data-parallel gradients of the global batch in the optimizer state's layout.
 
     Without tensor parallelism the forward and backward run per device under
-    shard_map, and each gradient is reduced explicitly: psum_scatter over
-    `data` into its ZeRO-1 shard (psum where the state is not split over data),
+    shard_map, over config.grad_accum micro-batches of the device's rows, and
+    the summed gradients are reduced once per step: psum_scatter over `data`
+    into their ZeRO-1 shard (psum where the state is not split over data),
     psum over `expert` for the parameters the expert axis does not split.
-    XLA:CPU turns the reduction it derives from shardings into an all-reduce
-    plus a slice, which moves twice the bytes. With a tensor axis, the
-    compiler places the collectives (the gradients are only constrained).
+    Each device's loss is its targets' cross-entropy sum over the global
+    target count (and its balance loss over k x replicas), so the sums are the
+    global masked mean and its gradient. XLA:CPU turns the reduction it
+    derives from shardings into an all-reduce plus a slice, which moves twice
+    the bytes. With a tensor axis, the compiler places the collectives (the
+    gradients are only constrained).
     """
     mesh = plan.mesh
-    plain = functools.partial(loss_and_grads, graphdef)
+    k = config.grad_accum
+    whole = functools.partial(global_grads, graphdef, config)
     if mesh.size == 1:
         return None
     if mesh.shape["tensor"] > 1:
 
         def constrained(params, rest, tokens):
-            ce, aux, grads = plain(params, rest, tokens)
+            ce, aux, grads = whole(params, rest, tokens)
             return ce, aux, jax.lax.with_sharding_constraint(grads, plan.state_like)
 
         return constrained
@@ -95,18 +102,27 @@ def _grads_fn(graphdef, plan: Plan, layout: ExpertSharding):
                 summed.remove("data")
         if summed:
             grad = jax.lax.psum(grad, tuple(summed))
-        return grad / replicas
+        return grad
 
     def local(params, rest, tokens):
+        n_targets = jax.lax.psum(count_targets(tokens), BATCH_AXES)
         with expert_sharding(manual):
-            ce, aux, grads = plain(params, rest, tokens)
+            ce, aux, grads = accumulated_grads(
+                graphdef,
+                params,
+                rest,
+                tokens,
+                k=k,
+                n_targets=n_targets,
+                balance_weight=1.0 / (k * replicas),
+            )
         aux = ModelAux(
             max_logit_LH=jax.lax.pmax(aux.max_logit_LH, BATCH_AXES),
             expert_load_ME=jax.lax.psum(aux.expert_load_ME, BATCH_AXES) / replicas,
             balance_loss=jax.lax.psum(aux.balance_loss, BATCH_AXES) / replicas,
         )
         grads = jax.tree.map(reduce, grads, plan.param_specs, plan.state_specs, is_leaf=is_spec)
-        return jax.lax.psum(ce, BATCH_AXES) / replicas, aux, grads
+        return jax.lax.psum(ce, BATCH_AXES), aux, grads
 
     rest_specs = lambda rest: jax.tree.map(lambda _: P(), rest)
 
@@ -123,19 +139,31 @@ def _grads_fn(graphdef, plan: Plan, layout: ExpertSharding):
     return sharded
 
 
-def check_batch(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+def check_batch(batch_size: int, mesh: jax.sharding.Mesh, grad_accum: int = 1) -> None:
+    """Each device's rows (batch / data x expert) must split into grad_accum micro-batches."""
     data_parallel = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if batch_size % data_parallel:
         raise MeshError(
             f"--batch-size {batch_size} is not divisible by the data-parallel size {data_parallel} (data x expert)"
         )
+    rows = batch_size // data_parallel
+    if rows % grad_accum:
+        raise MeshError(
+            f"--batch-size {batch_size} gives {rows} rows per device over the data-parallel "
+            f"size {data_parallel} (data x expert), which --grad-accum {grad_accum} does not "
+            f"divide: use a multiple of {data_parallel * grad_accum}"
+        )
 
 
 def build(config: TrainConfig, model_config: ModelConfig, mesh: jax.sharding.Mesh) -> Program:
-    check_batch(config.batch_size, mesh)
+    check_batch(config.batch_size, mesh, config.grad_accum)
     # The optimizer's sharding hook needs the plan, the plan the params' shapes.
     plan = Plan(mesh, nnx.state(abstract_model(model_config), nnx.Param), zero1=config.zero1)
-    tx = make_optimizer(config, orthogonalize_with=plan.orthogonalize if plan.zero1 else None)
+    tx = make_optimizer(
+        config,
+        hidden_size=model_config.d_model,
+        orthogonalize_with=plan.orthogonalize if plan.zero1 else None,
+    )
     graphdef, shapes = abstract_state(model_config, tx, config.seed)
     replicated = plan.replicated
     shardings = TrainState(
@@ -157,7 +185,7 @@ def build(config: TrainConfig, model_config: ModelConfig, mesh: jax.sharding.Mes
         return wrapped
 
     step = functools.partial(
-        train_step, graphdef, tx, config, grads_fn=_grads_fn(graphdef, plan, layout)
+        train_step, graphdef, tx, config, grads_fn=_grads_fn(graphdef, config, plan, layout)
     )
     return Program(
         mesh=mesh,

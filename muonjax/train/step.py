@@ -13,6 +13,7 @@ from flax import nnx
 import muonjax
 from muonjax.models import ModelConfig, Transformer
 from muonjax.train.config import TrainConfig
+from muonjax.train.optimizers import applied_count, learning_rate_schedule
 
 GROUPS = (muonjax.optim.recipes.MUON, muonjax.optim.recipes.ADAMW)
 
@@ -26,31 +27,6 @@ class TrainState(NamedTuple):
     opt_state: optax.OptState
     nonfinite: jax.Array  # () int32: consecutive steps skipped for a non-finite loss/gradient
     skipped: jax.Array  # () int32: all steps skipped so far
-
-
-def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-    """Linear warmup to the peak, cosine decay to 10% of it at `schedule_steps`."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=max(config.schedule_steps, config.warmup_steps + 1),
-        end_value=0.1 * config.learning_rate,
-    )
-
-
-def make_optimizer(config: TrainConfig, orthogonalize_with=None) -> optax.GradientTransformation:
-    """muon: the Moonlight recipe; adamw: AdamW everywhere. Same lr and wd (paper Sec. 2.2).
-    `orthogonalize_with`: where Muon orthogonalizes each matrix stack (see
-    muonjax.parallel.Plan.orthogonalize)."""
-    schedule = learning_rate_schedule(config)
-    if config.optimizer == "muon":
-        return muonjax.moonlight(
-            schedule,
-            weight_decay=config.weight_decay,
-            orthogonalize_with=orthogonalize_with,
-        )
-    return optax.adamw(schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=config.weight_decay)
 
 
 def init_state(model_config: ModelConfig, tx, seed: int) -> tuple[nnx.GraphDef, TrainState]:
@@ -84,21 +60,48 @@ def _group(tree, labels, group):
     return [x for x, label in zip(jax.tree.leaves(tree), jax.tree.leaves(labels)) if label == group]
 
 
-def lm_loss(graphdef, params, rest, tokens_BL):
-    """Next-token cross-entropy (mean over tokens) and the model's aux outputs."""
+def split_targets(tokens_BL):
+    """A stored batch (B, L+1) -> inputs (B, L), targets (B, L), weights (B, L) float32.
+
+    A stored token t >= 0 is the id t; t < 0 stores the id -(t + 1) as an
+    input-only token (a prompt, for supervised fine-tuning): the model sees the
+    id, and it is not a loss target (weight 0). Plain text has no negative
+    tokens, so every next token is a target.
+    """
+    ids_BL = jnp.where(tokens_BL < 0, -(tokens_BL + 1), tokens_BL)
+    weights_BL = (tokens_BL[:, 1:] >= 0).astype(jnp.float32)
+    return ids_BL[:, :-1], ids_BL[:, 1:], weights_BL
+
+
+def count_targets(tokens_BL) -> jax.Array:
+    """() float32: how many loss targets a stored batch holds (see `split_targets`)."""
+    return jnp.sum(tokens_BL[:, 1:] >= 0, dtype=jnp.int32).astype(jnp.float32)
+
+
+def lm_loss(graphdef, params, rest, tokens_BL, n_targets=None):
+    """Masked next-token cross-entropy, sum over targets / n_targets, and the
+    model's aux outputs.
+
+    `n_targets` defaults to this batch's own count (the masked mean); a
+    micro-batch or a device's shard passes the whole global batch's count, so
+    that the parts' losses sum to the global masked mean. A batch without
+    targets has loss 0, not 0/0.
+    """
+    inputs_BL, targets_BL, weights_BL = split_targets(tokens_BL)
     model = nnx.merge(graphdef, params, rest)
-    logits_BLV, aux = model(tokens_BL[:, :-1])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, tokens_BL[:, 1:]).mean()
-    return ce, aux
+    logits_BLV, aux = model(inputs_BL)
+    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+    n = count_targets(tokens_BL) if n_targets is None else n_targets
+    return jnp.sum(ce_BL * weights_BL) / jnp.maximum(n, 1.0), aux
 
 
-def loss_and_grads(graphdef, params, rest, tokens_BL):
-    """Cross-entropy, the model's aux outputs, and the gradient of
-    cross-entropy + balance loss with respect to the parameters."""
+def loss_and_grads(graphdef, params, rest, tokens_BL, n_targets=None, balance_weight=1.0):
+    """Cross-entropy (see `lm_loss`), the model's aux outputs, and the gradient
+    of cross-entropy + balance_weight * balance loss with respect to the parameters."""
 
     def loss_fn(variables):
-        ce, aux = lm_loss(graphdef, *variables, tokens_BL)
-        return ce + aux.balance_loss, (ce, aux)
+        ce, aux = lm_loss(graphdef, *variables, tokens_BL, n_targets)
+        return ce + balance_weight * aux.balance_loss, (ce, aux)
 
     # Differentiating the non-Param variables too (their gradient is unused)
     # keeps all of the model's variables on one trace level, as nnx.scan needs.
@@ -106,15 +109,70 @@ def loss_and_grads(graphdef, params, rest, tokens_BL):
     return ce, aux, grads
 
 
+def micro_batches(tokens_BL, k: int):
+    """(B, L+1) -> (k, B/k, L+1). Micro-batch i takes rows i, i+k, i+2k, ...:
+    a shard of B/(data-parallel) contiguous rows, k dividing it, holds an equal
+    part of every micro-batch, so splitting moves no rows between devices."""
+    B = tokens_BL.shape[0]
+    return tokens_BL.reshape(B // k, k, *tokens_BL.shape[1:]).swapaxes(0, 1)
+
+
+def accumulated_grads(graphdef, params, rest, tokens_BL, *, k: int, n_targets, balance_weight):
+    """`loss_and_grads` summed over k micro-batches of tokens_BL in one
+    `lax.scan` (peak activation memory of B/k rows), gradients summed in float32.
+
+    Each micro-batch's loss is its targets' cross-entropy sum / `n_targets`
+    plus balance_weight * its balance loss, so with n_targets the global count
+    and balance_weight 1/(k * replicas) the sums are the global batch's masked
+    mean and mean balance loss, and their gradients. Aux: max_logit the max,
+    expert_load and balance_loss the mean over micro-batches.
+    """
+    grad_fn = functools.partial(
+        loss_and_grads, graphdef, params, rest, n_targets=n_targets, balance_weight=balance_weight
+    )
+    if k == 1:
+        return grad_fn(tokens_BL)
+
+    def body(carry, tokens):
+        ce_sum, grads_sum = carry
+        ce, aux, grads = grad_fn(tokens)
+        grads_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grads_sum, grads)
+        return (ce_sum + ce, grads_sum), aux
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (jnp.zeros((), jnp.float32), zeros)
+    (ce, grads), aux_K = jax.lax.scan(body, init, micro_batches(tokens_BL, k))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    aux = type(aux_K)(
+        max_logit_LH=jnp.max(aux_K.max_logit_LH, axis=0),
+        expert_load_ME=jnp.mean(aux_K.expert_load_ME, axis=0),
+        balance_loss=jnp.mean(aux_K.balance_loss, axis=0),
+    )
+    return ce, aux, grads
+
+
+def global_grads(graphdef, config: TrainConfig, params, rest, tokens_BL):
+    """The whole batch's masked-mean loss, aux and gradients, in config.grad_accum
+    micro-batches (one device, or a mesh whose collectives XLA places)."""
+    k = config.grad_accum
+    n_targets = count_targets(tokens_BL)
+    return accumulated_grads(
+        graphdef, params, rest, tokens_BL, k=k, n_targets=n_targets, balance_weight=1.0 / k
+    )
+
+
 def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, grads_fn=None):
     """One optimizer step; a non-finite loss or gradient skips the update.
 
-    `grads_fn(params, rest, tokens)` computes (ce, aux, grads), by default
-    `loss_and_grads`; muonjax.train.program passes a data-parallel one whose
-    gradients arrive reduce-scattered into the optimizer state's layout (ZeRO-1).
+    `grads_fn(params, rest, tokens)` computes (ce, aux, grads) of the whole
+    batch, by default `global_grads` (config.grad_accum micro-batches);
+    muonjax.train.program passes a data-parallel one whose gradients arrive
+    reduce-scattered into the optimizer state's layout (ZeRO-1).
     """
-    grads_fn = grads_fn or functools.partial(loss_and_grads, graphdef)
+    grads_fn = grads_fn or functools.partial(global_grads, graphdef, config)
     ce, aux, grads = grads_fn(state.params, state.rest, tokens_BL)
+    # the rate this update applies: the optimizer's count, which skipped steps do not advance
+    learning_rate = learning_rate_schedule(config)(applied_count(state.opt_state))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model = nnx.merge(graphdef, params, state.rest)
@@ -138,7 +196,7 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
         "loss": ce,
         "balance_loss": aux.balance_loss,
         "grad_norm": grad_norm,
-        "learning_rate": learning_rate_schedule(config)(state.step),
+        "learning_rate": learning_rate,
         "max_attention_logit": jnp.max(aux.max_logit_LH),
         # max over MoE layers of (most-loaded expert's share / the mean share)
         "expert_load_imbalance": jnp.max(load.max(-1) / load.mean(-1))
@@ -153,6 +211,7 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
 
 
 def eval_loss(graphdef, state: TrainState, tokens_BL) -> jax.Array:
+    """The batch's masked mean cross-entropy (see `split_targets`)."""
     return lm_loss(graphdef, state.params, state.rest, tokens_BL)[0]
 
 

@@ -1,5 +1,6 @@
 """Tokenizers that need nothing downloaded: raw UTF-8 bytes, or a byte-level BPE
-trained on the run's own training text and saved with the run."""
+trained on the run's own training text and saved with the run; and the token
+stream of prompt/response examples for fine-tuning."""
 
 from __future__ import annotations
 
@@ -9,9 +10,15 @@ import numpy as np
 
 BPE_FILE = "tokenizer.json"
 
+# The end of an example: the byte 0xFF, which UTF-8 text never contains, so it
+# cannot be confused with text (a "\n" could end a line inside a response) and
+# needs no extra vocabulary: every tokenizer here has a token for each byte.
+END_BYTE = 0xFF
+
 
 class ByteTokenizer:
     vocab_size = 256
+    end_id = END_BYTE
 
     def save(self, path: pathlib.Path) -> None:
         """Nothing to save: bytes are bytes."""
@@ -29,6 +36,8 @@ class BPETokenizer:
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
+        # byte-level BPE spells byte 0xFF as the character U+00FF (GPT-2's byte map)
+        self.end_id = tokenizer.token_to_id(chr(END_BYTE))
 
     @classmethod
     def train(cls, texts, vocab_size: int) -> BPETokenizer:
@@ -61,12 +70,34 @@ class BPETokenizer:
         return self._tokenizer.decode([int(i) for i in ids])
 
 
-def tokenizer_for_run(kind: str, out: pathlib.Path, train_texts, bpe_vocab_size: int):
+def tokenizer_for_run(
+    kind: str,
+    out: pathlib.Path,
+    train_texts,
+    bpe_vocab_size: int,
+    source: pathlib.Path | None = None,
+):
     """The run's tokenizer: bytes, or the BPE saved in `out` by an earlier start
-    of the run, else a BPE trained on `train_texts` (save it with `.save`)."""
+    of the run, else the one of the run it fine-tunes (`source`), else a BPE
+    trained on `train_texts` (save it with `.save`)."""
     if kind == "byte":
         return ByteTokenizer()
-    path = out / BPE_FILE
-    if path.exists():
-        return BPETokenizer.load(path)
+    for folder in (out, source):
+        if folder is not None and (folder / BPE_FILE).exists():
+            return BPETokenizer.load(folder / BPE_FILE)
     return BPETokenizer.train(train_texts, bpe_vocab_size)
+
+
+def encode_examples(tokenizer, pairs) -> np.ndarray:
+    """Prompt/response examples packed, in order, into one int32 stream: per
+    example the prompt's tokens stored as -(id + 1) (input only: the model reads
+    them, the loss does not predict them), then the response's tokens and the
+    end token (END_BYTE) as ids, the targets. Prompt and response are encoded
+    separately, so their boundary is a token boundary."""
+    prompts = tokenizer.encode([p for p, _ in pairs])
+    responses = tokenizer.encode([r for _, r in pairs])
+    end = np.array([] if tokenizer.end_id is None else [tokenizer.end_id], np.int32)
+    parts = [np.zeros(0, np.int32)]
+    for prompt, response in zip(prompts, responses):
+        parts += [-1 - prompt.astype(np.int32), response.astype(np.int32), end]
+    return np.concatenate(parts)

@@ -1,0 +1,179 @@
+"""Fine-tuning: a run that starts from the parameters of another run's newest
+complete checkpoint (--init-from RUN_DIR), with a fresh optimizer state or,
+with --init-optimizer-state, that run's (paper Sec. 3.4 fine-tunes Muon- and
+AdamW-pretrained models with either optimizer)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+from muonjax.train.config import CONFIG_FILE, ConfigError, TrainConfig
+from muonjax.train.tokenizer import BPE_FILE
+
+# Set by the source run's config and taken as they are when not given.
+INHERITED = ("preset", "model", "tokenizer", "bpe_vocab_size")
+# Model fields a fine-tune may change: they compute the same function of the
+# same parameters (precision, recomputation, the MoE dispatch kernel).
+FREE_MODEL_FIELDS = frozenset({"dtype", "remat", "moe_dispatch"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """The run a fine-tune starts from."""
+
+    path: pathlib.Path
+    config: dict  # its config.json
+    train: TrainConfig
+    step: int  # its newest complete checkpoint
+
+    def describe(self) -> dict:
+        return {
+            "path": str(self.path.absolute()),
+            "step": self.step,
+            "optimizer": self.train.optimizer,
+            "data_fingerprint": self.config.get("data", {}).get("fingerprint"),
+        }
+
+
+def _read_config(path: pathlib.Path) -> dict:
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise ConfigError(
+            f"--init-from {path}: no {CONFIG_FILE} there; "
+            "pass the --out folder of a muonjax train run"
+        )
+    try:
+        saved = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--init-from {file} is not JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(saved, dict) or not {"train", "model"} <= saved.keys():
+        raise ConfigError(f"--init-from {file} is not a muonjax run's config (no train and model)")
+    return saved
+
+
+def inherit_from_source(config_fields: dict) -> dict:
+    """The TrainConfig fields given (e.g. `given_fields(args)`), with --preset,
+    --model, --tokenizer and --bpe-vocab-size taken from the --init-from run
+    where not given; unchanged without init_from."""
+    if not config_fields.get("init_from"):
+        return dict(config_fields)
+    source = _read_config(pathlib.Path(config_fields["init_from"]))["train"]
+    return {**{k: source[k] for k in INHERITED if k in source}, **config_fields}
+
+
+def _checkpoints(path: pathlib.Path) -> pathlib.Path:
+    from muonjax.train.loop import CHECKPOINT_DIR  # loop imports this module
+
+    return path / CHECKPOINT_DIR
+
+
+def latest_step(directory: pathlib.Path) -> int | None:
+    """The newest complete checkpoint in `directory` (None if none); writes nothing."""
+    if not directory.is_dir():
+        return None
+    manager = ocp.CheckpointManager(
+        directory.absolute(), options=ocp.CheckpointManagerOptions(create=False)
+    )
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def load_source(config: TrainConfig) -> Source:
+    """The --init-from run, checked against `config` (its tokenizer, and its
+    optimizer when the optimizer state is kept); ConfigError otherwise."""
+    path = pathlib.Path(config.init_from)
+    saved = _read_config(path)
+    train = TrainConfig.from_json(saved["train"])
+    step = latest_step(_checkpoints(path))
+    if step is None:
+        raise ConfigError(f"--init-from {path} has no complete checkpoint in {_checkpoints(path)}")
+    problems = []
+    if train.tokenizer != config.tokenizer:
+        problems.append(
+            f"it used --tokenizer {train.tokenizer}, this run {config.tokenizer} "
+            "(a fine-tune keeps its source's tokenizer)"
+        )
+    elif train.tokenizer == "bpe" and not (path / BPE_FILE).is_file():
+        problems.append(f"its BPE tokenizer {path / BPE_FILE} is missing")
+    elif train.tokenizer == "bpe" and train.bpe_vocab_size != config.bpe_vocab_size:
+        problems.append(
+            f"it used --bpe-vocab-size {train.bpe_vocab_size}, this run {config.bpe_vocab_size}"
+        )
+    if config.init_optimizer_state and train.optimizer != config.optimizer:
+        problems.append(
+            f"--init-optimizer-state needs the same optimizer, but it used {train.optimizer} "
+            f"and this run {config.optimizer}"
+        )
+    if problems:
+        raise ConfigError(f"--init-from {path}: " + "; ".join(problems))
+    return Source(path=path, config=saved, train=train, step=step)
+
+
+def check_model(source: Source, model_config) -> None:
+    """The model must be the source's (but for FREE_MODEL_FIELDS): one ConfigError naming
+    every differing field."""
+    mine = json.loads(json.dumps(dataclasses.asdict(model_config)))  # tuples as saved: lists
+    theirs = source.config["model"]
+    names = (mine.keys() | theirs.keys()) - FREE_MODEL_FIELDS
+    differ = sorted(k for k in names if mine.get(k) != theirs.get(k))
+    if differ:
+        details = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in differ)
+        raise ConfigError(
+            f"--init-from {source.path}: this run's model differs from that run's ({details}); "
+            "give the source's --preset and --model"
+        )
+
+
+def _is_count(path) -> bool:
+    last = path[-1]
+    return getattr(last, "name", getattr(last, "key", None)) == "count"
+
+
+def initial_state(source: Source, program, keep_optimizer: bool):
+    """The fine-tune's step-0 TrainState on `program`'s mesh: the source checkpoint's
+    params and rest (router biases), restored straight into this run's shardings;
+    step and skip counters fresh; the optimizer state fresh, or with
+    `keep_optimizer` the source's, whose step counts restart at 0 so that this
+    run's schedule (warmup included) runs from its start. (AdamW's bias correction
+    then overweights the warm moments by at most sqrt(1-b2)/(1-b1) ~ 2.2x in the
+    first step, fading within ~10 steps, while warmup keeps the rate small.)"""
+    fresh = program.init()
+    abstract = program.abstract()
+    wanted = {"params": abstract.params, "rest": abstract.rest}
+    if keep_optimizer:
+        wanted["opt_state"] = abstract.opt_state
+    directory = _checkpoints(source.path).absolute()
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        restored = manager.restore(
+            source.step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=wanted,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+                    partial_restore=True,
+                )
+            ),
+        ).state
+    except (ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"--init-from {source.path}: checkpoint {source.step} does not fit this run ({first})"
+        ) from None
+    finally:
+        manager.close()
+    opt_state = fresh.opt_state
+    if keep_optimizer:
+        opt_state = jax.tree_util.tree_map_with_path(
+            lambda path, new, old: new if _is_count(path) else old,
+            fresh.opt_state,
+            restored["opt_state"],
+        )
+    return fresh._replace(params=restored["params"], rest=restored["rest"], opt_state=opt_state)

@@ -19,7 +19,9 @@ from muonjax.models.config import PRESETS, ModelConfig
 from muonjax.optim import UPDATE_SCALE_RULES
 from muonjax.train.optimizers import NS_COEFFS, NS_DTYPES, OPTIMIZERS, SCHEDULES
 
-CONFIG_FILE = "config.json"  # in each run's directory: {"train": TrainConfig, "model": ..., ...}
+# in each run's directory
+CONFIG_FILE = "config.json"  # {"train": TrainConfig, "model": ModelConfig, "data": ..., ...}
+CHECKPOINT_DIR = "checkpoints"  # orbax, one folder per step
 TOKENIZERS = ("byte", "bpe")
 DATA_FORMATS = ("text", "sft-jsonl")
 DTYPES = ("float32", "bfloat16")

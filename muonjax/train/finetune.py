@@ -12,7 +12,7 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
-from muonjax.train.config import CONFIG_FILE, ConfigError, TrainConfig
+from muonjax.train.config import CHECKPOINT_DIR, CONFIG_FILE, ConfigError, TrainConfig
 from muonjax.train.tokenizer import BPE_FILE
 
 # Set by the source run's config and taken as they are when not given.
@@ -67,8 +67,6 @@ def inherit_from_source(config_fields: dict) -> dict:
 
 
 def _checkpoints(path: pathlib.Path) -> pathlib.Path:
-    from muonjax.train.loop import CHECKPOINT_DIR  # loop imports this module
-
     return path / CHECKPOINT_DIR
 
 

@@ -17,14 +17,12 @@ import numpy as np
 from muonjax.models import flops_per_token, param_counts
 from muonjax.parallel.mesh import describe, make_mesh, parse_mesh
 from muonjax.train import checkpoint, finetune, pipeline
-from muonjax.train.config import CONFIG_FILE, ConfigError, TrainConfig, save_json
+from muonjax.train.config import CHECKPOINT_DIR, CONFIG_FILE, ConfigError, TrainConfig, save_json
 from muonjax.train.data import RunData, load_data
 from muonjax.train.metrics import METRICS_FILE, MetricsWriter
 from muonjax.train.preemption import StopOnSignal
 from muonjax.train.program import build, check_batch
 from muonjax.train.step import param_groups
-
-CHECKPOINT_DIR = "checkpoints"
 
 
 class TrainingStopped(RuntimeError):

@@ -6,54 +6,85 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def arguments(name: str, doc: str, argv=None) -> argparse.Namespace:
-    """--scale cpu (default: runs here) | pod (the paper's sizes: build and
-    inspect the configs, do not train); --quick: end to end in under a minute;
-    --out: default results/<name>, or a scratch folder with --quick."""
-    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+def _parser(doc: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0] if doc else None)
     parser.add_argument("--scale", choices=("cpu", "pod"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="toy sizes, for the test suite")
     parser.add_argument("--mesh", default="data=8", help="--scale pod: the mesh to inspect on")
-    parser.add_argument("--out", help=f"results folder (default: results/{name})")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", help="results folder (default: results/<experiment>)")
+    return parser
+
+
+def arguments(name: str, doc: str, argv=None) -> argparse.Namespace:
+    """--scale cpu (default: runs here) | pod (the paper's sizes: build and
+    inspect the configs, do not train); --quick: end to end in under a minute;
+    --out: default results/<name>, or results/<name>/scratch with --quick."""
+    args = _parser(doc).parse_args(argv)
     if args.out is None:
         args.out = str(ROOT / "results" / name / ("scratch" if args.quick else ""))
     return args
 
 
-def start_jax(devices: int = 1) -> None:
-    """One process for the whole sweep: set the CPU device count before JAX's backend starts."""
+def start_jax(argv=None) -> None:
+    """For a script's `__main__` only, before JAX's backend starts: one CPU
+    device for --scale cpu (2 cores gain nothing from more; under pytest the
+    conftest's 8 stay), the --mesh's devices for --scale pod; and a scratch
+    persistent compilation cache (unless JAX_COMPILATION_CACHE_DIR names one),
+    which turns the compiles a sweep repeats (init, eval) into loads."""
+    import atexit
+    import math
+    import os
+    import shutil
+    import sys
+    import tempfile
+
     import jax
 
-    try:
-        jax.config.update("jax_num_cpu_devices", devices)
-    except RuntimeError:  # already started (e.g. under pytest): keep its devices
-        pass
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from muonjax.parallel.mesh import parse_mesh
+
+    args, _ = _parser("").parse_known_args(sys.argv[1:] if argv is None else argv)
+    devices = math.prod(parse_mesh(args.mesh).values()) if args.scale == "pod" else 1
+    jax.config.update("jax_num_cpu_devices", devices)
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if cache is None:
+        cache = tempfile.mkdtemp(prefix="muonjax-experiment-jax-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def write_results(out: str | pathlib.Path, name: str, results: dict) -> pathlib.Path:
+def write_results(out: str | pathlib.Path, results: dict) -> pathlib.Path:
+    """Writes OUT/results.json: `results` on top of what is there from the same
+    mode (--quick or not), so that --scale pod adds its "pod" part without
+    dropping the CPU runs, and the other way round."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("quick") == results.get("quick"):
+            results = {**old, **results}
     path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def final_params(run_dir: str | pathlib.Path) -> dict:
-    """The parameters of a run's newest checkpoint, as a nested dict of NumPy arrays."""
+def params_at(run_dir: str | pathlib.Path, step: int | None = None) -> dict:
+    """The parameters of a run's checkpoint at `step` (default: the newest), as
+    a nested dict of NumPy arrays."""
     import orbax.checkpoint as ocp
 
     checkpoints = pathlib.Path(run_dir).absolute() / "checkpoints"
-    step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    state = ocp.StandardCheckpointer().restore(checkpoints / str(step) / "state")
-    return state["params"]
+    if step is None:
+        step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    return ocp.StandardCheckpointer().restore(checkpoints / str(step) / "state")["params"]
 
 
 # The paper's groups (Fig. 4, Table 1), by a parameter's path in muonjax's model.

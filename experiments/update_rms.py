@@ -1,10 +1,14 @@
 """Update RMS: Table 1 and Table 8 of "Muon is Scalable for LLM Training".
 
-    python experiments/update_rms.py                 # --scale cpu: 8 runs, ~12 min on 2 cores
+    python experiments/update_rms.py                 # --scale cpu: 10 runs, ~17 min on 2 cores
     python experiments/update_rms.py --quick         # toy sizes, end to end in seconds
     python experiments/update_rms.py --scale pod [--mesh data=8]   # build + inspect, no training
 
-Part A (Table 1, Sec. 3.1): Muon with the three update-scale rules at one
+First AdamW with learning rates 3e-3, 1e-2, 3e-2 (weight decay 0.1, betas
+0.9 / 0.95); every Muon run then uses AdamW's best rate, the paper's protocol
+(its RMS matching lets Muon reuse AdamW's tuned learning rate and decay).
+
+Part A (Table 1, Sec. 3.1): Muon with the three update-scale rules at that
 learning rate and weight decay 0.1 --
   Baseline     (Eq. 5)  W -= lr (0.2 sqrt(H) O + wd W),          H = d_model
   Update Norm  (Eq. 6)  W -= lr (0.2 O / RMS(O) + wd W)
@@ -17,7 +21,7 @@ update RMS of the last step per group, measured from the last two checkpoints:
   U = -(W_N - W_{N-1}) / lr_N - wd W_{N-1}     (the scaled O, or AdamW's step)
 
 Part B (Table 8, App.): Adjusted LR with rms_scale 0.05 .. 0.8 (0.2 is Part
-A's run) against AdamW at the same learning rate: train/eval loss, AttnQ and MLP
+A's run) against AdamW at the same (its best) learning rate: train/eval loss, AttnQ and MLP
 weight RMS.
 
 Writes results/update_rms/results.json (every number, the configs, the paper's
@@ -47,6 +51,7 @@ RULES = {  # update_scale -> the paper's name (Table 1)
     "moonlight": "Adjusted LR",
 }
 RMS_SCALES = (0.05, 0.1, 0.2, 0.4, 0.8)
+ADAMW_LEARNING_RATES = (3e-3, 1e-2, 3e-2)  # AdamW's sweep; every Muon run uses its best
 
 PAPER = {
     "table1": {  # 800M model, 4B of a 20B-token schedule, MLP [H, 4H]
@@ -138,27 +143,52 @@ def table8_columns() -> dict[str, str]:  # paper column -> our setting
 
 # --- scale cpu: train -------------------------------------------------------------------
 
+
 def cpu_base(quick: bool) -> dict:
     """The shared TrainConfig fields of the CPU runs. A dense model (every layer
     dense) with MLP width 4 d_model and full MHA (q_proj [D, D]), byte-level on
     the Python standard library's source."""
     if quick:
         model = dict(
-            d_model=32, n_layers=2, first_k_dense=2, intermediate_size=128,
-            n_heads=2, attention="mha", head_dim=16,
-        )  # fmt: skip
+            d_model=32,
+            n_layers=2,
+            first_k_dense=2,
+            intermediate_size=128,
+            n_heads=2,
+            attention="mha",
+            head_dim=16,
+        )
         return dict(
-            preset="tiny", model=model, steps=6, batch_size=8, seq_len=32,
-            learning_rate=3e-3, weight_decay=0.1, warmup_steps=2, eval_batches=1,
-        )  # fmt: skip
+            preset="tiny",
+            model=model,
+            steps=4,
+            batch_size=8,
+            seq_len=32,
+            learning_rate=3e-3,
+            weight_decay=0.1,
+            warmup_steps=1,
+            eval_batches=1,
+        )
     model = dict(
-        d_model=128, n_layers=4, first_k_dense=4, intermediate_size=512,
-        n_heads=4, attention="mha", head_dim=32,
-    )  # fmt: skip
+        d_model=128,
+        n_layers=4,
+        first_k_dense=4,
+        intermediate_size=512,
+        n_heads=4,
+        attention="mha",
+        head_dim=32,
+    )
     return dict(
-        preset="tiny", model=model, steps=300, batch_size=16, seq_len=128,
-        learning_rate=3e-3, weight_decay=0.1, warmup_steps=15, eval_batches=8,
-    )  # fmt: skip
+        preset="tiny",
+        model=model,
+        steps=240,
+        batch_size=16,
+        seq_len=128,
+        learning_rate=3e-3,
+        weight_decay=0.1,
+        warmup_steps=15,
+        eval_batches=8,
+    )
 
 
 def rms(arrays) -> float:
@@ -188,42 +218,38 @@ def update_rms(before, after, lr: float, wd: float) -> dict[str, float]:
 
 
 def train_one(config, log):
-    """Trains to steps-1, then resumes one step (schedule horizon = steps), so
-    the last two parameter sets are both saved. Returns the run's numbers."""
+    """Trains `config`, checkpointing only steps N-1 and N (checkpoint_every =
+    N-1, keep_checkpoints = 2), and returns the run's numbers."""
     from muonjax.train import read_metrics, run
     from muonjax.train.optimizers import learning_rate_schedule
 
     steps = config.steps
     started = time.perf_counter()
-    first = run(config.replace(steps=steps - 1), log=log)
-    before = common.final_params(config.out)
-    last = run(config, resume=True, log=log)
-    after = common.final_params(config.out)
+    summary = run(config, log=log)
     wall = time.perf_counter() - started
-    if first.skipped_steps or last.skipped_steps:
+    before, after = common.params_at(config.out, steps - 1), common.params_at(config.out)
+    if summary.skipped_steps:
         raise RuntimeError(f"{config.out}: skipped (non-finite) steps; the lr below would be off")
-    # the last update is the optimizer's count steps-1 on the schedule
+    # the last update is the optimizer's count N-1 on the schedule
     lr = float(learning_rate_schedule(config)(steps - 1))
     metrics = read_metrics(config.out)
     losses = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
     tail = [loss for _, loss in losses[-max(len(losses) // 10, 1) :]]
-    logged = [r for r in metrics if "update_rms_muon" in r]
+    last_logged = next((r for r in reversed(metrics) if "loss" in r), {})
     return {
         # mean of the last tenth of the logged steps' training losses
         "train_loss": float(np.mean(tail)),
-        "eval_loss": float(last.eval_loss),
+        "eval_loss": float(summary.eval_loss),
         "weight_rms": group_rms(after),
         "update_rms": update_rms(before, after, lr, config.weight_decay),
         "last_learning_rate": lr,
-        # the trainer's own per-optimizer-group update RMS (with lr and decay) at the last log
-        "logged": {k: float(logged[-1][k]) for k in ("update_rms_muon", "update_rms_adamw",
-                                                     "weight_rms_muon", "weight_rms_adamw")
-                   if logged and k in logged[-1]},  # fmt: skip
+        # the trainer's own RMS per optimizer group (its update: times lr, with decay)
+        "last_logged": {k: float(v) for k, v in last_logged.items() if "rms" in k},
         "loss_curve": losses,
         "eval_curve": evals,
-        "tokens": last.tokens,
-        "tokens_per_s": last.tokens_per_s,
+        "tokens": summary.tokens,
+        "tokens_per_s": summary.tokens_per_s,
         "wall_time_s": wall,
     }
 
@@ -239,28 +265,41 @@ def run_cpu(args) -> dict:
     started = time.perf_counter()
     quiet = lambda *_: None
     with tempfile.TemporaryDirectory(prefix="update_rms-") as tmp:
-        for name, fields in settings().items():
+
+        def train(name, fields):
             config = TrainConfig(
                 out=str(pathlib.Path(tmp) / name),
-                **base,
-                **fields,
+                **{**base, **fields},
                 eval_every=steps,
                 log_every=max(steps // 30, 1),
-                checkpoint_every=steps,  # a checkpoint at the end of each of the two calls
+                checkpoint_every=steps - 1,  # saves N-1 and N: the last update
                 keep_checkpoints=2,
-                decay_steps=steps,
                 progress=False,
                 mesh=None,  # every device on data
             )
             print(f"{name}: training {steps} steps ...", flush=True)
-            results["runs"][name] = train_one(config, quiet)
+            r = train_one(config, quiet)
             results["configs"][name] = {**config.to_json(), "out": None}
-            r = results["runs"][name]
             print(
                 f"{name}: eval loss {r['eval_loss']:.4f}, train loss {r['train_loss']:.4f}, "
                 f"{r['wall_time_s']:.0f} s",
                 flush=True,
             )
+            return r
+
+        # The paper's protocol: AdamW's learning rate, tuned, then reused by Muon.
+        lrs = (base["learning_rate"],) if args.quick else ADAMW_LEARNING_RATES
+        sweep = {
+            lr: train(f"adamw-lr{lr}", dict(optimizer="adamw", learning_rate=lr)) for lr in lrs
+        }
+        best = min(sweep, key=lambda lr: sweep[lr]["eval_loss"])
+        results["adamw_sweep"] = {str(lr): r for lr, r in sweep.items()}
+        results["learning_rate"] = best
+        for name, fields in settings().items():
+            if name == "adamw":
+                results["runs"][name] = sweep[best]
+            else:
+                results["runs"][name] = train(name, {**fields, "learning_rate": best})
     results["wall_time_s"] = time.perf_counter() - started
     results["devices"] = jax.device_count()
     return results
@@ -272,13 +311,23 @@ def run_cpu(args) -> dict:
 # the moonlight-16b-a3b preset gives the vocabulary (Moonlight's tokenizer, 163840),
 # bfloat16 activations and remat.
 POD_MODEL = dict(
-    d_model=2048, n_layers=16, first_k_dense=16, intermediate_size=8192,
-    n_heads=16, attention="mha", head_dim=128,
-)  # fmt: skip
+    d_model=2048,
+    n_layers=16,
+    first_k_dense=16,
+    intermediate_size=8192,
+    n_heads=16,
+    attention="mha",
+    head_dim=128,
+)
 POD_QUICK_MODEL = dict(
-    d_model=64, n_layers=2, first_k_dense=2, intermediate_size=256,
-    n_heads=4, attention="mha", head_dim=16,
-)  # fmt: skip
+    d_model=64,
+    n_layers=2,
+    first_k_dense=2,
+    intermediate_size=256,
+    n_heads=4,
+    attention="mha",
+    head_dim=16,
+)
 
 
 def pod_setup(quick: bool, data_parallel: int) -> dict:
@@ -294,14 +343,21 @@ def pod_setup(quick: bool, data_parallel: int) -> dict:
     tokens_per_step = batch * seq_len
     return dict(
         base=dict(
-            preset=preset, model=model, seq_len=seq_len, batch_size=batch,
-            grad_accum=batch // data_parallel, learning_rate=8.825e-4, weight_decay=0.1,
-        ),  # fmt: skip
+            preset=preset,
+            model=model,
+            seq_len=seq_len,
+            batch_size=batch,
+            grad_accum=batch // data_parallel,
+            learning_rate=8.825e-4,
+            weight_decay=0.1,
+        ),
+        # warmup: not stated by the paper; ours
         table1=dict(
             steps=round(table1_tokens / tokens_per_step),
             decay_steps=round(schedule_tokens / tokens_per_step),
+            warmup_steps=1 if quick else 500,
         ),
-        table8=dict(steps=table8_steps, decay_steps=table8_steps),
+        table8=dict(steps=table8_steps, decay_steps=table8_steps, warmup_steps=1 if quick else 100),
     )
 
 
@@ -324,11 +380,17 @@ def run_pod(args) -> dict:
             out=f"runs/{NAME}/{name}", **setup["base"], **fields, **schedule, mesh=args.mesh
         )
         model = config.model_config()
-        # rms_scale is one constant in the compiled step: the sweep shares its program
-        key = (config.optimizer, config.update_scale)
+        # The rules and rms_scale change one scalar factor per matrix (Update Norm
+        # also takes each update's norm): every Muon setting has the same shapes,
+        # buffers and, to a few FLOPs per matrix, cost. Inspect one per optimizer.
+        key = config.optimizer
         if key not in inspected:
             t = time.perf_counter()
-            inspected[key] = {**inspect(config, mesh), "inspect_s": time.perf_counter() - t}
+            inspected[key] = {
+                **inspect(config, mesh),
+                "inspected_setting": name,
+                "inspect_s": time.perf_counter() - t,
+            }
             print(f"{name}: inspected in {inspected[key]['inspect_s']:.0f} s", flush=True)
         per_token = flops_per_token(model, config.seq_len)
         tokens = config.steps * config.batch_size * config.seq_len
@@ -352,6 +414,7 @@ def run_pod(args) -> dict:
 
 
 # --- report -----------------------------------------------------------------------------
+
 
 def _fmt(x) -> str:
     return "-" if x is None else (f"{x:.3f}" if abs(x) >= 0.1 else f"{x:.3g}")
@@ -388,7 +451,9 @@ def table8_markdown(runs: dict) -> str:
     ]
     for label, key, ours in rows:
         lines.append(
-            f"| {label}, paper | " + " | ".join(_fmt(PAPER["table8"][c][key]) for c in columns) + " |"
+            f"| {label}, paper | "
+            + " | ".join(_fmt(PAPER["table8"][c][key]) for c in columns)
+            + " |"
         )
         lines.append(
             f"| {label}, ours | " + " | ".join(_fmt(ours(runs[n])) for n in columns.values()) + " |"
@@ -408,12 +473,11 @@ def plot(runs: dict, path: pathlib.Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels, names = [], []
-    for paper, name in table1_rows().items():
-        labels.append(paper)
-        names.append(name)
+    # Table 1's rules, then Table 8's sweep in order (its 0.2 bar is Adjusted LR's run again)
+    labels = list(table1_rows())
+    names = list(table1_rows().values())
     for column, name in table8_columns().items():
-        if column != "AdamW" and name not in names:
+        if column != "AdamW":
             labels.append(f"rms {column}")
             names.append(name)
     x = np.arange(len(names))
@@ -424,16 +488,18 @@ def plot(runs: dict, path: pathlib.Path, title: str) -> None:
     left.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
     left.set_xticks(x, labels, rotation=30, ha="right")
     left.set_ylabel("eval loss")
-    left.set_title("Table 1 rules (blue), Table 8 rms_scale (orange, Adjusted LR)")
+    left.set_title("Table 1: rules at rms 0.2 (blue); Table 8: Adjusted LR's rms (orange)")
     left.legend()
     width = 0.38
     for i, group in enumerate(("AttnQ", "Dense")):
         values = [runs[n]["weight_rms"].get(group, np.nan) for n in names]
         right.bar(x + (i - 0.5) * width, values, width, label=f"{group} weight RMS")
         right.axhline(
-            runs["adamw"]["weight_rms"].get(group, np.nan), color=f"C{i}", ls="--",
+            runs["adamw"]["weight_rms"].get(group, np.nan),
+            color=f"C{i}",
+            ls="--",
             label=f"{group}, AdamW",
-        )  # fmt: skip
+        )
     right.set_xticks(x, labels, rotation=30, ha="right")
     right.set_ylabel("weight RMS (MLP = Dense group)")
     right.legend(fontsize=8)
@@ -441,6 +507,13 @@ def plot(runs: dict, path: pathlib.Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _count(n: int) -> str:
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
 
 
 def pod_markdown(pod: dict) -> str:
@@ -451,9 +524,9 @@ def pod_markdown(pod: dict) -> str:
     for name, r in pod["runs"].items():
         p = r["parameters"]
         lines.append(
-            f"| {name} | {p['total'] / 1e6:.0f}M / {p['total_non_embedding'] / 1e6:.0f}M "
+            f"| {name} | {_count(p['total'])} / {_count(p['total_non_embedding'])} "
             f"| {r['flops_per_token']:.3g} | {r['config']['steps']} of {r['config']['decay_steps']} "
-            f"| {r['run_flops']:.3g} | {r['peak_bytes_per_device'] / 2**30:.2f} |"
+            f"| {r['run_flops']:.3g} | {r['peak_bytes_per_device'] / 2**30:.3g} |"
         )
     return "\n".join(lines)
 
@@ -462,49 +535,33 @@ def main(argv=None) -> int:
     args = common.arguments(NAME, __doc__, argv)
     out = pathlib.Path(args.out)
     if args.scale == "pod":
-        sizes_text = args.mesh
-        devices = math.prod(int(p.partition("=")[2]) for p in sizes_text.split(",") if "=" in p)
-        common.start_jax(devices)
         results = {"paper": PAPER, "pod": run_pod(args), "quick": args.quick}
         print(pod_markdown(results["pod"]))
-        print(f"vocab {results['pod']['vocab_size']}; wall time {results['pod']['wall_time_s']:.0f} s")
-        path = common.write_results(out, NAME, results)
+        print(
+            f"vocab {results['pod']['vocab_size']}; wall time {results['pod']['wall_time_s']:.0f} s"
+        )
+        path = common.write_results(out, results)
         print(f"wrote {path}")
         return 0
 
-    common.start_jax(1)
     cpu = run_cpu(args)
-    results = {"paper": PAPER, **cpu}
+    results = {"paper": PAPER, "quick": args.quick, **cpu}
     runs = cpu["runs"]
     print("\nTable 1 (paper: 800M, 4B of 20B tokens; ours: see results.json 'base')\n")
     print(table1_markdown(runs))
     print("\nTable 8 (paper: 2k steps, about 2B tokens)\n")
     print(table8_markdown(runs))
     print(f"\nwall time {cpu['wall_time_s']:.0f} s in all")
-    path = common.write_results(out, NAME, results)
-    plot(runs, out / f"{NAME}.png", f"Update RMS rules and scales ({'quick' if args.quick else 'cpu'})")
+    path = common.write_results(out, results)
+    plot(
+        runs,
+        out / f"{NAME}.png",
+        f"Update RMS rules and scales ({'quick' if args.quick else 'cpu'})",
+    )
     print(f"wrote {path} and {out / f'{NAME}.png'}")
     return 0
 
 
-def _compilation_cache() -> None:
-    """Each run's resumed last step compiles its first call's program again: a
-    persistent cache (a scratch folder, unless JAX_COMPILATION_CACHE_DIR names
-    one) turns that into a load."""
-    import atexit
-    import os
-    import shutil
-
-    import jax
-
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    if cache is None:
-        cache = tempfile.mkdtemp(prefix="update_rms-jax-cache-")
-        atexit.register(shutil.rmtree, cache, ignore_errors=True)
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 if __name__ == "__main__":
-    _compilation_cache()
+    common.start_jax()
     sys.exit(main())

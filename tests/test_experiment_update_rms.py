@@ -1,0 +1,80 @@
+"""experiments/update_rms.py (paper Table 1 and Table 8) end to end at toy size:
+--quick trains every setting and writes results.json and the plot; --scale pod
+--quick builds and inspects the shrunk pod configs."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "update_rms.py"
+
+
+@pytest.fixture(scope="module")
+def update_rms():
+    spec = importlib.util.spec_from_file_location("experiment_update_rms", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_quick_cpu_writes_every_setting(update_rms, tmp_path):
+    assert update_rms.main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "update_rms.png").stat().st_size > 0
+    assert set(results["runs"]) == set(update_rms.settings())
+    # AdamW's learning-rate sweep (one rate with --quick), then Muon at its best rate
+    assert set(results["configs"]) == set(update_rms.settings()) - {"adamw"} | {
+        f"adamw-lr{lr}" for lr in map(float, results["adamw_sweep"])
+    }
+    assert all(
+        c["learning_rate"] == results["learning_rate"]
+        for name, c in results["configs"].items()
+        if name.startswith("muon")
+    )
+    assert len(results["runs"]) == 8
+    for name, run in results["runs"].items():
+        assert _finite(run["eval_loss"]) and _finite(run["train_loss"]), name
+        assert _finite(run["wall_time_s"]) and _finite(run["last_learning_rate"]), name
+        for key in ("weight_rms", "update_rms"):
+            assert {"AttnQ", "AttnKV", "AttnO", "Dense"} <= set(run[key]), (name, key)
+            assert all(_finite(v) and v > 0 for v in run[key].values()), (name, key)
+    assert results["paper"]["table1"]["Adjusted LR"]["eval_loss"] == 2.789
+    assert results["paper"]["table8"]["0.8"]["Dense_weight_rms"] == 8.73e-2
+    assert _finite(results["wall_time_s"])
+    runs = results["runs"]
+    # Update Norm sets every matrix's update RMS to rms_scale exactly (Eq. 6)
+    for group, value in runs["muon-update_norm"]["update_rms"].items():
+        assert value == pytest.approx(0.2, rel=1e-3), group
+    # Baseline (Eq. 5, sqrt(H)) gives the [H, 4H] MLP half the update RMS of
+    # Adjusted LR (Eq. 7, sqrt(4H)); both agree on the square query
+    base, adjusted = runs["muon-hidden"]["update_rms"], runs["muon-moonlight"]["update_rms"]
+    assert base["Dense"] / adjusted["Dense"] == pytest.approx(0.5, rel=0.05)
+    assert base["AttnQ"] / adjusted["AttnQ"] == pytest.approx(1.0, rel=0.05)
+    # Adjusted LR's update RMS follows rms_scale
+    sweep = [
+        runs[name]["update_rms"]["Dense"] / scale
+        for scale, name in zip(
+            update_rms.RMS_SCALES, list(update_rms.table8_columns().values())[1:]
+        )
+    ]
+    assert max(sweep) / min(sweep) == pytest.approx(1.0, rel=0.02)
+
+
+def test_quick_pod_reports_each_config(update_rms, tmp_path):
+    assert update_rms.main(["--scale", "pod", "--quick", "--out", str(tmp_path)]) == 0
+    pod = json.loads((tmp_path / "results.json").read_text())["pod"]
+    assert set(pod["runs"]) == set(update_rms.settings())
+    for name, report in pod["runs"].items():
+        assert report["parameters"]["total"] > 0, name
+        assert report["flops_per_token"] > 0 and report["run_flops"] > 0, name
+        assert report["peak_bytes_per_device"] > 0, name
+        assert report["run_flops"] == report["flops_per_token"] * report["tokens"]
+        assert report["model"]["first_k_dense"] == report["model"]["n_layers"]
+        assert report["model"]["intermediate_size"] == 4 * report["model"]["d_model"]

@@ -52,8 +52,8 @@ class ConfigError(ValueError):
     """A bad value a user can pass: the CLI prints it on one line and exits 2."""
 
 
-def _field(default, help: str, *, choices=None, flag: str | None = None, factory=None):
-    metadata = {"help": help, "choices": choices, "flag": flag}
+def _field(default, help: str, *, choices=None, factory=None):
+    metadata = {"help": help, "choices": choices}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -449,8 +449,6 @@ def given_fields(args: argparse.Namespace) -> dict:
         model = load_model_file(args.model_config) if hasattr(args, "model_config") else {}
         model.update(parse_model_overrides(given.get("model", "")))
         given["model"] = model
-    if "data" in given:
-        given["data"] = tuple(given["data"])
     return given
 
 

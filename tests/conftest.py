@@ -3,8 +3,13 @@ real, and share compiled programs between tests (and the CLI subprocesses
 they start) through a persistent compilation cache for this session."""
 
 import atexit
+import importlib.util
+import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -17,3 +22,27 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 _cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
+
+
+def load_experiment(name: str):
+    """experiments/NAME.py as a module (experiments/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_experiment(name: str, out: pathlib.Path, *args: str) -> dict:
+    """Runs `python experiments/NAME.py ARGS --out OUT` as a user would and
+    returns its results.json. A process of its own, so that --scale cpu gets
+    the one device the script asks for (twice as fast as this session's 8)."""
+    done = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / f"{name}.py"), *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())

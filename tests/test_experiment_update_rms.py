@@ -2,31 +2,20 @@
 --quick trains every setting and writes results.json and the plot; --scale pod
 --quick builds and inspects the shrunk pod configs."""
 
-import importlib.util
-import json
 import math
-import pathlib
 
 import pytest
+from conftest import load_experiment, run_experiment
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "update_rms.py"
-
-
-@pytest.fixture(scope="module")
-def update_rms():
-    spec = importlib.util.spec_from_file_location("experiment_update_rms", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+update_rms = load_experiment("update_rms")
 
 
 def _finite(x):
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def test_quick_cpu_writes_every_setting(update_rms, tmp_path):
-    assert update_rms.main(["--quick", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
+def test_quick_cpu_writes_every_setting(tmp_path):
+    results = run_experiment("update_rms", tmp_path, "--quick")
     assert (tmp_path / "update_rms.png").stat().st_size > 0
     assert set(results["runs"]) == set(update_rms.settings())
     # AdamW's learning-rate sweep (one rate with --quick), then Muon at its best rate
@@ -67,9 +56,8 @@ def test_quick_cpu_writes_every_setting(update_rms, tmp_path):
     assert max(sweep) / min(sweep) == pytest.approx(1.0, rel=0.02)
 
 
-def test_quick_pod_reports_each_config(update_rms, tmp_path):
-    assert update_rms.main(["--scale", "pod", "--quick", "--out", str(tmp_path)]) == 0
-    pod = json.loads((tmp_path / "results.json").read_text())["pod"]
+def test_quick_pod_reports_each_config(tmp_path):
+    pod = run_experiment("update_rms", tmp_path, "--scale", "pod", "--quick")["pod"]
     assert set(pod["runs"]) == set(update_rms.settings())
     for name, report in pod["runs"].items():
         assert report["parameters"]["total"] > 0, name

@@ -2,22 +2,13 @@
 trains AdamW, Muon without and with weight decay and writes results.json and the
 plot; --scale pod --quick builds and inspects the shrunk pod configs."""
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import pytest
+from conftest import load_experiment, run_experiment
 
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "weight_decay.py"
-
-
-@pytest.fixture(scope="module")
-def weight_decay():
-    spec = importlib.util.spec_from_file_location("experiment_weight_decay", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+weight_decay = load_experiment("weight_decay")
 
 
 def _finite(xs):
@@ -25,9 +16,8 @@ def _finite(xs):
     return len(xs) > 0 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in xs)
 
 
-def test_quick_cpu_writes_curves_and_plot(weight_decay, tmp_path):
-    assert weight_decay.main(["--quick", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
+def test_quick_cpu_writes_curves_and_plot(tmp_path):
+    results = run_experiment("weight_decay", tmp_path, "--quick")
     assert (tmp_path / "weight_decay.png").stat().st_size > 0
     assert set(results["runs"]) == set(weight_decay.RUNS) == set(results["configs"])
     configs = results["configs"]
@@ -61,7 +51,7 @@ def test_quick_cpu_writes_curves_and_plot(weight_decay, tmp_path):
     assert _finite(results["wall_time_s"])
 
 
-def test_compare_finds_the_crossover(weight_decay):
+def test_compare_finds_the_crossover():
     tokens = [1, 2, 3, 4, 5]
     runs = {
         "muon": {"eval": {"tokens": tokens, "eval_loss": [3.0, 2.5, 2.2, 2.1, 2.05]}},
@@ -77,9 +67,8 @@ def test_compare_finds_the_crossover(weight_decay):
     assert c["vanilla_ahead_fraction_of_evals"] == pytest.approx(0.6)
 
 
-def test_quick_pod_reports_each_config(weight_decay, tmp_path):
-    assert weight_decay.main(["--scale", "pod", "--quick", "--out", str(tmp_path)]) == 0
-    pod = json.loads((tmp_path / "results.json").read_text())["pod"]
+def test_quick_pod_reports_each_config(tmp_path):
+    pod = run_experiment("weight_decay", tmp_path, "--scale", "pod", "--quick")["pod"]
     assert set(pod["runs"]) == set(weight_decay.RUNS)
     for name, report in pod["runs"].items():
         assert report["parameters"]["total_non_embedding"] > 0, name

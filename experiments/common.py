@@ -87,46 +87,33 @@ def params_at(run_dir: str | pathlib.Path, step: int | None = None) -> dict:
     return ocp.StandardCheckpointer().restore(checkpoints / str(step) / "state")["params"]
 
 
-# The paper's groups (Fig. 4, Table 1), by a parameter's path in muonjax's model.
-MATRIX_GROUPS = {
-    "q_proj": "AttnQ",
-    "q_a_proj": "AttnQ",
-    "q_b_proj": "AttnQ",
-    "k_proj": "AttnKV",
-    "v_proj": "AttnKV",
-    "kv_a_proj": "AttnKV",
-    "kv_b_proj": "AttnKV",
-    "o_proj": "AttnO",
-    "mlp": "Dense",
-    "experts": "Experts",
-    "shared": "SharedExperts",
-    "router": "Router",
-}
-
-
 def matrix_group(path: tuple[str, ...]) -> str | None:
     """AttnQ / AttnKV / AttnO / Dense / Experts / SharedExperts / Router for a
-    hidden matrix's path, None for embeddings, the head, norms and biases."""
+    hidden matrix's path (the paper's Table 1 groups, from
+    muonjax.models.spectra.MATRIX_GROUPS), None for embeddings, the head,
+    norms and biases."""
+    from muonjax.models.spectra import matrix_group as group
+
     if path[-1] in ("scale", "bias", "embedding") or path[0] in ("embed", "lm_head"):
         return None
-    for key in reversed(path):
-        if key in MATRIX_GROUPS:
-            return MATRIX_GROUPS[key]
-    return None
+    return group(path)
 
 
 def leaves_by_group(params: dict) -> dict[str, list]:
-    """{group: [arrays]} over the hidden matrices of a params tree (nested dicts)."""
+    """{group: [arrays]} over the hidden matrices of a params tree (nested dicts
+    or an nnx.State): the leaves Muon orthogonalizes, by `matrix_group`."""
+    from muonjax.models.spectra import hidden_matrices
+
     groups: dict[str, list] = {}
-
-    def walk(tree, path):
-        if isinstance(tree, dict):
-            for key, value in tree.items():
-                walk(value, (*path, key))
-        else:
-            group = matrix_group(tuple(k for k in path if k != "value"))
-            if group is not None:
-                groups.setdefault(group, []).append(tree)
-
-    walk(params, ())
+    for _, group, leaf in hidden_matrices(params):
+        groups.setdefault(group, []).append(leaf)
     return groups
+
+
+def strip_values(tree):
+    """A restored nnx state's nested dict without its {'value': array} wrappers."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return strip_values(tree["value"])
+        return {k: strip_values(v) for k, v in tree.items()}
+    return tree

@@ -3,9 +3,11 @@
 from muonjax.models.config import PRESETS, ModelConfig, preset
 from muonjax.models.counts import abstract_model, flops_per_token, param_counts
 from muonjax.models.moe import RouterBias, balance_router_bias
+from muonjax.models.spectra import FIGURE4_GROUPS, svd_entropies, svd_entropy, svd_entropy_by_group
 from muonjax.models.transformer import ModelAux, Transformer
 
 __all__ = [
+    "FIGURE4_GROUPS",
     "PRESETS",
     "ModelAux",
     "ModelConfig",
@@ -16,4 +18,7 @@ __all__ = [
     "flops_per_token",
     "param_counts",
     "preset",
+    "svd_entropies",
+    "svd_entropy",
+    "svd_entropy_by_group",
 ]

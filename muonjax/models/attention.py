@@ -1,10 +1,13 @@
 """Causal self-attention: MLA (DeepSeek-V2/V3 multi-head latent attention) and MHA.
 
-Both return the output and the per-head maximum pre-softmax logit, the
-quantity QK-Clip watches (Moonlight / Kimi K2).
+Both return the output and per-head statistics of the pre-softmax logits: the
+maximum, the quantity QK-Clip watches (Moonlight / Kimi K2), and how many
+exceed a threshold (the paper's "large attention logits ratio", App. D).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +16,20 @@ from flax import nnx
 from muonjax.models.config import ModelConfig
 from muonjax.models.layers import Linear, RMSNorm, rope
 
+LARGE_LOGIT = 100.0  # the paper's threshold for a large attention logit (App. D)
 
-def causal_attention(q_BLHK, k_BLHK, v_BLHV, scale: float):
-    """softmax(q k^T * scale + causal mask) v; also the max logit per head (H,)."""
+
+class LogitStats(NamedTuple):
+    """Per head, over a batch's valid (causal) logits q k^T * scale; the model
+    stacks them over layers to (L, H)."""
+
+    max_logit: jax.Array  # (H,) float32: the largest logit
+    n_large: jax.Array  # (H,) float32: how many logits exceed `large_logit`
+
+
+def causal_attention(q_BLHK, k_BLHK, v_BLHV, scale: float, large_logit: float = LARGE_LOGIT):
+    """softmax(q k^T * scale + causal mask) v, and the logits' LogitStats; a
+    logit above `large_logit` counts as large."""
     # Heads-major (B, H, L, K) operands make both products plain batched
     # matmuls; on CPU that runs attention about 1.3x faster than one einsum.
     q, k, v = (t.transpose(0, 2, 1, 3) for t in (q_BLHK, k_BLHK, v_BLHV))
@@ -23,10 +37,13 @@ def causal_attention(q_BLHK, k_BLHK, v_BLHV, scale: float):
     length = q_BLHK.shape[1]
     causal_LL = jnp.tril(jnp.ones((length, length), bool))
     logits_BHLL = logits_BHLL + jnp.where(causal_LL, 0.0, -jnp.inf)
-    max_logit_H = jnp.max(logits_BHLL, axis=(0, 2, 3))
+    # Masked logits are -inf: neither the max nor the count sees them. The
+    # count is float32 because its sums over a global batch can pass int32's range.
+    n_large_H = jnp.sum(logits_BHLL > large_logit, axis=(0, 2, 3), dtype=jnp.int32)
+    stats = LogitStats(jnp.max(logits_BHLL, axis=(0, 2, 3)), n_large_H.astype(jnp.float32))
     probs_BHLL = jax.nn.softmax(logits_BHLL, axis=-1).astype(v.dtype)
     out_BLHV = (probs_BHLL @ v).transpose(0, 2, 1, 3)
-    return out_BLHV, jax.lax.stop_gradient(max_logit_H)
+    return out_BLHV, jax.lax.stop_gradient(stats)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -42,14 +59,14 @@ class MultiHeadAttention(nnx.Module):
         self.o_proj = Linear(d_heads, c.d_model, ("heads", "embed"), **kw)
         self.config = c
 
-    def __call__(self, x_BLD, positions_BL):
+    def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT):
         c = self.config
         split = lambda t: t.reshape(*t.shape[:2], c.n_heads, c.head_dim)
         q = rope(split(self.q_proj(x_BLD)), positions_BL, c.rope_theta)
         k = rope(split(self.k_proj(x_BLD)), positions_BL, c.rope_theta)
         v = split(self.v_proj(x_BLD))
-        out_BLHK, max_logit_H = causal_attention(q, k, v, c.head_dim**-0.5)
-        return self.o_proj(out_BLHK.reshape(*x_BLD.shape[:2], -1)), max_logit_H
+        out_BLHK, stats = causal_attention(q, k, v, c.head_dim**-0.5, large_logit)
+        return self.o_proj(out_BLHK.reshape(*x_BLD.shape[:2], -1)), stats
 
 
 class MultiHeadLatentAttention(nnx.Module):
@@ -76,7 +93,7 @@ class MultiHeadLatentAttention(nnx.Module):
         self.o_proj = Linear(c.n_heads * c.v_head_dim, c.d_model, ("heads", "embed"), **kw)
         self.config = c
 
-    def __call__(self, x_BLD, positions_BL):
+    def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT):
         c = self.config
         B, L, _ = x_BLD.shape
         if c.q_lora_rank is None:
@@ -95,8 +112,8 @@ class MultiHeadLatentAttention(nnx.Module):
         k = jnp.concatenate(
             [k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], c.qk_rope_head_dim))], -1
         )
-        out_BLHV, max_logit_H = causal_attention(q, k, v, c.qk_head_dim**-0.5)
-        return self.o_proj(out_BLHV.reshape(B, L, -1)), max_logit_H
+        out_BLHV, stats = causal_attention(q, k, v, c.qk_head_dim**-0.5, large_logit)
+        return self.o_proj(out_BLHV.reshape(B, L, -1)), stats
 
 
 def attention(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:

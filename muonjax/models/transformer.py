@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from muonjax.models.attention import attention
+from muonjax.models.attention import LARGE_LOGIT, attention
 from muonjax.models.config import ModelConfig
 from muonjax.models.layers import MLP, Linear, RMSNorm
 from muonjax.models.moe import MoE, balance_router_bias
@@ -20,7 +20,8 @@ LAYERS = "layers"  # logical name of the stacking axis
 class ModelAux(NamedTuple):
     """What the forward pass reports besides logits (monitoring, QK-Clip, balancing)."""
 
-    max_logit_LH: jax.Array  # max pre-softmax attention logit per layer and head
+    max_logit_LH: jax.Array  # max pre-softmax attention logit (after the scale) per layer and head
+    n_large_logits_LH: jax.Array  # per layer and head, how many logits exceed `large_logit`
     expert_load_ME: jax.Array  # per MoE layer, the fraction of assignments per expert
     balance_loss: jax.Array  # sum over MoE layers of the sequence-wise auxiliary loss
 
@@ -38,14 +39,14 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(c.d_model, c.intermediate_size, std=c.init_std, dtype=c.dtype, rngs=rngs)
 
-    def __call__(self, x_BLD, positions_BL):
-        h, max_logit_H = self.attn(self.attn_norm(x_BLD), positions_BL)
+    def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT):
+        h, logit_stats = self.attn(self.attn_norm(x_BLD), positions_BL, large_logit)
         x_BLD = x_BLD + h.astype(x_BLD.dtype)
         if hasattr(self, "moe"):
             h, moe_aux = self.moe(self.mlp_norm(x_BLD))
         else:
             h, moe_aux = self.mlp(self.mlp_norm(x_BLD)), None
-        return x_BLD + h.astype(x_BLD.dtype), (max_logit_H, moe_aux)
+        return x_BLD + h.astype(x_BLD.dtype), (logit_stats, moe_aux)
 
 
 def _stack(config: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs):
@@ -60,26 +61,27 @@ def _stack(config: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs):
 
 
 @nnx.scan(
-    in_axes=(0, nnx.Carry, None),
+    in_axes=(0, nnx.Carry, None, None),
     out_axes=(nnx.Carry, 0),
     transform_metadata={nnx.PARTITION_NAME: LAYERS},
 )
-def _run_stack(block, x_BLD, positions_BL):
-    return block(x_BLD, positions_BL)
+def _run_stack(block, x_BLD, positions_BL, large_logit):
+    return block(x_BLD, positions_BL, large_logit)
 
 
 @nnx.scan(
-    in_axes=(0, nnx.Carry, None),
+    in_axes=(0, nnx.Carry, None, None),
     out_axes=(nnx.Carry, 0),
     transform_metadata={nnx.PARTITION_NAME: LAYERS},
 )
-def _run_stack_remat(block, x_BLD, positions_BL):
+def _run_stack_remat(block, x_BLD, positions_BL, large_logit):
     # keep only each layer's input; recompute the rest in the backward pass
-    return nnx.remat(lambda b, x, p: b(x, p))(block, x_BLD, positions_BL)
+    return nnx.remat(lambda b, x, p, t: b(x, p, t))(block, x_BLD, positions_BL, large_logit)
 
 
 class Transformer(nnx.Module):
-    """tokens (B, L) int -> logits (B, L, V) float32, and ModelAux."""
+    """tokens (B, L) int -> logits (B, L, V) float32, and ModelAux; an attention
+    logit above `large_logit` counts in ModelAux.n_large_logits_LH."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
@@ -99,25 +101,26 @@ class Transformer(nnx.Module):
             c.d_model, c.vocab_size, ("embed", "vocab"), std=c.init_std, dtype=c.dtype, rngs=rngs
         )
 
-    def __call__(self, tokens_BL):
+    def __call__(self, tokens_BL, large_logit: float = LARGE_LOGIT):
         c = self.config
         B, L = tokens_BL.shape
         positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
         x_BLD = self.embed(tokens_BL).astype(c.dtype)
-        max_logits, loads, balance = [], [], jnp.zeros((), jnp.float32)
+        logit_stats, loads, balance = [], [], jnp.zeros((), jnp.float32)
         run = _run_stack_remat if c.remat else _run_stack
         if self.dense_layers is not None:
-            x_BLD, (max_logit_LH, _) = run(self.dense_layers, x_BLD, positions_BL)
-            max_logits.append(max_logit_LH)
+            x_BLD, (stats, _) = run(self.dense_layers, x_BLD, positions_BL, large_logit)
+            logit_stats.append(stats)
         if self.moe_layers is not None:
-            x_BLD, (max_logit_LH, moe_aux) = run(self.moe_layers, x_BLD, positions_BL)
-            max_logits.append(max_logit_LH)
+            x_BLD, (stats, moe_aux) = run(self.moe_layers, x_BLD, positions_BL, large_logit)
+            logit_stats.append(stats)
             loads.append(moe_aux.load_E)
             balance = jnp.sum(moe_aux.balance_loss)
         x_BLD = self.final_norm(x_BLD)
         logits_BLV = self.lm_head(x_BLD)
         aux = ModelAux(
-            max_logit_LH=jnp.concatenate(max_logits),
+            max_logit_LH=jnp.concatenate([s.max_logit for s in logit_stats]),
+            n_large_logits_LH=jnp.concatenate([s.n_large for s in logit_stats]),
             expert_load_ME=jnp.concatenate(loads) if loads else jnp.zeros((0, c.n_routed_experts)),
             balance_loss=balance,
         )

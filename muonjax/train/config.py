@@ -33,6 +33,8 @@ RESUMABLE = frozenset(
         "checkpoint_every",
         "eval_every",
         "log_every",
+        "svd_entropy_every",  # a metric's cadence, not part of the training
+        "large_logit_threshold",  # a metric's threshold, not part of the training
         "keep_checkpoints",
         "progress",
         "cpu_devices",
@@ -172,6 +174,17 @@ class TrainConfig:
     eval_every: int = _field(50, "steps between evaluations on the held-out text")
     eval_batches: int = _field(4, "batches per evaluation")
     log_every: int = _field(10, "steps between metrics lines")
+    svd_entropy_every: int = _field(
+        0,
+        "log the mean SVD entropy of the hidden matrices per group of the paper's Fig. 4 "
+        "(svd_entropy_AttnQO, _AttnKV, _Experts, _SharedExperts, _Router, _Dense) at step 0, "
+        "every this many steps and at the last step; 0: never",
+    )
+    large_logit_threshold: float = _field(
+        100.0,
+        "attention logits (after the softmax scale) above this count toward the logged "
+        "large_attention_logit_ratio (paper App. D: 100; small models need a lower one)",
+    )
     checkpoint_every: int = _field(100, "steps between checkpoints")
     keep_checkpoints: int = _field(3, "how many recent checkpoints to keep")
     max_nonfinite: int = _field(5, "consecutive non-finite steps (skipped) before the run stops")
@@ -219,7 +232,7 @@ class TrainConfig:
                 getattr(self, name) >= 1,
                 f"{_flag(name)} must be at least 1, got {getattr(self, name)}",
             )
-        for name in ("warmup_steps", "seed", "eval_batches"):
+        for name in ("warmup_steps", "seed", "eval_batches", "svd_entropy_every"):
             check(
                 getattr(self, name) >= 0, f"{_flag(name)} must be >= 0, got {getattr(self, name)}"
             )
@@ -236,6 +249,10 @@ class TrainConfig:
                 value is None or (finite(value) and value >= 0),
                 f"{_flag(name)} must be >= 0 and finite, got {value}",
             )
+        check(
+            finite(self.large_logit_threshold),
+            f"{_flag('large_logit_threshold')} must be finite, got {self.large_logit_threshold}",
+        )
         for name in ("momentum", "adam_b1", "adam_b2", "min_lr_ratio", "decay_fraction"):
             value = getattr(self, name)
             check(

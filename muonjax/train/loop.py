@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from muonjax.models import flops_per_token, param_counts
+from muonjax.models import flops_per_token, param_counts, svd_entropy_by_group
 from muonjax.parallel.mesh import describe, make_mesh, parse_mesh
 from muonjax.train import checkpoint, finetune, pipeline
 from muonjax.train.config import CHECKPOINT_DIR, CONFIG_FILE, ConfigError, TrainConfig, save_json
@@ -191,6 +191,9 @@ def run(config: TrainConfig, *, resume: bool = False, log=print) -> Summary:
     rates = []
     tokens_per_step = config.batch_size * config.seq_len
     flops_per_step = flops_per_token(r.model_config, config.seq_len) * tokens_per_step
+    spectra_every = config.svd_entropy_every
+    if spectra_every and not resume:  # step 0: the initialization, or a fine-tune's source
+        _log_svd_entropy(writer, 0, state.params)
     clock, timed_steps = None, 0
     done = start
     try:
@@ -220,6 +223,8 @@ def run(config: TrainConfig, *, resume: bool = False, log=print) -> Summary:
                     bar.set_postfix(
                         loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}"
                     )
+                if spectra_every and (done % spectra_every == 0 or done == config.steps):
+                    _log_svd_entropy(writer, done, state.params)
                 if done % config.eval_every == 0 or done == config.steps:
                     value = float(np.mean([program.eval(state, b) for b in validation]))
                     last["eval_loss"] = value
@@ -261,6 +266,18 @@ def run(config: TrainConfig, *, resume: bool = False, log=print) -> Summary:
         skipped_steps=int(state.skipped),
         metrics_path=str(out / METRICS_FILE),
     )
+
+
+# jitted once for every run: on the params where they lie, stacks split over their mesh axes
+_svd_entropy_by_group = jax.jit(svd_entropy_by_group)
+
+
+def _log_svd_entropy(writer: MetricsWriter | None, step: int, params) -> None:
+    """A metrics line of the mean SVD entropy per group of the paper's Figure 4
+    (svd_entropy_AttnQO, ...); every process computes it, the lead writes it."""
+    by_group = jax.device_get(_svd_entropy_by_group(params))
+    if writer:
+        writer.write(step, {f"svd_entropy_{g}": h for g, h in by_group.items()})
 
 
 def _progress(config: TrainConfig, start: int, enabled: bool):

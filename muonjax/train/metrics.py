@@ -1,4 +1,7 @@
-"""metrics.jsonl (one JSON object per logged step) and TensorBoard event files."""
+"""metrics.jsonl (one JSON object per logged step) and TensorBoard event files.
+
+A metric is a number, or a 1-D array (e.g. one value per layer): a JSON list, and
+in TensorBoard one scalar per element, tagged NAME/INDEX."""
 
 from __future__ import annotations
 
@@ -36,8 +39,13 @@ class MetricsWriter:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for name, value in record.items():
-            if name != "step" and isinstance(value, (int, float)):
+            if name == "step":
+                continue
+            if isinstance(value, (int, float)):
                 self._tensorboard.add_scalar(name, value, step)
+            elif isinstance(value, list):
+                for i, element in enumerate(value):
+                    self._tensorboard.add_scalar(f"{name}/{i}", element, step)
 
     def close(self) -> None:
         self._file.close()
@@ -45,6 +53,9 @@ class MetricsWriter:
 
 
 def _plain(value):
+    """A JSON-ready number, or a list of them for an array."""
+    if getattr(value, "ndim", 0):
+        return value.tolist()
     value = value.item() if hasattr(value, "item") else value
     return float(value) if isinstance(value, float) else value
 

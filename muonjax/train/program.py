@@ -115,9 +115,11 @@ def _grads_fn(graphdef, config: TrainConfig, plan: Plan, layout: ExpertSharding)
                 k=k,
                 n_targets=n_targets,
                 balance_weight=1.0 / (k * replicas),
+                large_logit=config.large_logit_threshold,
             )
         aux = ModelAux(
             max_logit_LH=jax.lax.pmax(aux.max_logit_LH, BATCH_AXES),
+            n_large_logits_LH=jax.lax.psum(aux.n_large_logits_LH, BATCH_AXES),
             expert_load_ME=jax.lax.psum(aux.expert_load_ME, BATCH_AXES) / replicas,
             balance_loss=jax.lax.psum(aux.balance_loss, BATCH_AXES) / replicas,
         )

@@ -12,6 +12,7 @@ from flax import nnx
 
 import muonjax
 from muonjax.models import ModelConfig, Transformer
+from muonjax.models.attention import LARGE_LOGIT
 from muonjax.train.config import TrainConfig
 from muonjax.train.optimizers import applied_count, learning_rate_schedule
 
@@ -78,9 +79,9 @@ def count_targets(tokens_BL) -> jax.Array:
     return jnp.sum(tokens_BL[:, 1:] >= 0, dtype=jnp.int32).astype(jnp.float32)
 
 
-def lm_loss(graphdef, params, rest, tokens_BL, n_targets=None):
+def lm_loss(graphdef, params, rest, tokens_BL, n_targets=None, large_logit=LARGE_LOGIT):
     """Masked next-token cross-entropy, sum over targets / n_targets, and the
-    model's aux outputs.
+    model's aux outputs (attention logits above `large_logit` counted).
 
     `n_targets` defaults to this batch's own count (the masked mean); a
     micro-batch or a device's shard passes the whole global batch's count, so
@@ -89,18 +90,20 @@ def lm_loss(graphdef, params, rest, tokens_BL, n_targets=None):
     """
     inputs_BL, targets_BL, weights_BL = split_targets(tokens_BL)
     model = nnx.merge(graphdef, params, rest)
-    logits_BLV, aux = model(inputs_BL)
+    logits_BLV, aux = model(inputs_BL, large_logit)
     ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
     n = count_targets(tokens_BL) if n_targets is None else n_targets
     return jnp.sum(ce_BL * weights_BL) / jnp.maximum(n, 1.0), aux
 
 
-def loss_and_grads(graphdef, params, rest, tokens_BL, n_targets=None, balance_weight=1.0):
+def loss_and_grads(
+    graphdef, params, rest, tokens_BL, n_targets=None, balance_weight=1.0, large_logit=LARGE_LOGIT
+):
     """Cross-entropy (see `lm_loss`), the model's aux outputs, and the gradient
     of cross-entropy + balance_weight * balance loss with respect to the parameters."""
 
     def loss_fn(variables):
-        ce, aux = lm_loss(graphdef, *variables, tokens_BL, n_targets)
+        ce, aux = lm_loss(graphdef, *variables, tokens_BL, n_targets, large_logit)
         return ce + balance_weight * aux.balance_loss, (ce, aux)
 
     # Differentiating the non-Param variables too (their gradient is unused)
@@ -117,7 +120,9 @@ def micro_batches(tokens_BL, k: int):
     return tokens_BL.reshape(B // k, k, *tokens_BL.shape[1:]).swapaxes(0, 1)
 
 
-def accumulated_grads(graphdef, params, rest, tokens_BL, *, k: int, n_targets, balance_weight):
+def accumulated_grads(
+    graphdef, params, rest, tokens_BL, *, k: int, n_targets, balance_weight, large_logit
+):
     """`loss_and_grads` summed over k micro-batches of tokens_BL in one
     `lax.scan` (peak activation memory of B/k rows), gradients summed in float32.
 
@@ -125,10 +130,17 @@ def accumulated_grads(graphdef, params, rest, tokens_BL, *, k: int, n_targets, b
     plus balance_weight * its balance loss, so with n_targets the global count
     and balance_weight 1/(k * replicas) the sums are the global batch's masked
     mean and mean balance loss, and their gradients. Aux: max_logit the max,
-    expert_load and balance_loss the mean over micro-batches.
+    n_large_logits the sum, expert_load and balance_loss the mean over
+    micro-batches.
     """
     grad_fn = functools.partial(
-        loss_and_grads, graphdef, params, rest, n_targets=n_targets, balance_weight=balance_weight
+        loss_and_grads,
+        graphdef,
+        params,
+        rest,
+        n_targets=n_targets,
+        balance_weight=balance_weight,
+        large_logit=large_logit,
     )
     if k == 1:
         return grad_fn(tokens_BL)
@@ -145,6 +157,7 @@ def accumulated_grads(graphdef, params, rest, tokens_BL, *, k: int, n_targets, b
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     aux = type(aux_K)(
         max_logit_LH=jnp.max(aux_K.max_logit_LH, axis=0),
+        n_large_logits_LH=jnp.sum(aux_K.n_large_logits_LH, axis=0),
         expert_load_ME=jnp.mean(aux_K.expert_load_ME, axis=0),
         balance_loss=jnp.mean(aux_K.balance_loss, axis=0),
     )
@@ -157,8 +170,32 @@ def global_grads(graphdef, config: TrainConfig, params, rest, tokens_BL):
     k = config.grad_accum
     n_targets = count_targets(tokens_BL)
     return accumulated_grads(
-        graphdef, params, rest, tokens_BL, k=k, n_targets=n_targets, balance_weight=1.0 / k
+        graphdef,
+        params,
+        rest,
+        tokens_BL,
+        k=k,
+        n_targets=n_targets,
+        balance_weight=1.0 / k,
+        large_logit=config.large_logit_threshold,
     )
+
+
+def attention_logit_metrics(aux, tokens_BL) -> dict:
+    """The max attention logit (overall and per layer) and the paper's large
+    attention logits ratio (App. D: the fraction of a batch's logits above the
+    threshold), overall and per layer, over the valid (causal) logits of the
+    global batch tokens_BL (B, L+1): B x heads x L(L+1)/2 per layer."""
+    B, L = tokens_BL.shape[0], tokens_BL.shape[1] - 1
+    n_layers, n_heads = aux.max_logit_LH.shape
+    valid = B * n_heads * L * (L + 1) / 2
+    n_large_L = jnp.sum(aux.n_large_logits_LH, axis=-1)
+    return {
+        "max_attention_logit": jnp.max(aux.max_logit_LH),
+        "max_attention_logit_per_layer": jnp.max(aux.max_logit_LH, axis=-1),
+        "large_attention_logit_ratio": jnp.sum(n_large_L) / (n_layers * valid),
+        "large_attention_logit_ratio_per_layer": n_large_L / valid,
+    }
 
 
 def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, grads_fn=None):
@@ -197,7 +234,7 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
         "balance_loss": aux.balance_loss,
         "grad_norm": grad_norm,
         "learning_rate": learning_rate,
-        "max_attention_logit": jnp.max(aux.max_logit_LH),
+        **attention_logit_metrics(aux, tokens_BL),
         # max over MoE layers of (most-loaded expert's share / the mean share)
         "expert_load_imbalance": jnp.max(load.max(-1) / load.mean(-1))
         if load.size

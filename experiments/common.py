@@ -117,3 +117,21 @@ def strip_values(tree):
             return strip_values(tree["value"])
         return {k: strip_values(v) for k, v in tree.items()}
     return tree
+
+
+# Learning rates in half-decade steps: the ladder a sweep extends along
+RATE_LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+def next_rate(losses: dict[float, float | None]) -> float | None:
+    """The next learning rate of a sweep ({rate: loss, None if it diverged}, on
+    RATE_LADDER): one step beyond the edge when the best rate is at the edge of
+    those tried (and the ladder goes on), else None: the best is interior."""
+    done = {lr: v for lr, v in losses.items() if v is not None}
+    best, tried = min(done, key=done.get), sorted(losses)
+    i = RATE_LADDER.index(best)
+    if best == tried[0] and i > 0:
+        return RATE_LADDER[i - 1]
+    if best == tried[-1] and i + 1 < len(RATE_LADDER):
+        return RATE_LADDER[i + 1]
+    return None

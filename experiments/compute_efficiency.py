@@ -9,7 +9,7 @@ Dense Llama-style models (full MHA, SwiGLU of width 2.75 d_model, as the
 paper's Table 2 models) at four sizes, each trained near compute-optimal
 (20 tokens per non-embedding parameter; Table 2 uses 22-26) on the same data:
   1. AdamW (betas 0.9 / 0.95, weight decay 0.1) at every learning rate of
-     LEARNING_RATES, extended by half-decades (RATE_LADDER) while a size's
+     LEARNING_RATES, extended by half-decades (common.RATE_LADDER) while a size's
      best rate is at the edge of those tried; its best per size is its
      frontier point.
   2. Muon (the Moonlight recipe: Adjusted LR, rms_scale 0.2, weight decay 0.1)
@@ -53,8 +53,6 @@ NAME = "compute_efficiency"
 
 OPTIMIZERS = ("adamw", "muon")
 LEARNING_RATES = (1e-2, 3e-2, 1e-1)  # the sweep each optimizer starts from, at every size
-# Half-decade steps the sweep extends into while a size's best rate is at its edge
-RATE_LADDER = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 TOKENS_PER_PARAMETER = 20  # per non-embedding parameter (Chinchilla; Table 2: 22-26)
 SEEDS = (0, 1)  # the sweep runs seed 0; each frontier point is rerun with seed 1
 PFLOP_S_DAY = 1e15 * 86400  # the unit of the paper's C
@@ -70,7 +68,7 @@ QUICK_SIZES = {
     "d16": dict(d_model=16, n_layers=1, n_heads=2, intermediate_size=48),
     "d24": dict(d_model=24, n_layers=1, n_heads=3, intermediate_size=64),
 }
-QUICK_LEARNING_RATES = (1e-2, 3e-2)
+QUICK_LEARNING_RATES = (3e-2,)
 
 PAPER = {
     "setting": "dense Llama models 399M-1.5B (Table 2), compute-optimal tokens, AdamW "
@@ -270,19 +268,6 @@ def train_one(fields: dict, out: pathlib.Path) -> dict:
     }
 
 
-def extension(losses: dict[float, float | None]) -> float | None:
-    """The next rate to try for one size and optimizer: one half-decade beyond
-    the sweep's edge when its best rate is there (and the ladder goes on), else None."""
-    done = {lr: v for lr, v in losses.items() if v is not None}
-    best, tried = min(done, key=done.get), sorted(losses)
-    i = RATE_LADDER.index(best)
-    if best == tried[0] and i > 0:
-        return RATE_LADDER[i - 1]
-    if best == tried[-1] and i + 1 < len(RATE_LADDER):
-        return RATE_LADDER[i + 1]
-    return None
-
-
 def previous_runs(out: pathlib.Path, quick: bool) -> list[dict]:
     """The runs of an earlier results.json in OUT (same mode), to reuse those
     whose config is identical: a sweep can be extended or resumed."""
@@ -336,7 +321,7 @@ def run_cpu(args) -> dict:
                            "config": size_config(model, base, n, args.quick)}  # fmt: skip
             for optimizer in OPTIMIZERS:
                 losses = {lr: train(size, optimizer, lr, SEEDS[0]) for lr in rates}
-                while not args.quick and (lr := extension(losses)) is not None:
+                while not args.quick and (lr := common.next_rate(losses)) is not None:
                     losses[lr] = train(size, optimizer, lr, SEEDS[0])
         # a second seed at each frontier point (each distinct setting once)
         front = frontiers(runs, sizes)
@@ -351,7 +336,7 @@ def run_cpu(args) -> dict:
         "quick": args.quick,
         "sizes": setup,
         "learning_rates": list(rates),
-        "rate_ladder": list(RATE_LADDER),
+        "rate_ladder": list(common.RATE_LADDER),
         "tokens_per_parameter": TOKENS_PER_PARAMETER,
         "runs": runs,
         "reused_runs": reused,

@@ -8,6 +8,7 @@ import pytest
 from conftest import load_experiment, run_experiment
 
 ce = load_experiment("compute_efficiency")
+common = load_experiment("common")
 
 
 def test_fit_recovers_a_power_law():
@@ -98,8 +99,10 @@ def test_pod_configs_are_table2():
 
 
 def test_sweep_extends_past_an_edge():
-    assert ce.extension({0.01: 2.0, 0.03: 2.1, 0.1: 2.3}) == 3e-3  # best at the low edge
-    assert ce.extension({0.01: 2.3, 0.03: 2.1, 0.1: 2.0}) == 0.3  # at the high edge
-    assert ce.extension({0.01: 2.3, 0.03: 2.0, 0.1: 2.1}) is None  # interior
-    assert ce.extension({0.01: 2.3, 0.03: 2.0, 0.1: None}) is None  # 0.1 diverged
-    assert ce.extension({0.3: 2.3, 1.0: 2.0}) is None  # the ladder ends
+    assert common.next_rate({0.3: 2.3, 1.0: 2.0}) is None  # the ladder ends
+    assert common.next_rate({1e-4: 2.0, 3e-4: 2.1}) is None
+    assert common.next_rate({0.01: 2.0, 0.03: 2.1, 0.1: 2.3}) == 3e-3  # best at the low edge
+    assert common.next_rate({0.01: 2.3, 0.03: 2.1, 0.1: 2.0}) == 0.3  # at the high edge
+    assert common.next_rate({0.01: 2.3, 0.03: 2.0, 0.1: 2.1}) is None  # interior
+    assert common.next_rate({0.01: 2.3, 0.03: 2.0, 0.1: None}) is None  # 0.1 diverged
+    assert common.next_rate({0.3: 2.3, 1.0: 2.0}) is None  # the ladder ends

@@ -434,8 +434,7 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
 
 # --- scale pod: build and inspect -------------------------------------------------------
 
-POD_QUICK = {"q1": dict(heads=2, layers=2, hidden=64, tokens=None, lr=9e-4, batch=None),
-             "q2": dict(heads=3, layers=3, hidden=96, tokens=None, lr=8e-4, batch=None)}  # fmt: skip
+POD_QUICK = {"q1": dict(heads=2, layers=2, hidden=64, tokens=None, lr=9e-4, batch=None)}
 
 
 def pod_configs(quick: bool, data_parallel: int, mesh: str) -> dict:

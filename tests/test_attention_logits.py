@@ -132,8 +132,6 @@ def _reference(kind):
 @pytest.mark.parametrize(
     "kind, mesh_text, grad_accum",
     [
-        ("mla", "data=1", 2),
-        ("mla", "data=8", 1),
         ("mla", "data=2,expert=2,tensor=2", 2),
         ("mha", "data=8", 2),
     ],

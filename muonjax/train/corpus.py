@@ -5,6 +5,7 @@ fine-tuning (--data-format sft-jsonl), prompt/response examples from JSONL files
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -81,27 +82,36 @@ def _decode(path: pathlib.Path, data: bytes) -> str:
 
 def load_corpus(patterns: tuple[str, ...] = ()) -> Corpus:
     """Reads the corpus; user files must be non-empty UTF-8 text."""
+    if not patterns:
+        return _stdlib_corpus()
     digest = hashlib.sha256()
     texts, paths = [], []
-    if patterns:
-        for path in _user_files(patterns):
-            data = path.read_bytes()
-            texts.append(_decode(path, data))
-            paths.append(str(path))
-            digest.update(str(path).encode() + b"\0" + data)
-        if not any(texts):
-            raise ConfigError(f"--data {' '.join(patterns)} holds no text (all files are empty)")
-    else:
-        root, files = stdlib_files()
-        for path in files:
-            data = path.read_bytes()
-            try:
-                texts.append(data.decode("utf-8"))
-            except UnicodeDecodeError:
-                continue
-            relative = str(path.relative_to(root))
-            paths.append(relative)
-            digest.update(relative.encode() + b"\0" + data)
+    for path in _user_files(patterns):
+        data = path.read_bytes()
+        texts.append(_decode(path, data))
+        paths.append(str(path))
+        digest.update(str(path).encode() + b"\0" + data)
+    if not any(texts):
+        raise ConfigError(f"--data {' '.join(patterns)} holds no text (all files are empty)")
+    return Corpus(texts=tuple(texts), paths=tuple(paths), fingerprint=digest.hexdigest())
+
+
+@functools.cache
+def _stdlib_corpus() -> Corpus:
+    """The default corpus, read once per process (the installed library does not
+    change under a running process; sweeps and tests start many runs)."""
+    digest = hashlib.sha256()
+    texts, paths = [], []
+    root, files = stdlib_files()
+    for path in files:
+        data = path.read_bytes()
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+        relative = str(path.relative_to(root))
+        paths.append(relative)
+        digest.update(relative.encode() + b"\0" + data)
     return Corpus(texts=tuple(texts), paths=tuple(paths), fingerprint=digest.hexdigest())
 
 

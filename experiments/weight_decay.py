@@ -110,15 +110,6 @@ def cpu_base(quick: bool) -> dict:
     )  # fmt: skip
 
 
-def _strip_values(tree):
-    """A restored nnx state's nested dict without its {'value': array} leaves' wrappers."""
-    if isinstance(tree, dict):
-        if set(tree) == {"value"}:
-            return _strip_values(tree["value"])
-        return {k: _strip_values(v) for k, v in tree.items()}
-    return tree
-
-
 @functools.lru_cache
 def layer_output_rms_fn(model_config):
     """f(params, tokens_BL) -> (n_layers,) RMS of the residual stream after each
@@ -155,7 +146,7 @@ def layer_output_rms_fn(model_config):
         return rms_N
 
     def f(params, tokens_BL):
-        nnx.replace_by_pure_dict(state, _strip_values(params))
+        nnx.replace_by_pure_dict(state, common.strip_values(params))
         return [float(x) for x in rms(state, jnp.asarray(tokens_BL, jnp.int32))]
 
     return f

@@ -1,6 +1,6 @@
 """Attention logits: Appendix D (Figure 7) of "Muon is Scalable for LLM Training".
 
-    python experiments/attention_logits.py                 # --scale cpu: 4 runs, ~11 min on 2 cores
+    python experiments/attention_logits.py                 # --scale cpu: 4 runs, ~13 min on 2 cores
     python experiments/attention_logits.py --quick         # toy sizes, end to end in under a minute
     python experiments/attention_logits.py --scale pod [--mesh data=8]   # build + inspect, no training
 

@@ -1,6 +1,6 @@
 """Fine-tuning: Sec. 3.4 and Table 6 of "Muon is Scalable for LLM Training".
 
-    python experiments/finetune.py                 # --scale cpu: 2 pretraining + 12 SFT runs
+    python experiments/finetune.py                 # --scale cpu: 2 pretraining + 12 SFT runs, ~9 min
     python experiments/finetune.py --quick         # toy sizes, end to end in seconds
     python experiments/finetune.py --scale pod [--mesh data=8]   # build + inspect, no training
 

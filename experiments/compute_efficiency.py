@@ -216,11 +216,16 @@ def cpu_setup(quick: bool) -> tuple[dict, dict, tuple]:
     return CPU_SIZES, base, LEARNING_RATES
 
 
+def dense_mha(model: dict) -> dict:
+    """A CPU size's model fields, every layer dense, full MHA of head dim d_model / n_heads."""
+    return dict(model, first_k_dense=model["n_layers"], attention="mha",
+                head_dim=model["d_model"] // model["n_heads"])  # fmt: skip
+
+
 def size_config(model: dict, base: dict, non_embedding: int, quick: bool) -> dict:
     """A size's TrainConfig fields: every layer dense, MHA with head_dim 8, and
     steps for TOKENS_PER_PARAMETER tokens per non-embedding parameter."""
-    model = dict(model, first_k_dense=model["n_layers"], attention="mha",
-                 head_dim=model["d_model"] // model["n_heads"])  # fmt: skip
+    model = dense_mha(model)
     per_step = base["batch_size"] * base["seq_len"]
     steps = 12 if quick else round(TOKENS_PER_PARAMETER * non_embedding / per_step)
     return dict(base, model=model, steps=steps, eval_every=steps, log_every=max(steps // 20, 1),
@@ -231,9 +236,7 @@ def non_embedding_params(preset: str, model: dict) -> int:
     from muonjax.models import param_counts
     from muonjax.train import TrainConfig
 
-    fields = dict(model, first_k_dense=model["n_layers"], attention="mha",
-                  head_dim=model["d_model"] // model["n_heads"])  # fmt: skip
-    return param_counts(TrainConfig(preset=preset, model=fields).model_config())[
+    return param_counts(TrainConfig(preset=preset, model=dense_mha(model)).model_config())[
         "total_non_embedding"
     ]
 

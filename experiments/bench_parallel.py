@@ -3,13 +3,15 @@ Newton-Schulz work per device (from `muonjax inspect`), and measured step time.
 
     python experiments/bench_parallel.py [--skip-moonlight]
 
-1. `muonjax inspect --json` for small and moonlight-16b-a3b at data=8 and
-   data=64 (simulated CPU devices; compiled from shapes, nothing allocated),
+1. `muonjax inspect --json` for small and moonlight-16b-a3b on the meshes of
+   MESHES (simulated CPU devices; compiled from shapes, nothing allocated),
    with each optimizer: collective bytes per device per step (Muon / AdamW),
    optimizer-state bytes per device (Muon / AdamW), and Newton-Schulz FLOPs
-   per device against the paper's scheme, in which every data rank
-   orthogonalizes every matrix (the whole model's Newton-Schulz per device),
-   also as a fraction of the forward+backward FLOPs per device.
+   per device (Distributed Muon by ownership, padding included) against the
+   ideal, the whole model's Newton-Schulz / devices, and against the paper's
+   scheme, in which every data rank orthogonalizes every matrix (the whole
+   model's Newton-Schulz per device); the optimizer update's FLOPs per device
+   (XLA's count) also as a fraction of the forward+backward FLOPs per device.
 2. Step time of `muonjax train --preset small` on 8 simulated CPU devices
    (mesh data=8, ZeRO-1), Muon over AdamW, the two runs one after the other.
 
@@ -27,6 +29,7 @@ import tempfile
 
 RESULTS = pathlib.Path(__file__).resolve().parent.parent / "results" / "bench_parallel"
 SEQ_LEN = {"small": 1024, "moonlight-16b-a3b": 4096}
+MESHES = ("data=8", "data=64", "data=8,expert=8", "data=16,expert=16")
 
 
 def inspect(preset, optimizer, mesh):
@@ -57,36 +60,36 @@ def main():
     presets = ["small"] + ([] if args.skip_moonlight else ["moonlight-16b-a3b"])
     rows = []
     print(
-        f"{'preset':18s} {'mesh':8s} {'comm Muon/AdamW':>16s} {'opt state Muon/AdamW':>21s} "
-        f"{'NS GFLOP/device':>16s} {'paper (redundant)':>18s} {'NS / fwd+bwd':>13s} {'comm GB/device':>15s} "
-        f"{'NS on every rank, GFLOP':>24s}"
+        f"{'preset':18s} {'mesh':17s} {'comm Muon/AdamW':>16s} {'opt state Muon/AdamW':>21s} "
+        f"{'NS GFLOP/device':>16s} {'NS / ideal':>11s} {'paper (redundant)':>18s} "
+        f"{'update / fwd+bwd':>17s}"
     )
     for preset in presets:
-        for mesh in ("data=8", "data=64"):
+        for mesh in MESHES:
             muon, adamw = inspect(preset, "muon", mesh), inspect(preset, "adamw", mesh)
             comm = lambda r: sum(r["collective_bytes"].values())
-            ns_device = muon[
-                "optimizer_flops"
-            ]  # Muon's whole update: Newton-Schulz and a little elementwise work
+            whole = muon["newton_schulz_flops_whole_model"]
             row = {
                 "preset": preset,
                 "mesh": mesh,
                 "seq_len": SEQ_LEN[preset],
                 "comm_ratio": comm(muon) / comm(adamw),
                 "opt_state_ratio": muon["opt_state_bytes"] / adamw["opt_state_bytes"],
-                "optimizer_flops_per_device": ns_device,
-                "paper_newton_schulz_per_device": muon["newton_schulz_flops_whole_model"],
-                "newton_schulz_over_model_flops": ns_device / muon["model_flops"],
-                "newton_schulz_redundant_flops": muon["newton_schulz_flops_redundant"],
+                "newton_schulz_per_device": muon["newton_schulz_flops_per_device"],
+                "newton_schulz_over_ideal": muon["newton_schulz_flops_per_device"]
+                / (whole / muon["devices"]),
+                "paper_newton_schulz_per_device": whole,
+                "optimizer_flops_per_device": muon["optimizer_flops"],
+                "update_over_model_flops": muon["optimizer_flops"] / muon["model_flops"],
                 "muon": muon,
                 "adamw": adamw,
             }
             rows.append(row)
             print(
-                f"{preset:18s} {mesh:8s} {row['comm_ratio']:16.3f} {row['opt_state_ratio']:21.3f} "
-                f"{ns_device / 1e9:16.1f} {row['paper_newton_schulz_per_device'] / 1e9:18.1f} "
-                f"{row['newton_schulz_over_model_flops']:13.3f} {comm(muon) / 1e9:15.2f} "
-                f"{muon['newton_schulz_flops_redundant'] / 1e9:24.1f}"
+                f"{preset:18s} {mesh:17s} {row['comm_ratio']:16.3f} {row['opt_state_ratio']:21.3f} "
+                f"{row['newton_schulz_per_device'] / 1e9:16.1f} {row['newton_schulz_over_ideal']:11.3f} "
+                f"{whole / 1e9:18.1f} {row['update_over_model_flops']:17.3f}",
+                flush=True,
             )
     muon_tps, adamw_tps = step_time("muon"), step_time("adamw")
     timing = {

@@ -2,38 +2,60 @@
 
 import muonjax
 tx = muonjax.moonlight(learning_rate=4.2e-4)   # Muon + AdamW, Moonlight recipe
+
+The optimizer needs only jax and optax; `nnx_matrix_axes` (Flax NNX models)
+imports flax when first used.
 """
 
 from muonjax.optim import (
+    ADAMW_NAMES,
     JORDAN,
     POLAR_EXPRESS,
     UPDATE_SCALE_RULES,
     MatrixAxes,
     ScaleByMuonState,
+    describe,
     moonlight,
     moonlight_labels,
     muon,
     newton_schulz_flops,
     orthogonalize,
+    orthogonalize_spread,
     scale_by_muon,
     scale_by_shape,
     weight_decay_mask,
+    zero1_sharding,
+    zero1_state_shardings,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADAMW_NAMES",
     "JORDAN",
     "POLAR_EXPRESS",
     "UPDATE_SCALE_RULES",
     "MatrixAxes",
     "ScaleByMuonState",
+    "describe",
     "moonlight",
     "moonlight_labels",
     "muon",
     "newton_schulz_flops",
+    "nnx_matrix_axes",
     "orthogonalize",
+    "orthogonalize_spread",
     "scale_by_muon",
     "scale_by_shape",
     "weight_decay_mask",
+    "zero1_sharding",
+    "zero1_state_shardings",
 ]
+
+
+def __getattr__(name):
+    if name == "nnx_matrix_axes":  # flax only when asked for
+        from muonjax.nnx_axes import nnx_matrix_axes
+
+        return nnx_matrix_axes
+    raise AttributeError(f"module 'muonjax' has no attribute {name!r}")

@@ -9,14 +9,38 @@ import os
 import pathlib
 import sys
 
-from muonjax.parallel.mesh import MeshError
-from muonjax.train.config import (
-    CONFIG_FILE,
-    ConfigError,
-    TrainConfig,
-    add_arguments,
-    given_fields,
-)
+# The train extra's top-level modules, and the pip name of each where it differs.
+TRAIN_EXTRA = {
+    "flax": "flax",
+    "orbax": "orbax-checkpoint",
+    "grain": "grain",
+    "chex": "chex",
+    "tensorboardX": "tensorboardX",
+    "tqdm": "tqdm",
+    "tokenizers": "tokenizers",
+}
+
+
+def _missing_train_package(error: ModuleNotFoundError) -> str | None:
+    """The train extra's package that `error` says is missing, or None if it is another module."""
+    return TRAIN_EXTRA.get((error.name or "").partition(".")[0])
+
+
+try:  # the core install (`pip install muonjax`) is the optimizer alone: main() says so
+    from muonjax.parallel.mesh import MeshError
+    from muonjax.train.config import (
+        CONFIG_FILE,
+        ConfigError,
+        TrainConfig,
+        add_arguments,
+        given_fields,
+    )
+except ModuleNotFoundError as e:
+    if _missing_train_package(e) is None:
+        raise
+    _MISSING = _missing_train_package(e)
+else:
+    _MISSING = None
 
 EXIT_USAGE = 2
 EXIT_PREEMPTED = (
@@ -168,7 +192,18 @@ def _config_from_args(args) -> tuple[TrainConfig, bool]:
     return TrainConfig(**inherit_from_source(given)), resume
 
 
+def _no_train_extra(package: str) -> int:
+    print(
+        f"muonjax: the command line needs the training extra (missing: {package}); "
+        "install it with: pip install 'muonjax[train]'",
+        file=sys.stderr,
+    )
+    return EXIT_USAGE
+
+
 def main(argv=None) -> int:
+    if _MISSING is not None:
+        return _no_train_extra(_MISSING)
     parser = _Parser(prog="muonjax", description="Muon for JAX: train and inspect MoE models.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(subparsers)
@@ -192,6 +227,10 @@ def main(argv=None) -> int:
     except (ConfigError, MeshError) as e:
         print(f"muonjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except ModuleNotFoundError as e:  # one the train extra imports only when it runs
+        if _missing_train_package(e) is None:
+            raise
+        return _no_train_extra(_missing_train_package(e))
     print(json.dumps(summary.to_json()))
     return 0
 

@@ -129,7 +129,7 @@ def test_nan_gradient_is_skipped_with_apply_if_finite():
     updates, state = jax.jit(tx.update)(bad, state, params)
     assert np.all(np.asarray(updates["w"]) == 0)
     assert int(state.notfinite_count) == 1 and not bool(state.last_finite)
-    assert np.all(np.asarray(state.inner_state[0].momentum["w"]) == 0)
+    assert np.all(np.asarray(state.inner_state[0].mu["w"]) == 0)
     good = _tree({"w": (8, 12)}, seed=5)
     updates, state = jax.jit(tx.update)(good, state, params)
     assert np.all(np.isfinite(updates["w"])) and np.any(updates["w"] != 0)
@@ -154,10 +154,10 @@ def test_bfloat16_params_with_float32_momentum():
     for g in grads:
         updates32, state32 = tx32.update(up32(g), state32, up32(params))
     for k in shapes:
-        momentum = state[0].momentum[k]
+        momentum = state[0].mu[k]
         assert momentum.dtype == jnp.float32
         # accumulated in float32: M = g3 + 0.95 g2 + 0.95^2 g1, nothing rounded to bf16
-        np.testing.assert_allclose(momentum, state32[0].momentum[k], atol=1e-6)
+        np.testing.assert_allclose(momentum, state32[0].mu[k], atol=1e-6)
         assert updates[k].dtype == jnp.bfloat16
         u16, u32 = np.asarray(updates[k], np.float32), np.asarray(updates32[k])
         # a few bf16 roundings (direction, shape scale, decay, lr) of 2^-9 each
@@ -169,9 +169,9 @@ def test_bfloat16_params_with_float32_momentum():
 def test_momentum_dtype_defaults_to_params():
     params = {"w": jnp.zeros((4, 6), jnp.bfloat16)}
     state = muonjax.scale_by_muon().init(params)
-    assert state.momentum["w"].dtype == jnp.bfloat16
+    assert state.mu["w"].dtype == jnp.bfloat16
     updates, state = muonjax.scale_by_muon().update({"w": jnp.ones((4, 6), jnp.bfloat16)}, state)
-    assert updates["w"].dtype == jnp.bfloat16 and state.momentum["w"].dtype == jnp.bfloat16
+    assert updates["w"].dtype == jnp.bfloat16 and state.mu["w"].dtype == jnp.bfloat16
 
 
 def test_learning_rate_schedule():
@@ -209,10 +209,14 @@ def test_inject_hyperparams():
     np.testing.assert_allclose(halved["w"], fresh["w"], atol=1e-7)
 
 
-def test_inject_hyperparams_without_static_ns_steps_says_how():
-    tx = optax.inject_hyperparams(muonjax.muon)(learning_rate=0.1)
+def test_inject_hyperparams_needs_static_ns_steps_only_when_given():
+    params = {"w": jnp.zeros((4, 4))}
+    optax.inject_hyperparams(muonjax.muon)(learning_rate=0.1).init(params)  # default: None
+    tx = optax.inject_hyperparams(muonjax.muon)(learning_rate=0.1, ns_steps=3)
     with pytest.raises(TypeError, match="static_args=\\('ns_steps',\\)"):
-        tx.init({"w": jnp.zeros((4, 4))})
+        tx.init(params)
+    static = optax.inject_hyperparams(muonjax.muon, static_args=("ns_steps",))
+    static(learning_rate=0.1, ns_steps=3).init(params)
 
 
 def test_vector_leaf_is_a_clear_error():
@@ -253,22 +257,34 @@ def test_bad_matrix_axes_is_a_clear_error():
         muonjax.muon(0.1, matrix_axes=axes).init({"w": jnp.ones((4, 4))})
 
 
-def test_orthogonalize_with_sees_every_leaf_and_decides_where_it_runs():
-    params = {"a": jnp.ones((4, 6)), "stack": {"w": jnp.ones((3, 5, 2))}}
-    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
-    seen = []
+def test_state_fields_do_not_collide_with_hyperparameters():
+    # optax.inject_hyperparams puts `momentum` in the state: tree_get must find
+    # the hyperparameter (the buffer is `mu`, as in optax), tree_set change it
+    tx = optax.inject_hyperparams(muonjax.muon)(learning_rate=0.1, momentum=0.9)
+    params = _tree({"w": (8, 12)}, seed=9)
+    state = tx.init(params)
+    assert float(optax.tree_utils.tree_get(state, "momentum")) == pytest.approx(0.9)
+    state = optax.tree_utils.tree_set(state, momentum=0.5)
+    assert float(optax.tree_utils.tree_get(state, "momentum")) == 0.5
+    assert optax.tree_utils.tree_get(state, "mu")["w"].shape == (8, 12)  # the buffer untouched
 
-    def hook(path, n, orthogonalize):
-        seen.append((jax.tree_util.keystr(path), n.shape))
-        return orthogonalize(n[::-1])[::-1]  # any placement, e.g. reordered stacks
 
-    plain = muonjax.scale_by_muon()
-    hooked = muonjax.scale_by_muon(orthogonalize_with=hook)
-    expected, _ = plain.update(grads, plain.init(params))
-    got, _ = hooked.update(grads, hooked.init(params))
-    assert sorted(seen) == [("['a']", (4, 6)), ("['stack']['w']", (3, 5, 2))]
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), got, expected)
-    # the hook's result is what the update uses
-    zeroing = muonjax.scale_by_muon(orthogonalize_with=lambda path, n, fn: jnp.zeros_like(n))
-    zeros, _ = zeroing.update(grads, zeroing.init(params))
-    assert all(not np.any(x) for x in jax.tree.leaves(zeros))
+def test_matrix_axes_out_of_range_is_a_clear_error():
+    # rows=5 on a 3-D leaf used to wrap silently to axis 2
+    axes = lambda path, leaf: muonjax.MatrixAxes(rows=5, cols=1)
+    with pytest.raises(ValueError, match=r"\['stack'\]\['w'\].*\(2, 3, 4\).*\(5,\).*-3 to 2"):
+        muonjax.muon(0.1, matrix_axes=axes).init({"stack": {"w": jnp.ones((2, 3, 4))}})
+    axes = lambda path, leaf: muonjax.MatrixAxes(rows=(-4, -2), cols=-1)
+    with pytest.raises(ValueError, match=r"\['w'\].*\(-4,\)"):
+        muonjax.scale_by_muon(matrix_axes=axes).init({"w": jnp.ones((2, 3, 4))})
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.int32])
+def test_non_real_floating_leaf_is_a_clear_error(dtype):
+    params = {"a": jnp.ones((4, 4)), "w": jnp.ones((4, 4), dtype)}
+    with pytest.raises(ValueError, match=r"real floating.*\['w'\]"):
+        muonjax.muon(0.1).init(params)
+    # and in update, where a complex gradient would lose its imaginary part
+    tx = muonjax.scale_by_shape()
+    with pytest.raises(ValueError, match=r"real floating.*\['w'\]"):
+        tx.update(params, tx.init(params))

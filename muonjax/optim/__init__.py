@@ -4,6 +4,8 @@ Imports jax and optax only, so the optimizer can be used without the rest of
 muonjax (no flax, no meshes).
 """
 
+from muonjax.optim.describe import describe
+from muonjax.optim.distributed import orthogonalize_spread
 from muonjax.optim.matrix_axes import MatrixAxes
 from muonjax.optim.muon import (
     UPDATE_SCALE_RULES,
@@ -18,20 +20,26 @@ from muonjax.optim.newton_schulz import (
     newton_schulz_flops,
     orthogonalize,
 )
-from muonjax.optim.recipes import moonlight, moonlight_labels, weight_decay_mask
+from muonjax.optim.recipes import ADAMW_NAMES, moonlight, moonlight_labels, weight_decay_mask
+from muonjax.optim.zero1 import zero1_sharding, zero1_state_shardings
 
 __all__ = [
+    "ADAMW_NAMES",
     "JORDAN",
     "POLAR_EXPRESS",
     "UPDATE_SCALE_RULES",
     "MatrixAxes",
     "ScaleByMuonState",
+    "describe",
     "moonlight",
     "moonlight_labels",
     "muon",
     "newton_schulz_flops",
     "orthogonalize",
+    "orthogonalize_spread",
     "scale_by_muon",
     "scale_by_shape",
     "weight_decay_mask",
+    "zero1_sharding",
+    "zero1_state_shardings",
 ]

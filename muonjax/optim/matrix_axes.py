@@ -1,10 +1,19 @@
 """How Muon reads a parameter as a matrix, or as a stack of matrices.
 
-By default a leaf's matrix is its last two axes, (fan_in, fan_out), and any
-leading axes (layers, experts) index a stack of independent matrices. A leaf
-stored otherwise, e.g. an attention kernel (embed, heads, head_dim) that is one
-(embed, heads * head_dim) matrix, is described by a `MatrixAxes`, returned for
-that leaf by a function of its path and value:
+The rule for a bare pytree leaf: its matrix is its last two axes, (fan_in,
+fan_out), and any leading axes index a stack of independent matrices, each
+orthogonalized on its own. That is how scanned layers (layers, D, F) and
+expert stacks (experts, D, F) are read. A (3, 3, Cin, Cout) conv kernel is
+therefore read as nine per-tap (Cin, Cout) matrices and an attention kernel
+(embed, heads, head_dim) as `embed` separate (heads, head_dim) matrices, unless
+you say otherwise:
+
+- For Flax NNX models, `muonjax.nnx_matrix_axes(model)` knows the layout of
+  each kernel from its module (Linear, LinearGeneral, MultiHeadAttention,
+  Conv, Einsum) and keeps leading axes added by `nnx.vmap` / `nnx.scan` as
+  stack axes.
+- For any other layout, describe the leaf by a `MatrixAxes`, returned for it
+  by a function of its path and value:
 
     def matrix_axes(path, leaf):
         if "qkv" in jax.tree_util.keystr(path):
@@ -15,6 +24,10 @@ that leaf by a function of its path and value:
 
 A per-leaf function stays valid inside `optax.partition`, which hands each
 branch a tree with the other branch's leaves masked out.
+
+Muon needs real floating-point leaves with at least two axes; axes must lie in
+[-ndim, ndim). Anything else is a ValueError naming the leaf, never a silent
+reinterpretation (no wrapping of axes, no dropped imaginary parts).
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 
 class MatrixAxes(NamedTuple):
@@ -40,9 +54,26 @@ class MatrixAxes(NamedTuple):
 MatrixAxesFn = Callable[[Any, jax.Array], MatrixAxes | None]
 
 
-def _normalize(axes: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+def _normalize(axes: int | Sequence[int], shape: Sequence[int], where: str) -> tuple[int, ...]:
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    ndim = len(shape)
+    bad = tuple(a for a in axes if not -ndim <= a < ndim)
+    if bad:
+        raise ValueError(
+            f"MatrixAxes for {where} of shape {tuple(shape)} name axes {bad} out of "
+            f"range; valid axes are -{ndim} to {ndim - 1}."
+        )
     return tuple(a % ndim for a in axes)
+
+
+def _check_dtype(dtype: Any, where: str) -> None:
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"Muon needs real floating-point arrays, but {where} has dtype {dtype}. "
+            "Complex or integer parameters cannot be orthogonalized as real "
+            "matrices; split a complex one into real and imaginary parts, or route "
+            "it to another optimizer with optax.partition."
+        )
 
 
 class MatrixView(NamedTuple):
@@ -87,7 +118,7 @@ def matrix_view(shape: Sequence[int], axes: MatrixAxes | None, where: str = "lea
         )
     if axes is None:
         axes = MatrixAxes(rows=-2, cols=-1)
-    rows, cols = _normalize(axes.rows, ndim), _normalize(axes.cols, ndim)
+    rows, cols = _normalize(axes.rows, shape, where), _normalize(axes.cols, shape, where)
     if not rows or not cols or len(set(rows + cols)) != len(rows + cols):
         raise ValueError(
             f"MatrixAxes for {where} of shape {tuple(shape)} must name "
@@ -111,11 +142,16 @@ def map_matrices(
     tree: Any,
     *rest: Any,
 ) -> Any:
-    """tree_map of fn(path, view, leaf, *rest_leaves) with each leaf's MatrixView."""
+    """tree_map of fn(path, view, leaf, *rest_leaves) with each leaf's MatrixView.
+
+    Raises ValueError naming the leaf if it is not a real floating-point array
+    or its `MatrixAxes` do not fit its shape.
+    """
 
     def per_leaf(path, leaf, *others):
-        axes = None if matrix_axes is None else matrix_axes(path, leaf)
         where = f"the leaf at {jax.tree_util.keystr(path) or '<root>'}"
+        _check_dtype(leaf.dtype, where)
+        axes = None if matrix_axes is None else matrix_axes(path, leaf)
         return fn(path, matrix_view(leaf.shape, axes, where), leaf, *others)
 
     return jax.tree_util.tree_map_with_path(per_leaf, tree, *rest)

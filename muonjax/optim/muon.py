@@ -3,88 +3,148 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from muonjax.optim.matrix_axes import MatrixAxesFn, map_matrices
+from muonjax.optim.distributed import explicit_axes, orthogonalize_spread, resolve_mesh
+from muonjax.optim.matrix_axes import MatrixAxesFn, MatrixView, map_matrices
 from muonjax.optim.newton_schulz import (
     CoefficientsLike,
     orthogonalize,
     resolve_coefficients,
 )
 
-# (path, N, orthogonalize) -> O: runs `orthogonalize` on N (leaf layout) wherever it likes
-OrthogonalizeWith = Callable[[Any, jax.Array, Callable[[jax.Array], jax.Array]], jax.Array]
-
 
 class ScaleByMuonState(NamedTuple):
     """State of `scale_by_muon`."""
 
-    momentum: optax.Updates  # like params: same shapes, dtype mu_dtype or the param's
+    mu: optax.Updates  # momentum M, like params: same shapes, dtype mu_dtype or the param's
+
+
+def _matrix_views(matrix_axes: MatrixAxesFn | None, tree: Any) -> list[MatrixView]:
+    views: list[MatrixView] = []
+    map_matrices(lambda path, view, leaf: views.append(view), matrix_axes, tree)
+    return views
 
 
 def scale_by_muon(
     *,
     momentum: float = 0.95,
     nesterov: bool = True,
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     ns_coeffs: CoefficientsLike = "jordan",
     eps: float = 1e-7,
     mu_dtype: Any | None = None,
     matrix_axes: MatrixAxesFn | None = None,
     compute_dtype: Any = "float32",
-    orthogonalize_with: OrthogonalizeWith | None = None,
+    mesh: Any | None = None,
+    spread_axes: Sequence[str] | None = None,
+    update_specs: Callable[[Any, jax.Array], Any] | None = None,
 ) -> optax.GradientTransformation:
-    """Orthogonalized momentum: O = NewtonSchulz(N), paper Eq. 1-2.
+    """Orthogonalized momentum, O = NewtonSchulz(N): paper Eq. 1-2.
 
-    M <- momentum * M + G; N = G + momentum * M (Nesterov) or N = M; each
-    matrix of N is orthogonalized on its own (see `orthogonalize`). Every leaf
-    must be a matrix or a stack of matrices (last two axes, or `matrix_axes`).
+    M <- momentum * M + G, N = G + momentum * M (Nesterov) or N = M, and each
+    matrix of N is orthogonalized whole (see `orthogonalize`). Every leaf must
+    be a real floating matrix or stack of matrices: by default its last two
+    axes are the matrix, leading axes a stack; `matrix_axes` says otherwise.
 
-    `orthogonalize_with(path, N, orthogonalize)` may decide where each stack
-    is orthogonalized: it gets N in the leaf's layout and a function that
-    orthogonalizes such an array, and returns the result (e.g. after placing
-    N on a mesh so that each device orthogonalizes only its own matrices;
-    muonjax.parallel.Plan.orthogonalize does this for Distributed Muon).
+    On a mesh (the one set by `jax.set_mesh`, or `mesh`), Newton-Schulz is
+    spread over its devices: the update's matrices are packed into a few
+    stacks split over every device, so that each device orthogonalizes whole
+    matrices of its own (about 1 / devices of the work; see
+    `muonjax.optim.distributed`), and the result is returned in the updates'
+    sharding. This works under Auto and Explicit mesh axes and equals the
+    unsharded update to float32 rounding.
+
+    Args:
+      momentum: the momentum coefficient mu (paper: 0.95).
+      nesterov: N = G + mu M (True, the paper's) or N = M.
+      ns_steps: Newton-Schulz iterations, a static int; None: 5, or the rows
+        of a per-step `ns_coeffs` table.
+      ns_coeffs: "jordan" (Keller Jordan's quintic, the paper's), "polar_express",
+        one (a, b, c) or an (ns_steps, 3) table.
+      eps: added to ||N||_F before normalizing.
+      mu_dtype: dtype of M; None keeps each param's dtype.
+      matrix_axes: `(path, leaf) -> MatrixAxes | None` for leaves whose matrix
+        is not their last two axes (see `muonjax.optim.matrix_axes`).
+      compute_dtype: dtype of the Newton-Schulz iterations (float32 or bfloat16).
+      mesh: the `jax.sharding.Mesh` to spread Newton-Schulz over when the update
+        runs under `jax.jit` but not under `jax.set_mesh` (whose mesh is used
+        first). Without either, each leaf is orthogonalized where it lives.
+      spread_axes: the mesh axes Newton-Schulz is spread over; default: all
+        of them (of size > 1).
+      update_specs: `(path, leaf) -> PartitionSpec | None`, the layout each
+        leaf's update arrives in, for Auto mesh axes (where arrays do not carry
+        it; under Explicit axes it is read from their types). Known layouts
+        let each device keep what it already holds (see
+        `muonjax.optim.distributed`); without, the placement is a guess.
+
+    Returns:
+      An `optax.GradientTransformation` whose state is a `ScaleByMuonState`.
+
+    References:
+      Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
+      Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024).
     """
-    resolve_coefficients(ns_coeffs, ns_steps)  # fail at construction, not in jit
+    steps = len(resolve_coefficients(ns_coeffs, ns_steps)[0])  # fail now, not in jit
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
-        map_matrices(lambda path, view, p: None, matrix_axes, params)  # shape check
+        _matrix_views(matrix_axes, params)  # shape and dtype check
         return ScaleByMuonState(
-            momentum=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
+            mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
+        )
+
+    def orthogonalize_stack(x):
+        return orthogonalize(
+            x, ns_steps=ns_steps, ns_coeffs=ns_coeffs, eps=eps, compute_dtype=compute_dtype
         )
 
     def update_fn(updates, state, params=None):
         del params
-        new_momentum = jax.tree.map(
-            lambda m, g: (momentum * m + g).astype(m.dtype), state.momentum, updates
-        )
+        new_mu = jax.tree.map(lambda m, g: (momentum * m + g).astype(m.dtype), state.mu, updates)
+        # N in the wider of both dtypes
+        n_tree = jax.tree.map(lambda g, m: g + momentum * m if nesterov else m, updates, new_mu)
+        ns, treedef = jax.tree.flatten(n_tree)
+        views = _matrix_views(matrix_axes, n_tree)
 
-        def direction(path, view, g, m):
-            n = g + momentum * m if nesterov else m  # in the wider of both dtypes
+        context = jax.sharding.get_abstract_mesh()
+        explicit = () if context.empty else explicit_axes(context)
+        # Where each leaf lies: in its type under Explicit axes, else as told
+        if explicit:
+            specs = [jax.typeof(n).sharding.spec for n in ns]
+        elif update_specs is not None:
+            specs = [
+                update_specs(path, n) for path, n in jax.tree_util.tree_leaves_with_path(n_tree)
+            ]
+        else:
+            specs = None
 
-            def orthogonalize_leaf(x):  # x: an array laid out like n
-                o = orthogonalize(
-                    view.to_matrix(x),
-                    ns_steps=ns_steps,
-                    ns_coeffs=ns_coeffs,
-                    eps=eps,
-                    compute_dtype=compute_dtype,
-                )
-                return view.from_matrix(o)
+        def orthogonalize_leaves(ns):
+            where = resolve_mesh(mesh)
+            if where is None:
+                return [
+                    v.from_matrix(orthogonalize_stack(v.to_matrix(n))) for v, n in zip(views, ns)
+                ]
+            return orthogonalize_spread(
+                ns, views, orthogonalize_stack, where, steps, spread_axes, specs
+            )
 
-            if orthogonalize_with is None:
-                return orthogonalize_leaf(n).astype(g.dtype)
-            return orthogonalize_with(path, n, orthogonalize_leaf).astype(g.dtype)
-
-        directions = map_matrices(direction, matrix_axes, updates, new_momentum)
-        return directions, ScaleByMuonState(momentum=new_momentum)
+        if explicit and ns:
+            # Sharded types would forbid the reshapes and products of a
+            # whole-matrix layout: let the compiler place them, and return
+            # each leaf in its own sharding.
+            shardings = [jax.typeof(n).sharding for n in ns]
+            orthogonalize_leaves = jax.sharding.auto_axes(
+                orthogonalize_leaves, axes=explicit, out_sharding=shardings
+            )
+        directions = orthogonalize_leaves(ns)
+        directions = [o.astype(g.dtype) for o, g in zip(directions, jax.tree.leaves(updates))]
+        return jax.tree.unflatten(treedef, directions), ScaleByMuonState(mu=new_mu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -163,6 +223,22 @@ def scale_by_shape(
     is max(1, size(-2) / size(-1)) ** 0.5 of PyTorch's (out, in) layout, i.e.
     sqrt(max(1, fan_out / fan_in)); it ignores `rms_scale`, so pair it with
     Muon's own (larger) learning rate, not AdamW's.
+
+    Args:
+      rms_scale: the target update RMS (paper: 0.2, AdamW's typical RMS).
+      rule: one of `UPDATE_SCALE_RULES`, above.
+      hidden_size: the model width H, for rule="hidden".
+      matrix_axes: `(path, leaf) -> MatrixAxes | None`, as for `scale_by_muon`.
+
+    Returns:
+      An `optax.GradientTransformation` without state.
+
+    Raises:
+      ValueError: for an unknown rule, or rule="hidden" without hidden_size.
+
+    References:
+      Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025),
+      Sec. 2.2 and 3.1.
     """
     _check_update_scale(rule, hidden_size)
     scale_rule = _SCALE_BY_RULE[rule]
@@ -184,7 +260,7 @@ def muon(
     weight_decay: float = 0.1,
     momentum: float = 0.95,
     nesterov: bool = True,
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     ns_coeffs: CoefficientsLike = "jordan",
     rms_scale: float = 0.2,
     update_scale: str = "moonlight",
@@ -193,21 +269,55 @@ def muon(
     mu_dtype: Any | None = None,
     matrix_axes: MatrixAxesFn | None = None,
     compute_dtype: Any = "float32",
-    orthogonalize_with: OrthogonalizeWith | None = None,
+    mesh: Any | None = None,
+    spread_axes: Sequence[str] | None = None,
+    update_specs: Callable[[Any, jax.Array], Any] | None = None,
 ) -> optax.GradientTransformation:
     """Moonlight's Muon for matrices: W <- W - lr (rms_scale sqrt(max(A,B)) O + wd W).
 
-    Paper Eq. 4: orthogonalized Nesterov momentum, scaled to an update RMS of
-    about `rms_scale`, with decoupled weight decay, times the learning rate
-    (a float or an optax schedule). Every leaf must be a matrix or a stack of
+    Paper Eq. 1-4, for each matrix W of shape (A, B) with gradient G:
+
+        M = momentum * M + G
+        N = G + momentum * M            (N = M without Nesterov)
+        O = NewtonSchulz(N / ||N||_F)
+        W = W - lr * (rms_scale * sqrt(max(A, B)) * O + weight_decay * W)
+
+    The chain `scale_by_muon`, `scale_by_shape`, `optax.add_decayed_weights`,
+    `optax.scale_by_learning_rate`. Every leaf must be a matrix or a stack of
     matrices; for a whole model use `moonlight`.
 
     Args:
+      learning_rate: a float or an optax schedule.
+      weight_decay: decoupled weight decay (paper: 0.1).
+      momentum: the momentum coefficient (paper: 0.95).
+      nesterov: N = G + momentum * M (the paper's) or N = M.
+      ns_steps: Newton-Schulz iterations, a static int; None: 5, or the rows
+        of a per-step `ns_coeffs` table.
+      ns_coeffs: "jordan" (the paper's), "polar_express", one (a, b, c) or a
+        per-step table.
+      rms_scale: the target update RMS (paper: 0.2, AdamW's typical RMS).
       update_scale: how O is scaled, one of `UPDATE_SCALE_RULES` (see
         `scale_by_shape`): "moonlight" (Eq. 7, the default above), "hidden"
         (Eq. 5, needs `hidden_size`), "update_norm" (Eq. 6) or "jordan".
       hidden_size: the model width H, for update_scale="hidden".
+      eps: added to ||N||_F before Newton-Schulz.
+      mu_dtype: dtype of the momentum M; None keeps each param's dtype.
+      matrix_axes: `(path, leaf) -> MatrixAxes | None` for leaves whose matrix
+        is not their last two axes (see `muonjax.optim.matrix_axes`; for Flax
+        NNX models `muonjax.nnx_matrix_axes(model)`).
       compute_dtype: dtype of the Newton-Schulz iterations (float32 or bfloat16).
+      mesh: the mesh Newton-Schulz is spread over when not under
+        `jax.set_mesh` (see `scale_by_muon`).
+      spread_axes: the mesh axes to spread over (see `scale_by_muon`).
+      update_specs: the layout of each leaf's update under Auto mesh axes (see
+        `scale_by_muon`).
+
+    Returns:
+      An `optax.GradientTransformation`; its state holds `ScaleByMuonState`.
+
+    References:
+      Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
+      Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024).
     """
     return optax.chain(
         scale_by_muon(
@@ -219,7 +329,9 @@ def muon(
             mu_dtype=mu_dtype,
             matrix_axes=matrix_axes,
             compute_dtype=compute_dtype,
-            orthogonalize_with=orthogonalize_with,
+            mesh=mesh,
+            spread_axes=spread_axes,
+            update_specs=update_specs,
         ),
         scale_by_shape(
             rms_scale=rms_scale,

@@ -31,18 +31,52 @@ POLAR_EXPRESS_SAFETY = 1.02
 NAMED_COEFFICIENTS = ("jordan", "polar_express")
 
 
-def resolve_coefficients(ns_coeffs: CoefficientsLike, ns_steps: int) -> tuple[Coefficients, float]:
+def resolve_coefficients(
+    ns_coeffs: CoefficientsLike, ns_steps: int | None = None
+) -> tuple[Coefficients, float]:
     """Returns the per-step (a, b, c) table and the normalization safety factor.
 
-    A single (a, b, c) is repeated `ns_steps` times; a per-step table (n, 3)
-    fixes the number of steps itself, so `ns_steps` must equal n.
+    Step k of Newton-Schulz maps X to a_k X + b_k (X X^T) X + c_k (X X^T)^2 X,
+    i.e. each singular value s to p_k(s) = a_k s + b_k s^3 + c_k s^5. A single
+    (a, b, c) is repeated `ns_steps` times (Jordan's quintic, `JORDAN`;
+    default 5 steps); a per-step table (n, 3) fixes the number of steps
+    itself, so `ns_steps` must be None or n. The safety factor s >= 1 divides the input by s ||X||_F: 1.0,
+    except 1.02 for "polar_express" (`POLAR_EXPRESS_SAFETY`), whose
+    polynomials are optimal only for singular values in (0, 1/1.02].
+
+    Args:
+      ns_coeffs: "jordan" (`JORDAN`, the paper's), "polar_express"
+        (`POLAR_EXPRESS`, one quintic per step for 5 steps), one (a, b, c), or
+        an (n, 3) per-step table.
+      ns_steps: the number of Newton-Schulz steps, a static Python int >= 1;
+        None: 5, or the rows of a per-step table. (None also keeps
+        `optax.inject_hyperparams` from turning the default into a traced
+        value.)
+
+    Returns:
+      (table, safety): a tuple of `ns_steps` (a, b, c) float triples, and the
+      normalization safety factor (a float >= 1).
+
+    Raises:
+      TypeError: if `ns_steps` is not a Python int (e.g. a traced value under
+        `optax.inject_hyperparams` without static_args=("ns_steps",)).
+      ValueError: if `ns_steps` < 1, `ns_coeffs` is an unknown name or not of
+        shape (3,) or (n, 3), or a per-step table has n != `ns_steps` rows.
+
+    References:
+      Jordan et al., "Muon: An optimizer for hidden layers in neural
+      networks" (2024), https://kellerjordan.github.io/posts/muon/.
+      Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025),
+      Sec. 2.1.
+      Amsel et al., "The Polar Express: Optimal Matrix Sign Methods and Their
+      Application to the Muon Algorithm", arXiv 2505.16932 (2025).
     """
-    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int):
+    if ns_steps is not None and (isinstance(ns_steps, bool) or not isinstance(ns_steps, int)):
         raise TypeError(
             f"ns_steps must be a static Python int, got {ns_steps!r}; under "
             "optax.inject_hyperparams pass static_args=('ns_steps',)."
         )
-    if ns_steps < 1:
+    if ns_steps is not None and ns_steps < 1:
         raise ValueError(f"ns_steps must be at least 1, got {ns_steps}.")
     safety = 1.0
     if isinstance(ns_coeffs, str):
@@ -68,8 +102,8 @@ def resolve_coefficients(ns_coeffs: CoefficientsLike, ns_steps: int) -> tuple[Co
             f"coefficients, got {ns_coeffs!r}."
         )
     if not per_step:
-        return table * ns_steps, safety
-    if len(table) != ns_steps:
+        return table * (5 if ns_steps is None else ns_steps), safety
+    if ns_steps is not None and len(table) != ns_steps:
         raise ValueError(
             f"ns_coeffs is a per-step table of {len(table)} steps but "
             f"ns_steps={ns_steps}; pass ns_steps={len(table)} or a table of "
@@ -86,7 +120,7 @@ def _gram_form(m: int, n: int, steps: int) -> bool:
 def orthogonalize(
     x: jax.Array,
     *,
-    ns_steps: int = 5,
+    ns_steps: int | None = None,
     ns_coeffs: CoefficientsLike = "jordan",
     eps: float = 1e-7,
     compute_dtype: Any = "float32",
@@ -98,9 +132,44 @@ def orthogonalize(
     batch (stacked layers, experts). Returns x's dtype; computes in
     `compute_dtype` (float32, or bfloat16 for speed on accelerators).
 
+    Each step maps every singular value s of X to a s + b s^3 + c s^5 and keeps
+    the singular vectors, so the result is U p(S) V^T: with Jordan's quintic
+    p(S) lies in about [0.7, 1.2] rather than at 1 (the paper's
+    NewtonSchulz5); dividing by ||x||_F >= ||x||_2 first puts every s in
+    (0, 1], where the iteration converges. A tall matrix is transposed first,
+    which commutes with the iteration.
+
     For a long side n > 1.5 m the same polynomial is evaluated in m x m space
     (every iterate is X_k = Q_k X_0 with Q_k a polynomial of A_0), which costs
     4 m^2 n + (8k - 6) m^3 FLOPs instead of k (4 m^2 n + 2 m^3).
+
+    Args:
+      x: a matrix (A, B) or a stack of them (..., A, B), real floating point.
+      ns_steps: the number of Newton-Schulz steps k, a static Python int;
+        None: 5, or the rows of a per-step table.
+      ns_coeffs: "jordan", "polar_express", one (a, b, c), or an
+        (ns_steps, 3) per-step table (see `resolve_coefficients`).
+      eps: added to safety * ||x||_F, so that a zero matrix stays zero.
+      compute_dtype: the dtype of the iterations; the norm and the
+        normalization are computed in float32 whatever it is.
+
+    Returns:
+      An array of x's shape and dtype: each matrix replaced by its
+      approximate orthogonal factor U p(S) V^T.
+
+    Raises:
+      ValueError: if x has fewer than 2 axes, or `ns_coeffs` / `ns_steps` are
+        invalid (see `resolve_coefficients`).
+      TypeError: if `ns_steps` is not a Python int.
+
+    References:
+      Jordan et al., "Muon: An optimizer for hidden layers in neural
+      networks" (2024), https://kellerjordan.github.io/posts/muon/.
+      Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025),
+      Sec. 2.1, Eq. 1.
+      Amsel et al., "The Polar Express: Optimal Matrix Sign Methods and Their
+      Application to the Muon Algorithm", arXiv 2505.16932 (2025), for
+      ns_coeffs="polar_express".
     """
     if x.ndim < 2:
         raise ValueError(
@@ -140,7 +209,32 @@ def orthogonalize(
 
 
 def newton_schulz_flops(shape: Sequence[int], ns_steps: int = 5) -> int:
-    """Matmul FLOPs `orthogonalize` spends on an array of `shape`."""
+    """Matmul FLOPs `orthogonalize` spends on an array of `shape`.
+
+    With m <= n the short and long sides of each (rows, cols) matrix and
+    k = `ns_steps`, one matrix costs
+
+        k (4 m^2 n + 2 m^3)            standard form: per step X X^T (2 m^2 n),
+                                       A^2 (2 m^3) and (b A + c A^2) X (2 m^2 n)
+        4 m^2 n + (8k - 6) m^3         Gram form (n > 1.5 m and k > 1): A_0 and
+                                       Q_k X_0 (2 m^2 n each), then m x m products
+
+    counting 2 FLOPs per multiply-add and no elementwise work; leading axes
+    multiply it by the stack size.
+
+    Args:
+      shape: the array's shape, (..., rows, cols) with at least 2 entries.
+      ns_steps: the number of Newton-Schulz steps k.
+
+    Returns:
+      The total matmul FLOPs over every matrix of the stack, as an int.
+
+    References:
+      Jordan et al., "Muon: An optimizer for hidden layers in neural
+      networks" (2024), https://kellerjordan.github.io/posts/muon/.
+      Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025),
+      Sec. 2.3 (the latency of Newton-Schulz in Distributed Muon).
+    """
     *batch, rows, cols = shape
     m, n, k = min(rows, cols), max(rows, cols), ns_steps
     per_matrix = (

@@ -2,12 +2,11 @@
 
 Parameters are sharded by their logical names (experts over `expert`, heads
 and MLP width and vocabulary over `tensor`) and replicated over `data`.
-Optimizer state is, in addition, partitioned over `data` (ZeRO-1). Where a
-leaf has a stack axis (layers, experts) that `data` divides, that axis takes
-`data`: each device then holds whole matrices and orthogonalizes only its own.
-Otherwise a matrix axis takes it, as plain ZeRO-1 does; Muon gathers such a
-matrix before Newton-Schulz and every data rank orthogonalizes it (the
-paper's Distributed Muon), without the final gather of the update.
+Optimizer state is, in addition, partitioned over `data` (ZeRO-1): along a
+stack axis (experts, then layers) where `data` divides it, else along the
+largest matrix axis it divides. Muon's Newton-Schulz does not follow this
+layout: it spreads whole matrices over every device of the mesh
+(muonjax.optim.distributed), whatever the state's layout.
 """
 
 from __future__ import annotations
@@ -84,14 +83,6 @@ def zero1_spec(mesh, logical: tuple, shape: tuple[int, ...], spec: P) -> P:
     return spec
 
 
-def without_data_on_matrix(spec: P, ndim: int) -> P:
-    """Where a matrix must be whole for Newton-Schulz: data only on stack axes."""
-    entries = list(spec) + [None] * (ndim - len(spec))
-    for d in (ndim - 2, ndim - 1):
-        entries[d] = _entry(tuple(a for a in mesh_axes(entries[d]) if a != "data"))
-    return P(*entries)
-
-
 def _describe(mesh, axes) -> str:
     return ",".join(f"{a}={mesh.shape[a]}" for a in axes) or "(none)"
 
@@ -154,8 +145,10 @@ class Plan:
                 return self._logical[key], self._param_specs[key], spec
         return None
 
-    def _state_spec(self, path, shape) -> P | None:
-        entry = self._entry(path, shape)
+    def state_spec(self, path, leaf) -> P | None:
+        """The ZeRO-1 spec of an optimizer-state leaf (or of a gradient in that
+        layout) whose path ends with a parameter's path; None if none does."""
+        entry = self._entry(path, leaf.shape)
         return None if entry is None else entry[2]
 
     def for_state(self, state_shapes: Any) -> Any:
@@ -164,43 +157,10 @@ class Plan:
         anything else (step counts) is replicated."""
 
         def pick(path, leaf):
-            spec = self._state_spec(path, leaf.shape)
+            spec = self.state_spec(path, leaf)
             return self.replicated if spec is None else self.named(spec)
 
         return jax.tree_util.tree_map_with_path(pick, state_shapes)
-
-    def splits_stack(self, path, shape) -> bool:
-        """Whether Muon's state of this leaf is split over data along a stack
-        axis, so that each data rank orthogonalizes only its own matrices."""
-        entry = self._entry(path, shape)
-        if entry is None or not self.zero1:
-            return False
-        logical, _, state_spec = entry
-        entries = list(state_spec) + [None] * (len(shape) - len(state_spec))
-        return any(
-            "data" in mesh_axes(entries[d]) for d, name in enumerate(logical) if name in STACK_AXES
-        )
-
-    def orthogonalize(self, path, n, orthogonalize_fn):
-        """For muonjax.moonlight(orthogonalize_with=...): Distributed Muon.
-
-        A stack whose optimizer state `data` splits along a stack axis is
-        orthogonalized where it lives, each device its own matrices, with no
-        communication. A matrix whose state `data` splits along a matrix axis
-        (its stack, if any, is not divisible by `data`) is gathered and
-        orthogonalized on every data rank, as in the paper; its update is then
-        whole everywhere, so ZeRO-1's gather of the update is not needed and
-        the bytes moved stay those of ZeRO-1 AdamW.
-        """
-        entry = self._entry(path, n.shape)
-        if entry is None or not self.zero1:
-            return orthogonalize_fn(n)
-        spec = (
-            entry[2]
-            if self.splits_stack(path, n.shape)
-            else without_data_on_matrix(entry[2], n.ndim)
-        )
-        return orthogonalize_fn(jax.lax.with_sharding_constraint(n, self.named(spec)))
 
 
 def _fits(mesh, spec: P, shape) -> bool:

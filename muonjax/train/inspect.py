@@ -4,12 +4,14 @@ allocated), and what it costs each device: memory, FLOPs, communication."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 import muonjax
 from muonjax.models import flops_per_token, param_counts
+from muonjax.optim.distributed import spread_flops
 from muonjax.parallel import hlo
 from muonjax.parallel.mesh import describe
 from muonjax.train.config import TrainConfig
@@ -24,15 +26,21 @@ def shard_bytes(shapes, shardings) -> int:
     )
 
 
+def muon_leaves(params, where=lambda path, leaf: True) -> list[tuple[Any, Any]]:
+    """(path, leaf) of each Muon leaf, a stack of matrices (or of those
+    `where(path, leaf)` selects)."""
+    labels = jax.tree.leaves(muonjax.moonlight_labels(params))
+    return [
+        (path, p)
+        for (path, p), label in zip(jax.tree_util.tree_leaves_with_path(params), labels)
+        if label == "muon" and where(path, p)
+    ]
+
+
 def newton_schulz_total(params, where=lambda path, leaf: True) -> int:
     """Newton-Schulz FLOPs of one step over the whole model (every Muon matrix
     once), or over the leaves `where(path, leaf)` selects."""
-    labels = jax.tree.leaves(muonjax.moonlight_labels(params))
-    return sum(
-        muonjax.newton_schulz_flops(p.shape)
-        for (path, p), label in zip(jax.tree_util.tree_leaves_with_path(params), labels)
-        if label == "muon" and where(path, p)
-    )
+    return sum(muonjax.newton_schulz_flops(p.shape) for _, p in muon_leaves(params, where))
 
 
 def optimizer_flops(program: Program) -> float:
@@ -68,10 +76,18 @@ def inspect(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
     model_flops = flops_per_token(model_config, config.seq_len) * tokens / devices
     muon = config.optimizer == "muon"
     ns_total = newton_schulz_total(params) if muon else 0
-    ns_split = (
-        newton_schulz_total(params, lambda path, p: program.plan.splits_stack(path, p.shape))
-        if muon
-        else 0
+    # Distributed Muon spreads whole matrices over every device (with ZeRO-1),
+    # starting from the state's layout
+    leaves = muon_leaves(params)
+    ns_per_device = (
+        spread_flops(
+            [p.shape for _, p in leaves],
+            dict(mesh.shape),
+            config.ns_steps,
+            [program.plan.state_spec(path, p) for path, p in leaves],
+        )
+        if muon and program.plan.zero1
+        else ns_total
     )
     comm = hlo.collective_bytes(compiled.as_text(), devices)
     counts = param_counts(model_config)
@@ -93,9 +109,8 @@ def inspect(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
         "model_flops": float(model_flops),
         "optimizer_flops": update_flops,
         "newton_schulz_flops_whole_model": float(ns_total),
-        # of which in stacks split over data (each rank its share) / on every data rank
-        "newton_schulz_flops_split": float(ns_split),
-        "newton_schulz_flops_redundant": float(ns_total - ns_split),
+        # on the busiest device, padding included; ideal: whole model / devices
+        "newton_schulz_flops_per_device": float(ns_per_device),
         "collective_bytes": comm["bytes"],
         "collective_instructions": comm["instructions"],
         "collectives_in_loops_of_unknown_trip_count": comm["in_loops_of_unknown_trip_count"],

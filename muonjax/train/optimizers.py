@@ -15,7 +15,7 @@ NS_COEFFS = muonjax.optim.newton_schulz.NAMED_COEFFICIENTS
 NS_DTYPES = ("float32", "bfloat16")
 
 
-def _moonlight(config, schedule, *, hidden_size: int, orthogonalize_with=None):
+def _moonlight(config, schedule, *, hidden_size: int, mesh=None, update_specs=None):
     """Muon for hidden matrices, AdamW for the rest, one lr and wd (paper Sec. 2.2)."""
     return muonjax.moonlight(
         schedule,
@@ -33,13 +33,14 @@ def _moonlight(config, schedule, *, hidden_size: int, orthogonalize_with=None):
         adam_b1=config.adam_b1,
         adam_b2=config.adam_b2,
         adam_eps=config.adam_eps,
-        orthogonalize_with=orthogonalize_with,
+        mesh=mesh,
+        update_specs=update_specs,
     )
 
 
-def _adamw(config, schedule, *, hidden_size: int, orthogonalize_with=None):
+def _adamw(config, schedule, *, hidden_size: int, mesh=None, update_specs=None):
     """AdamW for every parameter."""
-    del hidden_size, orthogonalize_with
+    del hidden_size, mesh, update_specs
     return optax.adamw(
         schedule,
         b1=config.adam_b1,
@@ -50,7 +51,7 @@ def _adamw(config, schedule, *, hidden_size: int, orthogonalize_with=None):
     )
 
 
-# name -> (config, schedule, *, hidden_size, orthogonalize_with) -> optax.GradientTransformation
+# name -> (config, schedule, *, hidden_size, mesh, update_specs) -> optax.GradientTransformation
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "muon": _moonlight,
     "adamw": _adamw,
@@ -108,16 +109,18 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 
 def make_optimizer(
-    config, hidden_size: int, orthogonalize_with=None
+    config, hidden_size: int, mesh=None, update_specs=None
 ) -> optax.GradientTransformation:
-    """The run's optimizer on its schedule. `orthogonalize_with`: where Muon
-    orthogonalizes each matrix stack (see muonjax.parallel.Plan.orthogonalize);
-    `hidden_size`: the model width, for --update-scale hidden."""
+    """The run's optimizer on its schedule. `mesh`: the mesh Muon spreads
+    Newton-Schulz over (Distributed Muon, see muonjax.optim.distributed), and
+    `update_specs` the layout its updates arrive in; `hidden_size`: the model
+    width, for --update-scale hidden."""
     return OPTIMIZERS[config.optimizer](
         config,
         learning_rate_schedule(config),
         hidden_size=hidden_size,
-        orthogonalize_with=orthogonalize_with,
+        mesh=mesh,
+        update_specs=update_specs,
     )
 
 

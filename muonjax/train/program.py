@@ -159,13 +159,10 @@ def check_batch(batch_size: int, mesh: jax.sharding.Mesh, grad_accum: int = 1) -
 
 def build(config: TrainConfig, model_config: ModelConfig, mesh: jax.sharding.Mesh) -> Program:
     check_batch(config.batch_size, mesh, config.grad_accum)
-    # The optimizer's sharding hook needs the plan, the plan the params' shapes.
     plan = Plan(mesh, nnx.state(abstract_model(model_config), nnx.Param), zero1=config.zero1)
-    tx = make_optimizer(
-        config,
-        hidden_size=model_config.d_model,
-        orthogonalize_with=plan.orthogonalize if plan.zero1 else None,
-    )
+    # With ZeRO-1 each device owns whole matrices for Newton-Schulz; without,
+    # every device holds every gradient and orthogonalizes all of it in place.
+    tx = make_optimizer(config, hidden_size=model_config.d_model, mesh=mesh if plan.zero1 else None)
     graphdef, shapes = abstract_state(model_config, tx, config.seed)
     replicated = plan.replicated
     shardings = TrainState(

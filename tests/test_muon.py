@@ -257,16 +257,30 @@ def test_bad_matrix_axes_is_a_clear_error():
         muonjax.muon(0.1, matrix_axes=axes).init({"w": jnp.ones((4, 4))})
 
 
-def test_state_fields_do_not_collide_with_hyperparameters():
-    # optax.inject_hyperparams puts `momentum` in the state: tree_get must find
-    # the hyperparameter (the buffer is `mu`, as in optax), tree_set change it
-    tx = optax.inject_hyperparams(muonjax.muon)(learning_rate=0.1, momentum=0.9)
-    params = _tree({"w": (8, 12)}, seed=9)
-    state = tx.init(params)
-    assert float(optax.tree_utils.tree_get(state, "momentum")) == pytest.approx(0.9)
-    state = optax.tree_utils.tree_set(state, momentum=0.5)
-    assert float(optax.tree_utils.tree_get(state, "momentum")) == 0.5
-    assert optax.tree_utils.tree_get(state, "mu")["w"].shape == (8, 12)  # the buffer untouched
+@pytest.mark.parametrize(
+    "name, old, new",
+    [
+        ("learning_rate", 0.1, 0.05),
+        ("weight_decay", 0.1, 0.5),
+        ("momentum", 0.9, 0.5),
+        ("rms_scale", 0.2, 0.4),
+        ("eps", 1e-7, 10.0),
+    ],
+)
+def test_every_hyperparameter_can_be_read_and_set_by_name(name, old, new):
+    # optax.inject_hyperparams puts them in the state; the momentum buffer is
+    # `mu` (as in optax), so `tree_get(state, "momentum")` is the hyperparameter
+    tx = optax.inject_hyperparams(muonjax.muon)(**{"learning_rate": 0.1, name: old})
+    params, g = _tree({"w": (8, 12)}, seed=9), _tree({"w": (8, 12)}, seed=10)
+    step = jax.jit(tx.update)
+    _, state = step(_tree({"w": (8, 12)}, seed=11), tx.init(params), params)
+    assert float(optax.tree_utils.tree_get(state, name)) == pytest.approx(old)
+    changed = optax.tree_utils.tree_set(state, **{name: new})
+    assert float(optax.tree_utils.tree_get(changed, name)) == pytest.approx(new)
+    assert optax.tree_utils.tree_get(changed, "mu")["w"].shape == (8, 12)  # buffer untouched
+    before, _ = step(g, state, params)
+    after, _ = step(g, changed, params)
+    assert float(jnp.max(jnp.abs(after["w"] - before["w"]))) > 1e-6, name
 
 
 def test_matrix_axes_out_of_range_is_a_clear_error():

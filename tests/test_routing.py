@@ -424,7 +424,7 @@ def _inject_params():
 @pytest.fixture(scope="module")
 def injected():
     params, (g1, g2) = _inject_params()
-    tx = optax.inject_hyperparams(muonjax.moonlight, static_args=("ns_steps",))(
+    tx = optax.inject_hyperparams(muonjax.moonlight)(
         **{k: v for k, (v, _) in HYPERPARAMS.items()}
     )
     step = jax.jit(tx.update)
@@ -452,7 +452,7 @@ def test_inject_hyperparams_get_and_set(injected, name):
 
 def test_inject_hyperparams_hidden_size_and_static_labels():
     params, (g1, g2) = _inject_params()
-    tx = optax.inject_hyperparams(muonjax.moonlight, static_args=("ns_steps", "labels"))(
+    tx = optax.inject_hyperparams(muonjax.moonlight, static_args=("labels",))(
         learning_rate=1e-2,
         update_scale="hidden",
         hidden_size=16,

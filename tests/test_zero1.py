@@ -65,7 +65,7 @@ def test_readme_sharded_model_example_runs_and_equals_one_device():
         for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
         if "zero1_state_shardings" in b
     )
-    assert len(block.strip().splitlines()) <= 25
+    assert len([line for line in block.splitlines() if line.strip()]) < 20
     sharded = {}
     exec(block, sharded)
     # the same model, data and optimizer step without any mesh

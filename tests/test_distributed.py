@@ -122,3 +122,37 @@ def test_buckets_cover_every_matrix_and_balance_work():
     # 16 matrices over 8 devices: two each, exactly
     assert spread_flops([(16, 1024, 1024)], 8) == muonjax.newton_schulz_flops((2, 1024, 1024))
     assert spread_flops([(1024, 1024)] * 16, 8) == muonjax.newton_schulz_flops((2, 1024, 1024))
+
+
+def test_known_layouts_keep_split_stacks_and_equal_unsharded():
+    """update_specs under Auto axes: experts split over `expert` stay there
+    (the rest spread over `data` within each expert group), a stack 8 divides
+    is orthogonalized in place, a matrix split over data is packed."""
+    mesh = jax.make_mesh((4, 2), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+    specs = {
+        "experts": P(None, "expert", "data", None),  # (layers, experts, D, F)
+        "layers": P("data", None, None),
+        "attn": P(None, "data"),
+    }
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    shapes = {"experts": (3, 4, 16, 24), "layers": (8, 24, 16), "attn": (16, 40)}
+    params = {k: jax.random.normal(key, shapes[k]) for key, k in zip(keys, shapes)}
+    grads = jax.tree.map(lambda p: jnp.sin(3 * p), params)
+    spec_of = lambda path, leaf: specs[path[-1].key]
+    tx = muonjax.muon(0.1, mesh=mesh, update_specs=spec_of)
+    want = _two_steps(muonjax.muon(0.1), params, grads)
+    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    args = jax.device_put(params, shardings), jax.device_put(grads, shardings)
+    got = jax.jit(lambda p, g: _two_steps(tx, p, g))(*args)
+    for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-6)
+    # packed matrices reach their owners by all-to-alls
+    compiled = jax.jit(lambda p, g: _two_steps(tx, p, g)).lower(*args).compile().as_text()
+    assert "all-to-all" in compiled
+    planned = spread_flops(
+        [shapes[k] for k in specs], dict(mesh.shape), specs=[specs[k] for k in specs]
+    )
+    # busiest device: 2 of its expert group's 6 expert matrices (over 4 data
+    # ranks), 1 of the 8 layers, and the one attention matrix's slot
+    flops = muonjax.newton_schulz_flops
+    assert planned == 2 * flops((16, 24)) + flops((24, 16)) + flops((16, 40))

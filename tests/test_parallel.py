@@ -195,7 +195,11 @@ def test_inspect_reports_per_device_costs():
         )
     muon, adamw = reports["muon"], reports["adamw"]
     total = lambda r: sum(r["collective_bytes"].values())
-    assert total(muon) <= total(adamw) * 1.001
+    # Distributed Muon adds only the all-to-alls that bring packed matrices to
+    # their owners and back: each about 1/8 of their bytes on 8 devices
+    to_owners = muon["collective_bytes"]["all-to-all"]
+    assert 0 < to_owners <= 0.25 * muon["param_bytes"]
+    assert total(muon) - to_owners <= total(adamw) * 1.001
     # Muon keeps one buffer per hidden matrix, AdamW two per parameter
     groups = param_groups(_abstract_params(TINY))
     expected = (groups["muon"] + 2 * groups["adamw"]) / (2 * (groups["muon"] + groups["adamw"]))

@@ -437,7 +437,7 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
 
 # --- scale pod: build and inspect -------------------------------------------------------
 
-POD_QUICK = {"q1": dict(heads=2, layers=2, hidden=64, tokens=None, lr=9e-4, batch=None)}
+POD_QUICK = {"q1": dict(heads=2, layers=1, hidden=64, tokens=None, lr=9e-4, batch=None)}
 
 
 def pod_configs(quick: bool, data_parallel: int, mesh: str) -> dict:

@@ -157,7 +157,7 @@ def build_task(folder: pathlib.Path, quick: bool) -> dict:
 def cpu_setup(quick: bool) -> tuple[dict, dict, tuple]:
     """(pretraining fields, SFT fields, SFT learning rates)."""
     if quick:
-        model = dict(d_model=32, n_layers=2, first_k_dense=2, intermediate_size=88,
+        model = dict(d_model=32, n_layers=1, first_k_dense=1, intermediate_size=88,
                      n_heads=2, attention="mha", head_dim=16)  # fmt: skip
         pretrain = dict(preset="tiny", model=model, steps=12, batch_size=8, seq_len=64,
                         warmup_steps=2, eval_every=12, eval_batches=1, checkpoint_every=12)  # fmt: skip
@@ -369,10 +369,12 @@ def pod_configs(quick: bool, mesh: str) -> dict:
 
     sizes = parse_mesh(mesh)
     dp = sizes["data"] * sizes["expert"]
-    if quick:
-        preset, seq, batch, sft_seq, sft_batch = "tiny", 64, 2 * dp, 64, 2 * dp
+    if quick:  # the tiny preset, one dense layer
+        preset, model, seq, batch = "tiny", dict(n_layers=1, first_k_dense=1), 64, 2 * dp
+        sft_seq, sft_batch = 64, 2 * dp
     else:
-        preset, seq, batch, sft_seq, sft_batch = "moonlight-16b-a3b", 8192, 2048, 4096, 128
+        preset, model, seq, batch = "moonlight-16b-a3b", {}, 8192, 2048
+        sft_seq, sft_batch = 4096, 128
     for what, b in (("pretraining", batch), ("SFT", sft_batch)):
         if b % dp:
             raise SystemExit(f"--mesh: the data-parallel size {dp} does not divide the {what} "
@@ -380,13 +382,13 @@ def pod_configs(quick: bool, mesh: str) -> dict:
     configs = {}
     for opt in OPTIMIZERS:
         configs[f"pretrain-{opt}"] = TrainConfig(
-            out=f"runs/{NAME}/pretrain-{opt}", preset=preset, optimizer=opt, seq_len=seq,
-            batch_size=batch, grad_accum=batch // dp, learning_rate=4.2e-4, mesh=mesh,
+            out=f"runs/{NAME}/pretrain-{opt}", preset=preset, model=model, optimizer=opt,
+            seq_len=seq, batch_size=batch, grad_accum=batch // dp, learning_rate=4.2e-4, mesh=mesh,
             steps=20 if quick else round(1.2e12 / (batch * seq)), warmup_steps=2 if quick else 2000,
         )  # fmt: skip
         configs[f"sft-{opt}"] = TrainConfig(
-            out=f"runs/{NAME}/sft-{opt}", preset=preset, optimizer=opt, seq_len=sft_seq,
-            batch_size=sft_batch, grad_accum=sft_batch // dp, mesh=mesh,
+            out=f"runs/{NAME}/sft-{opt}", preset=preset, model=model, optimizer=opt,
+            seq_len=sft_seq, batch_size=sft_batch, grad_accum=sft_batch // dp, mesh=mesh,
             # --quick: pretraining's schedule too, so that its compiled step is reused
             learning_rate=4.2e-4 if quick else 2e-5, steps=20 if quick else 2000,
             warmup_steps=2 if quick else 100,

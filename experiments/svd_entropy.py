@@ -86,12 +86,13 @@ PAPER = {
 
 # --- scale cpu: train -------------------------------------------------------------------
 
-# --quick, both scales: 1 dense and 1 MoE layer (4 experts), MLA, toy widths
+# --quick: 1 dense and 1 MoE layer (4 experts), MLA, toy widths; --scale pod: the MoE layer alone
 QUICK_MODEL = dict(
     d_model=32, n_layers=2, first_k_dense=1, intermediate_size=64, n_heads=2,
     kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
     n_routed_experts=4, moe_intermediate_size=16,
 )  # fmt: skip
+POD_QUICK_MODEL = dict(QUICK_MODEL, n_layers=1, first_k_dense=0)
 
 
 def cpu_base(quick: bool) -> dict:
@@ -434,7 +435,7 @@ def pod_setup(quick: bool, data_parallel: int) -> dict:
     (the paper's 2048 for the first 200B tokens is not modelled); one sequence
     per data-parallel rank per micro-batch; the SVD entropy every 1000 steps."""
     if quick:
-        preset, model, seq_len, batch = "tiny", QUICK_MODEL, 64, 2 * data_parallel
+        preset, model, seq_len, batch = "tiny", POD_QUICK_MODEL, 64, 2 * data_parallel
         steps, horizon, warmup, every = 20, 80, 2, 5
     else:
         preset, model, seq_len, batch = "moonlight-16b-a3b", {}, _PAPER_SEQ, _PAPER_BATCH

@@ -51,6 +51,7 @@ RULES = {  # update_scale -> the paper's name (Table 1)
     "moonlight": "Adjusted LR",
 }
 RMS_SCALES = (0.05, 0.1, 0.2, 0.4, 0.8)
+QUICK_RMS_SCALES = (0.2, 0.8)  # --quick: Part A's 0.2 and one more, for the scale check
 ADAMW_LEARNING_RATES = (3e-3, 1e-2, 3e-2)  # AdamW's sweep; every Muon run uses its best
 
 PAPER = {
@@ -115,13 +116,17 @@ PAPER = {
 }
 
 
-def settings() -> dict[str, dict]:
-    """name -> the TrainConfig fields that make it; 8 runs (Adjusted LR at 0.2
-    is both Table 1's third row and Table 8's 0.2 column)."""
+def rms_scales(quick: bool = False) -> tuple[float, ...]:
+    return QUICK_RMS_SCALES if quick else RMS_SCALES
+
+
+def settings(quick: bool = False) -> dict[str, dict]:
+    """name -> the TrainConfig fields that make it; 8 runs, 5 with --quick
+    (Adjusted LR at 0.2 is both Table 1's third row and Table 8's 0.2 column)."""
     runs = {
         f"muon-{rule}": dict(optimizer="muon", update_scale=rule, rms_scale=0.2) for rule in RULES
     }
-    for scale in RMS_SCALES:
+    for scale in rms_scales(quick):
         if scale != 0.2:
             runs[f"muon-rms{scale}"] = dict(
                 optimizer="muon", update_scale="moonlight", rms_scale=scale
@@ -134,9 +139,9 @@ def table1_rows() -> dict[str, str]:  # paper row -> our setting
     return {paper: f"muon-{rule}" for rule, paper in RULES.items()}
 
 
-def table8_columns() -> dict[str, str]:  # paper column -> our setting
+def table8_columns(quick: bool = False) -> dict[str, str]:  # paper column -> our setting
     columns = {"AdamW": "adamw"}
-    for scale in RMS_SCALES:
+    for scale in rms_scales(quick):
         columns[str(scale)] = "muon-moonlight" if scale == 0.2 else f"muon-rms{scale}"
     return columns
 
@@ -151,8 +156,8 @@ def cpu_base(quick: bool) -> dict:
     if quick:
         model = dict(
             d_model=32,
-            n_layers=2,
-            first_k_dense=2,
+            n_layers=1,
+            first_k_dense=1,
             intermediate_size=128,
             n_heads=2,
             attention="mha",
@@ -295,7 +300,7 @@ def run_cpu(args) -> dict:
         best = min(sweep, key=lambda lr: sweep[lr]["eval_loss"])
         results["adamw_sweep"] = {str(lr): r for lr, r in sweep.items()}
         results["learning_rate"] = best
-        for name, fields in settings().items():
+        for name, fields in settings(args.quick).items():
             if name == "adamw":
                 results["runs"][name] = sweep[best]
             else:
@@ -321,8 +326,8 @@ POD_MODEL = dict(
 )
 POD_QUICK_MODEL = dict(
     d_model=64,
-    n_layers=2,
-    first_k_dense=2,
+    n_layers=1,
+    first_k_dense=1,
     intermediate_size=256,
     n_heads=4,
     attention="mha",
@@ -374,7 +379,7 @@ def run_pod(args) -> dict:
     table1 = set(table1_rows().values())
     started = time.perf_counter()
     report, inspected = {}, {}
-    for name, fields in settings().items():
+    for name, fields in settings(args.quick).items():
         schedule = setup["table1"] if name in table1 else setup["table8"]
         config = TrainConfig(
             out=f"runs/{NAME}/{name}", **setup["base"], **fields, **schedule, mesh=args.mesh
@@ -437,8 +442,8 @@ def table1_markdown(runs: dict) -> str:
     return "\n".join(lines)
 
 
-def table8_markdown(runs: dict) -> str:
-    columns = table8_columns()
+def table8_markdown(runs: dict, quick: bool = False) -> str:
+    columns = table8_columns(quick)
     lines = [
         "| | " + " | ".join(c if c == "AdamW" else f"{c} RMS" for c in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
@@ -466,7 +471,7 @@ def table8_markdown(runs: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: dict, path: pathlib.Path, title: str) -> None:
+def plot(runs: dict, path: pathlib.Path, title: str, quick: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -476,7 +481,7 @@ def plot(runs: dict, path: pathlib.Path, title: str) -> None:
     # Table 1's rules, then Table 8's sweep in order (its 0.2 bar is Adjusted LR's run again)
     labels = list(table1_rows())
     names = list(table1_rows().values())
-    for column, name in table8_columns().items():
+    for column, name in table8_columns(quick).items():
         if column != "AdamW":
             labels.append(f"rms {column}")
             names.append(name)
@@ -550,13 +555,14 @@ def main(argv=None) -> int:
     print("\nTable 1 (paper: 800M, 4B of 20B tokens; ours: see results.json 'base')\n")
     print(table1_markdown(runs))
     print("\nTable 8 (paper: 2k steps, about 2B tokens)\n")
-    print(table8_markdown(runs))
+    print(table8_markdown(runs, args.quick))
     print(f"\nwall time {cpu['wall_time_s']:.0f} s in all")
     path = common.write_results(out, results)
     plot(
         runs,
         out / f"{NAME}.png",
         f"Update RMS rules and scales ({'quick' if args.quick else 'cpu'})",
+        args.quick,
     )
     print(f"wrote {path} and {out / f'{NAME}.png'}")
     return 0

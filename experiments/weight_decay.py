@@ -465,7 +465,7 @@ POD_MODEL = dict(
 # FLOPs to one multiply-add per parameter): inspected once.
 INSPECT_AS = {"muon": "muon_wd"}
 POD_QUICK_MODEL = dict(
-    d_model=64, n_layers=2, first_k_dense=2, intermediate_size=176,
+    d_model=64, n_layers=1, first_k_dense=1, intermediate_size=176,
     n_heads=4, attention="mha", head_dim=16,
 )  # fmt: skip
 

@@ -1,6 +1,7 @@
 """experiments/attention_logits.py (paper App. D, Figure 7) end to end at toy
-size: --quick trains Muon and AdamW with MLA and MHA and writes results.json
-and the plot; --scale pod --quick builds and inspects the shrunk pod configs."""
+size: --quick trains Muon and AdamW with MLA and writes results.json and the
+plot; --scale pod --quick builds and inspects a shrunk pod config per optimizer
+and per attention."""
 
 import json
 import math
@@ -19,14 +20,17 @@ def _finite(xs):
 def test_quick_cpu_writes_curves_and_plot(tmp_path):
     results = run_experiment("attention_logits", tmp_path, "--quick")
     assert (tmp_path / "attention_logits.png").stat().st_size > 0
-    assert set(results["runs"]) == set(attention_logits.RUNS) == set(results["configs"])
+    quick = attention_logits.QUICK_RUNS
+    assert set(results["runs"]) == set(quick) == set(results["configs"])
+    assert {attention_logits.RUNS[n][1] for n in quick} == {"muon", "adamw"}
     configs = results["configs"]
     # one model shape, data, schedule and threshold; only the optimizer and the attention differ
     for key in ("learning_rate", "schedule", "steps", "batch_size", "seq_len", "weight_decay",
                 "large_logit_threshold", "adam_b1", "adam_b2"):  # fmt: skip
         assert len({json.dumps(c[key]) for c in configs.values()}) == 1, key
-    assert configs["adamw_mha"]["adam_b2"] == 0.95
-    for name, (_, optimizer, attention) in attention_logits.RUNS.items():
+    assert configs["adamw_mla"]["adam_b2"] == 0.95
+    for name in quick:
+        _, optimizer, attention = attention_logits.RUNS[name]
         assert configs[name]["optimizer"] == optimizer
         assert configs[name]["model"]["attention"] == attention
     threshold = results["setup"]["threshold"]
@@ -54,7 +58,9 @@ def test_quick_cpu_writes_curves_and_plot(tmp_path):
 
 def test_quick_pod_reports_each_config(tmp_path):
     pod = run_experiment("attention_logits", tmp_path, "--scale", "pod", "--quick")["pod"]
-    assert set(pod["runs"]) == set(attention_logits.RUNS)
+    assert set(pod["runs"]) == set(attention_logits.QUICK_POD_RUNS)
+    kinds = [attention_logits.RUNS[n][1:] for n in pod["runs"]]
+    assert {o for o, _ in kinds} == {"muon", "adamw"} and {a for _, a in kinds} == {"mla", "mha"}
     for name, report in pod["runs"].items():
         _, optimizer, attention = attention_logits.RUNS[name]
         assert report["config"]["optimizer"] == optimizer

@@ -424,9 +424,7 @@ def _inject_params():
 @pytest.fixture(scope="module")
 def injected():
     params, (g1, g2) = _inject_params()
-    tx = optax.inject_hyperparams(muonjax.moonlight)(
-        **{k: v for k, (v, _) in HYPERPARAMS.items()}
-    )
+    tx = optax.inject_hyperparams(muonjax.moonlight)(**{k: v for k, (v, _) in HYPERPARAMS.items()})
     step = jax.jit(tx.update)
     _, state = step(g1, tx.init(params), params)
     updates, _ = step(g2, state, params)

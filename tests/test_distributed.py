@@ -61,7 +61,7 @@ def test_sharded_update_equals_unsharded(axis_type):
             jax.device_put(params, shardings), jax.device_put(grads, shardings)
         )
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
     for name, update in got[1].items():  # returned in the updates' own layout
         assert update.sharding.is_equivalent_to(shardings[name], update.ndim), name
 
@@ -75,7 +75,7 @@ def test_mesh_argument_spreads_without_set_mesh():
     update = jax.jit(lambda p, g: _two_steps(spread, p, g))
     args = jax.device_put(params, shardings), jax.device_put(grads, shardings)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(update(*args))):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
     # the matrices reach their owners and come back: all-to-alls, no all-gather
     compiled = update.lower(*args).compile().as_text()
     counts = hlo.collective_bytes(compiled, 8)["instructions"]
@@ -94,7 +94,7 @@ def test_moonlight_under_explicit_axes():
         p, g = put(params), put(grads)
         got, _ = jax.jit(tx.update)(g, jax.jit(tx.init)(p), p)
     for k in params:
-        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-4, atol=1e-5)
 
 
 def test_zero_padding_is_exact():
@@ -145,7 +145,7 @@ def test_known_layouts_keep_split_stacks_and_equal_unsharded():
     args = jax.device_put(params, shardings), jax.device_put(grads, shardings)
     got = jax.jit(lambda p, g: _two_steps(tx, p, g))(*args)
     for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
     # packed matrices reach their owners by all-to-alls
     compiled = jax.jit(lambda p, g: _two_steps(tx, p, g)).lower(*args).compile().as_text()
     assert "all-to-all" in compiled

@@ -27,9 +27,10 @@ def _missing_train_package(error: ModuleNotFoundError) -> str | None:
 
 
 try:  # the core install (`pip install muonjax`) is the optimizer alone: main() says so
-    from muonjax.parallel.mesh import MeshError
+    from muonjax.parallel.mesh import MeshError, parse_mesh
     from muonjax.train.config import (
         CONFIG_FILE,
+        MAX_CPU_DEVICES,
         ConfigError,
         TrainConfig,
         add_arguments,
@@ -143,10 +144,13 @@ def _inspect_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _inspect(args) -> int:
-    from muonjax.parallel.mesh import parse_mesh
-
     given = given_fields(args)
     sizes = parse_mesh(given.get("mesh", INSPECT_DEFAULTS["mesh"]))
+    if math.prod(sizes.values()) > MAX_CPU_DEVICES:  # simulated on the CPU, one device each
+        raise ConfigError(
+            f"--mesh {given.get('mesh')}: {math.prod(sizes.values())} devices; "
+            f"inspect simulates at most {MAX_CPU_DEVICES}"
+        )
     import jax  # simulate the mesh's devices on the CPU, before the backend starts
 
     jax.config.update("jax_platforms", "cpu")
@@ -185,11 +189,47 @@ def _config_from_args(args) -> tuple[TrainConfig, bool]:
     saved_path = pathlib.Path(given.get("out", TrainConfig.out)) / CONFIG_FILE
     resume = args.resume or (args.resume_if_exists and saved_path.exists())
     if resume and saved_path.exists():
-        saved = TrainConfig.from_json(json.loads(saved_path.read_text())["train"])
+        saved = TrainConfig.from_json(_read_saved_train(saved_path))
         return saved.replace(**given), True
     from muonjax.train.finetune import inherit_from_source
 
     return TrainConfig(**inherit_from_source(given)), resume
+
+
+def _read_saved_train(path: pathlib.Path) -> dict:
+    """The "train" object of a run's config.json, or a ConfigError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"--resume: cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConfigError(f"--resume: {path} is not valid JSON{where}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
+        raise ConfigError(f'--resume: {path} has no "train" object; it is not a muonjax run\'s')
+    return data["train"]
+
+
+def _check_out_writable(out: str) -> None:
+    """--out can be created (or, when it exists, written to): checked before anything is
+    written or JAX starts, without creating anything."""
+    path = pathlib.Path(out)
+    probe = path
+    while not probe.exists():
+        if probe.is_symlink():  # exists() follows links: this one points nowhere
+            raise ConfigError(
+                f"--out {out}: {probe} is a symbolic link to {os.readlink(probe)}, which does "
+                "not exist"
+            )
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is not a directory")
+    if not probe.is_dir():
+        raise ConfigError(f"--out {out}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {probe} is not writable (permission denied or read-only)")
 
 
 def _no_train_extra(package: str) -> int:
@@ -213,6 +253,9 @@ def main(argv=None) -> int:
         if args.command == "inspect":
             return _inspect(args)
         config, resume = _config_from_args(args)
+        if config.mesh:  # its syntax, before JAX starts; its size is checked against the devices
+            parse_mesh(config.mesh)
+        _check_out_writable(config.out)
         _start_jax(args, config.cpu_devices)
         from muonjax.train.loop import Preempted, TrainingStopped, run
 

@@ -159,3 +159,118 @@ def test_help_explains_every_flag():
         "--tokenizer",
     ]:
         assert flag in result.stdout
+
+
+# Issue 12: each of these failed with a traceback, wrote files, hung or ran on today's code.
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--learning-rate", "nan"], "--learning-rate must be positive and finite, got nan"),
+        (["--weight-decay", "inf"], "--weight-decay must be >= 0 and finite, got inf"),
+        (["--adam-eps=-inf"], "--adam-eps must be positive and finite, got -inf"),
+        (["--seed", "4294967296"], "--seed must be in [0, 4294967295], got 4294967296"),
+        (["--seed", str(2**63)], f"--seed must be in [0, 4294967295], got {2**63}"),
+        (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+        (["--mesh", "data=\u00b2"], "'data=\u00b2' is not AXIS=SIZE"),
+        (["--mesh", "data=2,data=4"], "--mesh 'data=2,data=4': axis data is given twice"),
+        (["--eval-batches", "0"], "--eval-batches must be at least 1, got 0"),
+        (["--cpu-devices", "100000"], "--cpu-devices must be in [1, 4096], got 100000"),
+    ],
+)
+def test_bad_values_fail_before_anything_is_written(tmp_path, args, match):
+    _assert_usage_error(_train("--out", str(tmp_path / "run"), *args, cwd=tmp_path), match)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_float_field_must_be_finite():
+    import dataclasses
+    import math
+
+    from muonjax.train.config import ConfigError, TrainConfig
+
+    floats = [f.name for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)]
+    assert "large_logit_threshold" in floats and "validation_fraction" in floats
+    for name in floats:
+        for bad in (math.inf, -math.inf, math.nan):
+            with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')} must "):
+                TrainConfig(**{name: bad})
+
+
+def test_remote_out_is_refused(tmp_path):
+    result = _train("--out", "gs://bucket/run", cwd=tmp_path)
+    _assert_usage_error(
+        result, "--out gs://bucket/run: remote paths are not supported; use a local or mounted"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_cannot_be_created(tmp_path):
+    target = tmp_path / "gone"
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    result = _train("--out", str(link), cwd=tmp_path)
+    _assert_usage_error(result, f"--out {link}: {link} is a symbolic link to {target}")
+    result = _train("--out", str(link / "run"), cwd=tmp_path)
+    _assert_usage_error(result, "which does not exist")
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    result = _train("--out", str(afile / "run"), cwd=tmp_path)
+    _assert_usage_error(result, f"--out {afile / 'run'}: {afile} is not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link"]
+    assert afile.read_text() == "keep" and not target.exists()
+
+
+def test_out_on_read_only_location(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes through file permissions")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        result = _train("--out", str(ro / "run"), cwd=tmp_path)
+        _assert_usage_error(result, f"--out {ro / 'run'}: {ro} is not writable")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_resume_with_corrupt_config_json(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"train": {"steps": 2,')
+    result = _train("--out", str(out), "--resume", cwd=tmp_path)
+    _assert_usage_error(result, f"--resume: {out / 'config.json'} is not valid JSON")
+    (out / "config.json").write_text("[1, 2]")
+    result = _train("--out", str(out), "--resume", cwd=tmp_path)
+    _assert_usage_error(result, f'--resume: {out / "config.json"} has no "train" object')
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_inspect_mesh_too_large_to_simulate(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "muonjax", "inspect", "--mesh", "data=100000"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    _assert_usage_error(result, "inspect simulates at most 4096")
+
+
+def test_help_says_each_default_once():
+    import re
+
+    for command in ("train", "inspect"):
+        result = subprocess.run(
+            [sys.executable, "-m", "muonjax", command, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0
+        text = " ".join(result.stdout.split())
+        assert "(default: None)" not in text
+        for flag_help in re.split(r"\s(?=--[a-z])", text):
+            assert flag_help.count("(default:") <= 1, flag_help

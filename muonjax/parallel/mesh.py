@@ -20,14 +20,25 @@ def parse_mesh(text: str | None) -> dict[str, int]:
     if not text:
         sizes["data"] = jax.device_count()
         return sizes
+    given = set()
     for part in text.split(","):
         name, eq, value = part.partition("=")
-        name = name.strip()
-        if not eq or name not in AXES or not value.strip().isdigit() or int(value) < 1:
+        name, value = name.strip(), value.strip()
+        # ASCII digits only: str.isdigit() also accepts "²", which int() refuses
+        if (
+            not eq
+            or name not in AXES
+            or not value.isascii()
+            or not value.isdigit()
+            or int(value) < 1
+        ):
             raise MeshError(
                 f"--mesh {text!r}: {part!r} is not AXIS=SIZE with AXIS one of {', '.join(AXES)} "
                 "and SIZE a positive integer"
             )
+        if name in given:
+            raise MeshError(f"--mesh {text!r}: axis {name} is given twice")
+        given.add(name)
         sizes[name] = int(value)
     return sizes
 

@@ -4,24 +4,40 @@ the data iterator's state, which is the same on every process).
 Saves are asynchronous (the step loop continues while files are written) and
 atomic: a save killed half-way leaves a tmp folder that latest_step() ignores,
 so a resumed run starts from the last complete checkpoint.
+
+A resume (restore_latest) tries the checkpoints newest first. One that does not
+restore (a truncated or garbage array file, a missing `_METADATA`, `state/` or
+`meta/`, an empty step folder: any error while reading it) is skipped with one
+warning line, and the run resumes from the newest one that restores. A skipped
+checkpoint is never deleted: it is renamed to `STEP.damaged-TIMESTAMP` next to
+the others, so that the resumed run can save that step number again, and so that
+orbax's retention (max_to_keep) never removes it. If none restores, nothing is
+renamed and ConfigError says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
+import time
 
 import jax
 import orbax.checkpoint as ocp
 
+from muonjax.train.config import ConfigError
+
 
 class Checkpointer:
     def __init__(self, directory: pathlib.Path, keep: int):
-        self._manager = ocp.CheckpointManager(
-            directory.absolute(),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=True, create=True
-            ),
-        )
+        self._directory = directory.absolute()
+        with _quiet_orbax():  # a damaged step folder: restore_latest says it in one line
+            self._manager = ocp.CheckpointManager(
+                directory.absolute(),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep, enable_async_checkpointing=True, create=True
+                ),
+            )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -47,11 +63,99 @@ class Checkpointer:
         )
         return restored.state, restored.meta
 
+    def restore_latest(self, abstract_state, log=print):
+        """(step, state, meta) of the newest checkpoint that restores, None if the
+        directory holds no checkpoint at all. Newer ones that do not restore are
+        skipped with one warning line each through `log`, and set aside (renamed
+        `STEP.damaged-TIMESTAMP`, never deleted); ConfigError if none restores."""
+        steps = sorted(set(self._manager.all_steps()) | set(self._step_folders()), reverse=True)
+        if not steps:
+            return None
+        skipped = []
+        for step in steps:
+            try:
+                with _quiet_orbax():
+                    state, meta = self._restore_checked(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 -- any failure to read it: orbax, tensorstore, files
+                skipped.append((step, _short(e)))
+                continue
+            with _quiet_orbax():
+                self._set_aside(skipped, step, log)
+            return step, state, meta
+        newest, reason = skipped[0]
+        raise ConfigError(
+            f"--resume: no checkpoint in {self._directory} restores (tried steps "
+            f"{', '.join(str(s) for s, _ in skipped)}; step {newest}: {reason})"
+        )
+
+    def _step_folders(self) -> list[int]:
+        """Steps that have a folder, complete or not (an empty `70/` is one too):
+        a resumed run must not meet them again when it saves that step."""
+        if not self._directory.is_dir():
+            return []
+        return [int(p.name) for p in self._directory.iterdir() if p.is_dir() and p.name.isdigit()]
+
+    def _restore_checked(self, step: int, abstract_state):
+        folder = self._directory / str(step)
+        for part in ("state", "meta"):
+            if not (folder / part).is_dir():
+                raise FileNotFoundError(f"{part}/ is missing")
+        state, meta = self.restore(step, abstract_state)
+        if not isinstance(meta, dict) or "data" not in meta:
+            raise ValueError("its metadata has no data iterator state")
+        return state, meta
+
+    def _set_aside(self, skipped, restored: int, log) -> None:
+        if not skipped:
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for step, reason in skipped:
+            kept = self._directory / f"{step}.damaged-{stamp}"
+            if jax.process_index() == 0:
+                (self._directory / str(step)).rename(kept)
+            log(
+                f"warning: checkpoint {step} in {self._directory} does not restore ({reason}); "
+                f"kept as {kept.name}, resuming from {restored}"
+            )
+        ocp.multihost.sync_global_processes("muonjax_set_aside_damaged_checkpoints")
+        self._manager.reload()
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()
+
+
+class _NoMissingStepMetadata(logging.Filter):
+    """Drops orbax's warning that a step folder has no _CHECKPOINT_METADATA (an
+    empty or damaged one; it comes from every CheckpointManager that lists the
+    folder, finetune.latest_step's too): restore_latest says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Metadata file does not exist: ")
+
+
+logging.getLogger("absl").addFilter(_NoMissingStepMetadata())
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax's own warnings (absl) off: they come as several lines per damaged checkpoint."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _short(error: Exception) -> str:
+    """The exception's type and the first line of its message, at most ~160 characters."""
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def with_shardings(abstract_tree, shardings):

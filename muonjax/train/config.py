@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -25,6 +26,11 @@ CHECKPOINT_DIR = "checkpoints"  # orbax, one folder per step
 TOKENIZERS = ("byte", "bpe")
 DATA_FORMATS = ("text", "sft-jsonl")
 DTYPES = ("float32", "bfloat16")
+# grain's shuffle takes a seed in [0, 2**32); nnx.Rngs takes any of those
+MAX_SEED = 2**32 - 1
+# simulated CPU devices: each is a thread pool of XLA's; far more than any real
+# mesh to simulate, and far fewer than the count at which start-up never ends
+MAX_CPU_DEVICES = 4096
 
 # Fields a resumed run may change; anything else changes what is computed.
 RESUMABLE = frozenset(
@@ -68,7 +74,7 @@ class TrainConfig:
 
     # the run
     out: str = _field("runs/default", "run directory; must not exist unless --resume")
-    seed: int = _field(0, "seed for initialization and data order")
+    seed: int = _field(0, f"seed for initialization and data order, 0 to {MAX_SEED}")
     steps: int = _field(200, "number of optimizer steps in the run")
     batch_size: int = _field(
         16, "global batch in sequences per optimizer step; divisible by the data-parallel size"
@@ -172,7 +178,7 @@ class TrainConfig:
     )
     # logging, evaluation, checkpoints
     eval_every: int = _field(50, "steps between evaluations on the held-out text")
-    eval_batches: int = _field(4, "batches per evaluation")
+    eval_batches: int = _field(4, "batches per evaluation (at least 1)")
     log_every: int = _field(10, "steps between metrics lines")
     svd_entropy_every: int = _field(
         0,
@@ -191,7 +197,8 @@ class TrainConfig:
     progress: bool = _field(True, "a progress bar on a terminal")
     # devices
     cpu_devices: int | None = _field(
-        None, "simulate this many devices on the CPU; default: the real devices"
+        None,
+        f"simulate this many devices on the CPU (1 to {MAX_CPU_DEVICES}); default: the real devices",
     )
     mesh: str | None = _field(
         None,
@@ -206,10 +213,12 @@ class TrainConfig:
         object.__setattr__(self, "data", tuple(self.data))
         object.__setattr__(self, "model", dict(self.model or {}))
         problems = []
+        reported = set()  # float fields whose own rule below already refused them
 
-        def check(ok, message):
+        def check(ok, message, name=None):
             if not ok:
                 problems.append(message)
+                reported.add(name)
 
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -227,12 +236,13 @@ class TrainConfig:
             "ns_steps",
             "keep_checkpoints",
             "max_nonfinite",
+            "eval_batches",  # 0 would average no batches: a NaN eval_loss
         ):
             check(
                 getattr(self, name) >= 1,
                 f"{_flag(name)} must be at least 1, got {getattr(self, name)}",
             )
-        for name in ("warmup_steps", "seed", "eval_batches", "svd_entropy_every"):
+        for name in ("warmup_steps", "svd_entropy_every"):
             check(
                 getattr(self, name) >= 0, f"{_flag(name)} must be >= 0, got {getattr(self, name)}"
             )
@@ -242,21 +252,26 @@ class TrainConfig:
             check(
                 finite(value) and value > 0,
                 f"{_flag(name)} must be positive and finite, got {value}",
+                name,
             )
         for name in ("weight_decay", "weight_decay_adamw"):
             value = getattr(self, name)
             check(
                 value is None or (finite(value) and value >= 0),
                 f"{_flag(name)} must be >= 0 and finite, got {value}",
+                name,
             )
         check(
             finite(self.large_logit_threshold),
             f"{_flag('large_logit_threshold')} must be finite, got {self.large_logit_threshold}",
+            "large_logit_threshold",
         )
         for name in ("momentum", "adam_b1", "adam_b2", "min_lr_ratio", "decay_fraction"):
             value = getattr(self, name)
             check(
-                finite(value) and 0 <= value <= 1, f"{_flag(name)} must be in [0, 1], got {value}"
+                finite(value) and 0 <= value <= 1,
+                f"{_flag(name)} must be in [0, 1], got {value}",
+                name,
             )
         check(
             self.batch_size % self.grad_accum == 0,
@@ -265,6 +280,7 @@ class TrainConfig:
         check(
             0 < self.validation_fraction < 1,
             f"--validation-fraction must be in (0, 1), got {self.validation_fraction}",
+            "validation_fraction",
         )
         check(
             self.bpe_vocab_size >= 260,
@@ -275,13 +291,31 @@ class TrainConfig:
             f"--decay-steps ({self.decay_steps}) must be >= --warmup-steps ({self.warmup_steps})",
         )
         check(
-            self.cpu_devices is None or self.cpu_devices >= 1,
-            f"--cpu-devices must be at least 1, got {self.cpu_devices}",
+            0 <= self.seed <= MAX_SEED,
+            f"--seed must be in [0, {MAX_SEED}], got {self.seed}",
+        )
+        check(
+            self.cpu_devices is None or 1 <= self.cpu_devices <= MAX_CPU_DEVICES,
+            f"--cpu-devices must be in [1, {MAX_CPU_DEVICES}], got {self.cpu_devices}",
+        )
+        check(
+            "://" not in self.out,
+            f"--out {self.out}: remote paths are not supported; use a local or mounted path",
         )
         check(
             not self.init_optimizer_state or self.init_from,
             "--init-optimizer-state needs --init-from",
         )
+        for f in dataclasses.fields(self):  # every float flag, whether or not it has a rule above
+            value = getattr(self, f.name)
+            check(
+                f.name in reported
+                or _unwrap_optional(_hints()[f.name]) is not float
+                or not isinstance(value, (int, float))
+                or math.isfinite(value),
+                f"{_flag(f)} must be a finite number, got {value}",
+                f.name,
+            )
         if problems:
             raise ConfigError("; ".join(problems))
         if self.preset in PRESETS:
@@ -344,6 +378,11 @@ class TrainConfig:
             for f in dataclasses.fields(self)
             if f.name not in RESUMABLE and getattr(self, f.name) != getattr(saved, f.name)
         ]
+
+
+@functools.cache
+def _hints() -> dict:
+    return typing.get_type_hints(TrainConfig)
 
 
 def _flag(field) -> str:

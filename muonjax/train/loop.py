@@ -19,6 +19,7 @@ from muonjax.parallel.mesh import describe, make_mesh, parse_mesh
 from muonjax.train import checkpoint, finetune, pipeline
 from muonjax.train.config import CHECKPOINT_DIR, CONFIG_FILE, ConfigError, TrainConfig, save_json
 from muonjax.train.data import RunData, load_data
+from muonjax.train.lock import RunLock, is_lock_file
 from muonjax.train.metrics import METRICS_FILE, MetricsWriter
 from muonjax.train.preemption import StopOnSignal
 from muonjax.train.program import build, check_batch
@@ -56,7 +57,9 @@ def _saved_config(out: pathlib.Path, resume: bool) -> dict | None:
     """config.json of the run in `out` when resuming; refuses to touch a used `out` otherwise."""
     path = out / CONFIG_FILE
     if not resume:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.exists() and (
+            not out.is_dir() or any(not is_lock_file(p.name) for p in out.iterdir())
+        ):
             raise ConfigError(
                 f"--out {out} already exists; pass --resume to continue that run, or choose a new --out"
             )
@@ -149,6 +152,13 @@ def _set_up(config: TrainConfig, resume: bool, log) -> _Run:
 
 
 def run(config: TrainConfig, *, resume: bool = False, log=print) -> Summary:
+    """`_run` holding the run lock of `config.out` throughout: one writer per run
+    directory (ConfigError, nothing written, if another run holds it)."""
+    with RunLock(config.out, jax.process_index(), log):
+        return _run(config, resume=resume, log=log)
+
+
+def _run(config: TrainConfig, *, resume: bool = False, log=print) -> Summary:
     """Trains (or with `resume`, continues) the run `config` describes, in this
     process; returns its Summary. Raises ConfigError for bad input (nothing
     written), TrainingStopped when it diverges, Preempted on SIGTERM / SIGINT
@@ -161,13 +171,13 @@ def run(config: TrainConfig, *, resume: bool = False, log=print) -> Summary:
         r.data.train_tokens, config.seq_len, config.batch_size, config.seed, process, processes
     )
     ckpt = checkpoint.Checkpointer(out / CHECKPOINT_DIR, config.keep_checkpoints)
-    latest = ckpt.latest_step() if resume else None
-    if latest is None:
+    restored = ckpt.restore_latest(program.abstract(), log) if resume else None
+    if restored is None:
         state = program.init() if r.initial is None else r.initial
         if resume:
             log(f"{out}: no complete checkpoint yet; starting again from step 0")
     else:
-        state, meta = ckpt.restore(latest, program.abstract())
+        latest, state, meta = restored
         batches.set_state(meta["data"])
         log(f"{out}: resumed from step {latest} on mesh {describe(program.mesh)}")
     start = int(state.step)

@@ -21,6 +21,7 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     ).strip()
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
@@ -33,6 +34,18 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parent.parent / "experiments"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A folder of 20 real text files (some of this Python's own stdlib) for
+    --data; test modules that need more define their own."""
+    from muonjax.train.corpus import load_corpus
+
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(load_corpus().texts[:20]):
+        (folder / f"doc{i:02d}.py").write_text(text)
+    return str(folder)
 
 
 def load_experiment(name: str):

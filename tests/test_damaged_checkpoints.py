@@ -11,7 +11,6 @@ import sys
 import pytest
 
 from muonjax.train import ConfigError, TrainConfig, read_metrics, run
-from muonjax.train.corpus import load_corpus
 
 QUIET = dict(log=lambda *_: None)
 
@@ -34,14 +33,6 @@ def _config(corpus, out, steps):
 
 def _losses(out):
     return [(m["step"], m["loss"]) for m in read_metrics(out) if "loss" in m]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, text in enumerate(load_corpus().texts[:20]):
-        (folder / f"doc{i:02d}.py").write_text(text)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

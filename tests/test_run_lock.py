@@ -11,7 +11,6 @@ import time
 import pytest
 
 from muonjax.train.config import ConfigError
-from muonjax.train.corpus import load_corpus
 from muonjax.train.lock import LOCK_FILE, RunLock, is_lock_file, lock_name
 from muonjax.train.loop import _saved_config
 
@@ -33,14 +32,6 @@ SMALL = [
     "20",
 ]
 IN_USE = "is in use by another run (pid "
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, text in enumerate(load_corpus().texts[:20]):
-        (folder / f"doc{i:02d}.py").write_text(text)
-    return str(folder)
 
 
 def _start(*args):

@@ -19,7 +19,6 @@ from muonjax.models import (
 )
 from muonjax.models.spectra import figure4_group, hidden_matrices, matrix_group, path_names
 from muonjax.train import ConfigError, TrainConfig, read_metrics, run
-from muonjax.train.corpus import load_corpus
 
 
 def reference(matrix) -> float:
@@ -150,14 +149,6 @@ def test_many_cpu_devices_do_not_deadlock():
     first = jax.device_get(by_group(params))
     for _ in range(30):
         assert jax.device_get(by_group(params)) == first
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    for i, text in enumerate(load_corpus().texts[:20]):
-        (folder / f"doc{i:02d}.py").write_text(text)
-    return str(folder)
 
 
 def test_trainer_logs_svd_entropy_on_a_sharded_model(corpus, tmp_path):

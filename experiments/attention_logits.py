@@ -497,11 +497,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     if args.scale == "pod":
         pod = run_pod(args)
-        print(pod_markdown(pod))
-        print(f"wall time {pod['wall_time_s']:.0f} s")
-        path = common.write_results(out, {"paper": PAPER, "quick": args.quick, "pod": pod})
-        print(f"wrote {path}")
-        return 0
+        return common.report_pod(out, PAPER, args.quick, pod, pod_markdown(pod))
 
     results = {"paper": PAPER, **run_cpu(args)}
     s = results["setup"]

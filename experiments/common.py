@@ -76,6 +76,16 @@ def write_results(out: str | pathlib.Path, results: dict) -> pathlib.Path:
     return path
 
 
+def report_pod(out: str | pathlib.Path, paper: dict, quick: bool, pod: dict, table: str) -> int:
+    """How every script's --scale pod ends: its table and wall time printed, and
+    OUT/results.json written with the paper's numbers and the pod part."""
+    print(table)
+    print(f"wall time {pod['wall_time_s']:.0f} s")
+    path = write_results(out, {"paper": paper, "quick": quick, "pod": pod})
+    print(f"wrote {path}")
+    return 0
+
+
 def params_at(run_dir: str | pathlib.Path, step: int | None = None) -> dict:
     """The parameters of a run's checkpoint at `step` (default: the newest), as
     a nested dict of NumPy arrays."""

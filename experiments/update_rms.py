@@ -540,14 +540,9 @@ def main(argv=None) -> int:
     args = common.arguments(NAME, __doc__, argv)
     out = pathlib.Path(args.out)
     if args.scale == "pod":
-        results = {"paper": PAPER, "pod": run_pod(args), "quick": args.quick}
-        print(pod_markdown(results["pod"]))
-        print(
-            f"vocab {results['pod']['vocab_size']}; wall time {results['pod']['wall_time_s']:.0f} s"
-        )
-        path = common.write_results(out, results)
-        print(f"wrote {path}")
-        return 0
+        pod = run_pod(args)
+        print(f"vocab {pod['vocab_size']}")
+        return common.report_pod(out, PAPER, args.quick, pod, pod_markdown(pod))
 
     cpu = run_cpu(args)
     results = {"paper": PAPER, "quick": args.quick, **cpu}

@@ -567,13 +567,8 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     if args.scale == "pod":
         pod = run_pod(args)
-        print(pod_markdown(pod))
-        print(
-            f"vocab {pod['vocab_size']} ({pod['vocab_assumption']}); wall time {pod['wall_time_s']:.0f} s"
-        )
-        path = common.write_results(out, {"paper": PAPER, "quick": args.quick, "pod": pod})
-        print(f"wrote {path}")
-        return 0
+        print(f"vocab {pod['vocab_size']} ({pod['vocab_assumption']})")
+        return common.report_pod(out, PAPER, args.quick, pod, pod_markdown(pod))
 
     results = {"paper": PAPER, **run_cpu(args)}
     s = results["setup"]

@@ -14,6 +14,7 @@ from typing import Any
 from flax import nnx
 
 from muonjax.optim.matrix_axes import MatrixAxes, MatrixAxesFn
+from muonjax.optim.recipes import _key_name
 
 
 def _axes(rows: range, cols: range) -> MatrixAxes:
@@ -56,13 +57,6 @@ _KERNEL_AXES = {
     nnx.ConvTranspose: _conv,
     nnx.Einsum: _einsum,
 }
-
-
-def _key_name(key: Any) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return key
 
 
 def nnx_matrix_axes(model: nnx.Module) -> MatrixAxesFn:
@@ -113,13 +107,13 @@ def nnx_matrix_axes(model: nnx.Module) -> MatrixAxesFn:
             "nnx_matrix_axes needs the nnx.Module itself (its module types give "
             f"each kernel's layout), got {type(model).__name__}."
         )
-    table: dict[tuple[Any, ...], MatrixAxes | None] = {}
+    table: dict[tuple[str, ...], MatrixAxes | None] = {}  # path names as strings
     for path, module in nnx.iter_modules(model):
         for module_type, rule in _KERNEL_AXES.items():
             if isinstance(module, module_type) and isinstance(
                 getattr(module, "kernel", None), nnx.Param
             ):
-                table[(*path, "kernel")] = rule(module)
+                table[(*map(str, path), "kernel")] = rule(module)
                 break
 
     def matrix_axes(path: Any, leaf: Any) -> MatrixAxes | None:

@@ -33,8 +33,10 @@ try:  # the core install (`pip install muonjax`) is the optimizer alone: main() 
         MAX_CPU_DEVICES,
         ConfigError,
         TrainConfig,
+        WriteFailed,
         add_arguments,
         given_fields,
+        read_run_config,
     )
 except ModuleNotFoundError as e:
     if _missing_train_package(e) is None:
@@ -43,10 +45,11 @@ except ModuleNotFoundError as e:
 else:
     _MISSING = None
 
+EXIT_DIVERGED = 1  # too many non-finite steps in a row: see --resume-from
 EXIT_USAGE = 2
-EXIT_PREEMPTED = (
-    75  # sysexits' EX_TEMPFAIL: stopped by a signal, checkpointed, relaunch to continue
-)
+EXIT_IO = 74  # sysexits' EX_IOERR: the run's files could not be written (disk full)
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal, checkpointed, relaunch
+EXIT_INTERRUPTED = 130  # SIGINT before training set up its handler: nothing to save yet
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,8 +63,10 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
         help="train a model",
         description="Train a Moonlight-style MoE language model with Muon (the Moonlight recipe) "
         "or AdamW. Outputs in --out: config.json, metrics.jsonl, tensorboard/, checkpoints/. "
-        f"Exit codes: 0 done, 1 stopped by divergence, 2 bad input, {EXIT_PREEMPTED} stopped by "
-        "SIGTERM/SIGINT after checkpointing (relaunch with --resume or --resume-if-exists).",
+        f"Exit codes: 0 done, {EXIT_DIVERGED} stopped by divergence (see --resume-from), "
+        f"{EXIT_USAGE} bad input, {EXIT_IO} its files could not be written (disk full), "
+        f"{EXIT_PREEMPTED} stopped by SIGTERM/SIGINT after checkpointing (relaunch with --resume "
+        "or --resume-if-exists).",
     )
     add_arguments(p)
     resume = p.add_mutually_exclusive_group()
@@ -74,6 +79,21 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
         "--resume-if-exists",
         action="store_true",
         help="--resume when --out holds a run, else start it: a scheduler can relaunch the same command",
+    )
+    resume.add_argument(
+        "--resume-from",
+        type=int,
+        metavar="STEP",
+        help="--resume from checkpoint STEP, not the newest (the newer ones are set aside, "
+        "never deleted): with --skip-batches and a lower --learning-rate, the way past a divergence",
+    )
+    p.add_argument(
+        "--skip-batches",
+        type=int,
+        default=0,
+        metavar="N",
+        help="on resume, skip the next N training batches (those that diverged); recorded in "
+        "config.json's history",
     )
     _distributed_flags(p)
     return p
@@ -187,27 +207,18 @@ def _config_from_args(args) -> tuple[TrainConfig, bool]:
     with the flags given on top."""
     given = given_fields(args)
     saved_path = pathlib.Path(given.get("out", TrainConfig.out)) / CONFIG_FILE
-    resume = args.resume or (args.resume_if_exists and saved_path.exists())
+    resume = (
+        args.resume
+        or args.resume_from is not None
+        or args.skip_batches != 0
+        or (args.resume_if_exists and saved_path.exists())
+    )
     if resume and saved_path.exists():
-        saved = TrainConfig.from_json(_read_saved_train(saved_path))
+        saved = TrainConfig.from_json(read_run_config(saved_path.parent)["train"])
         return saved.replace(**given), True
     from muonjax.train.finetune import inherit_from_source
 
     return TrainConfig(**inherit_from_source(given)), resume
-
-
-def _read_saved_train(path: pathlib.Path) -> dict:
-    """The "train" object of a run's config.json, or a ConfigError naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"--resume: cannot read {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise ConfigError(f"--resume: {path} is not valid JSON{where}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
-        raise ConfigError(f'--resume: {path} has no "train" object; it is not a muonjax run\'s')
-    return data["train"]
 
 
 def _check_out_writable(out: str) -> None:
@@ -260,16 +271,19 @@ def main(argv=None) -> int:
         from muonjax.train.loop import Preempted, TrainingStopped, run
 
         try:
-            summary = run(config, resume=resume)
-        except TrainingStopped as e:
+            summary = run(
+                config, resume=resume, resume_from=args.resume_from, skip_batches=args.skip_batches
+            )
+        except (TrainingStopped, Preempted, WriteFailed) as e:
             print(f"muonjax train: {e}", file=sys.stderr)
-            return 1
-        except Preempted as e:
-            print(f"muonjax train: {e}", file=sys.stderr)
-            return EXIT_PREEMPTED
+            codes = {TrainingStopped: EXIT_DIVERGED, Preempted: EXIT_PREEMPTED}
+            return codes.get(type(e), EXIT_IO)
     except (ConfigError, MeshError) as e:
         print(f"muonjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before run() handles signals: nothing trained, nothing to save
+        print("muonjax: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ModuleNotFoundError as e:  # one the train extra imports only when it runs
         if _missing_train_package(e) is None:
             raise

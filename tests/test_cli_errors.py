@@ -130,9 +130,9 @@ def test_resume_with_incompatible_config(tmp_path, text_dir):
     assert _train(*args, cwd=tmp_path).returncode == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     result = _train(
-        "--out", str(out), "--resume", "--steps", "4", "--learning-rate", "0.5", cwd=tmp_path
+        "--out", str(out), "--resume", "--steps", "4", "--weight-decay", "0.5", cwd=tmp_path
     )
-    _assert_usage_error(result, "was trained with another config (learning_rate: 0.01 -> 0.5)")
+    _assert_usage_error(result, "was trained with another config (weight_decay: 0.1 -> 0.5)")
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert before == after
 
@@ -244,7 +244,7 @@ def test_resume_with_corrupt_config_json(tmp_path):
     _assert_usage_error(result, f"--resume: {out / 'config.json'} is not valid JSON")
     (out / "config.json").write_text("[1, 2]")
     result = _train("--out", str(out), "--resume", cwd=tmp_path)
-    _assert_usage_error(result, f'--resume: {out / "config.json"} has no "train" object')
+    _assert_usage_error(result, f"--resume: {out / 'config.json'} is not a muonjax run's config")
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 

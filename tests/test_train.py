@@ -186,7 +186,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(corpus, tmp_path):
     applied = float(learning_rate_schedule(config)(first_skipped - 1))
     assert [r["learning_rate"] for r in records[-3:]] == pytest.approx([applied] * 3, rel=1e-6)
     assert float(learning_rate_schedule(config)(first_skipped + 1)) != pytest.approx(applied)
-    last_good = int(str(stopped.value).split("checkpoint is step ")[1].split()[0])
+    last_good = int(str(stopped.value).split("--resume-from ")[1].split()[0])
     assert last_good == records[-1]["step"] - 3
     assert all(np.all(np.isfinite(x)) for x in _final_state(tmp_path / "run", last_good))
 

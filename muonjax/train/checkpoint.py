@@ -13,6 +13,10 @@ checkpoint is never deleted: it is renamed to `STEP.damaged-TIMESTAMP` next to
 the others, so that the resumed run can save that step number again, and so that
 orbax's retention (max_to_keep) never removes it. If none restores, nothing is
 renamed and ConfigError says so.
+
+A save that fails (disk full, an I/O error) raises WriteFailed, at the save or
+at the first `check()` after the background write failed: one line naming the
+checkpoint and the last complete one, which the failed save does not touch.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ import time
 import jax
 import orbax.checkpoint as ocp
 
-from muonjax.train.config import ConfigError
+from muonjax.train.config import ConfigError, WriteFailed
 
 
 class Checkpointer:
     def __init__(self, directory: pathlib.Path, keep: int):
         self._directory = directory.absolute()
+        self._saving: int | None = None  # the step of the save in progress
         with _quiet_orbax():  # a damaged step folder: restore_latest says it in one line
             self._manager = ocp.CheckpointManager(
                 directory.absolute(),
@@ -42,14 +47,49 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The complete checkpoints' steps, oldest first."""
+        return sorted(self._manager.all_steps())
+
     def save(self, step: int, state, meta: dict) -> None:
-        """Starts writing; returns once the arrays are copied off the devices."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-        )
+        """Starts writing; returns once the arrays are copied off the devices.
+        WriteFailed if this save, or the one before it, fails."""
+        self.check()
+        self._saving = step
+        with self._reporting_failure():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+            )
+
+    def check(self) -> None:
+        """WriteFailed if the save in progress has failed; cheap, for every step."""
+        with self._reporting_failure():
+            self._manager.check_for_errors()
+
+    def wait(self) -> None:
+        """Blocks until the save in progress is complete; WriteFailed if it failed."""
+        with self._reporting_failure():
+            self._manager.wait_until_finished()
+        self._saving = None
+
+    @contextlib.contextmanager
+    def _reporting_failure(self):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 -- orbax, tensorstore or the OS: any of them
+            failed = self._saving
+            complete = [s for s in self._manager.all_steps() if s != failed]
+            last = (
+                f"the last complete checkpoint is {max(complete)}"
+                if complete
+                else "no checkpoint is complete"
+            )
+            raise WriteFailed(
+                f"saving checkpoint {failed} in {self._directory} failed ({_short(e)}); {last}"
+            ) from e
 
     def restore(self, step: int, abstract_state):
         """The state laid out as `abstract_state` says (shapes, dtypes, shardings:
@@ -80,7 +120,12 @@ class Checkpointer:
                 skipped.append((step, _short(e)))
                 continue
             with _quiet_orbax():
-                self._set_aside(skipped, step, log)
+                names = self._set_aside([s for s, _ in skipped], "damaged")
+            for (bad, reason), name in zip(skipped, names, strict=True):
+                log(
+                    f"warning: checkpoint {bad} in {self._directory} does not restore "
+                    f"({reason}); kept as {name}, resuming from {step}"
+                )
             return step, state, meta
         newest, reason = skipped[0]
         raise ConfigError(
@@ -105,23 +150,40 @@ class Checkpointer:
             raise ValueError("its metadata has no data iterator state")
         return state, meta
 
-    def _set_aside(self, skipped, restored: int, log) -> None:
-        if not skipped:
-            return
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        for step, reason in skipped:
-            kept = self._directory / f"{step}.damaged-{stamp}"
-            if jax.process_index() == 0:
-                (self._directory / str(step)).rename(kept)
-            log(
-                f"warning: checkpoint {step} in {self._directory} does not restore ({reason}); "
-                f"kept as {kept.name}, resuming from {restored}"
+    def restore_step(self, step: int, abstract_state, log=print):
+        """(step, state, meta) of checkpoint `step` (ConfigError if there is none or
+        it does not restore); the newer ones are set aside, renamed
+        `STEP.abandoned-TIMESTAMP`, so that the run goes on from `step`."""
+        steps = sorted(set(self._manager.all_steps()) | set(self._step_folders()))
+        if step not in steps:
+            have = ", ".join(map(str, steps)) or "none"
+            raise ConfigError(
+                f"--resume-from {step}: no checkpoint {step} in {self._directory} (there: {have})"
             )
-        ocp.multihost.sync_global_processes("muonjax_set_aside_damaged_checkpoints")
-        self._manager.reload()
+        try:
+            with _quiet_orbax():
+                state, meta = self._restore_checked(step, abstract_state)
+        except Exception as e:  # noqa: BLE001 -- as in restore_latest
+            raise ConfigError(f"--resume-from {step}: it does not restore ({_short(e)})") from None
+        newer = [s for s in steps if s > step]
+        with _quiet_orbax():
+            names = self._set_aside(newer, "abandoned")
+        if names:
+            log(f"{self._directory}: later checkpoints set aside as {', '.join(names)}")
+        return step, state, meta
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
+    def _set_aside(self, steps: list[int], why: str) -> list[str]:
+        """Renames each step's folder `STEP.{why}-TIMESTAMP` (the lead process; the
+        others wait for it); returns the new names."""
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        names = [f"{step}.{why}-{stamp}" for step in steps]
+        if jax.process_index() == 0:
+            for step, name in zip(steps, names, strict=True):
+                (self._directory / str(step)).rename(self._directory / name)
+        if steps:
+            ocp.multihost.sync_global_processes(f"muonjax_set_aside_{why}_checkpoints")
+            self._manager.reload()
+        return names
 
     def close(self) -> None:
         self._manager.close()

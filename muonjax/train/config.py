@@ -50,6 +50,14 @@ RESUMABLE = frozenset(
         "remat",  # recomputes, changes no value
     }
 )
+# Where the run and its inputs are: a resumed run compares what they hold (the
+# run directory is the run; the data's fingerprint; the source's checkpoint),
+# not how the paths are spelled, so a run can be resumed from another working
+# directory or after its folder was moved.
+LOCATIONS = frozenset({"out", "data", "init_from"})
+# Fields a resumed run may change to recover from a divergence or to extend its
+# schedule: each change is logged and recorded in config.json's "history".
+RECOVERY = frozenset({"learning_rate", "decay_steps"})
 
 # Model fields --model may not set: the tokenizer fixes the vocabulary, and
 # --dtype / --remat are flags of their own.
@@ -58,6 +66,11 @@ _NOT_MODEL_OVERRIDES = frozenset({"vocab_size", "dtype", "remat"})
 
 class ConfigError(ValueError):
     """A bad value a user can pass: the CLI prints it on one line and exits 2."""
+
+
+class WriteFailed(RuntimeError):
+    """The run's files could not be written (disk full, an I/O error): the run
+    stopped; its complete checkpoints are intact. The CLI prints it on one line."""
 
 
 def _field(default, help: str, *, choices=None, factory=None):
@@ -298,10 +311,14 @@ class TrainConfig:
             self.cpu_devices is None or 1 <= self.cpu_devices <= MAX_CPU_DEVICES,
             f"--cpu-devices must be in [1, {MAX_CPU_DEVICES}], got {self.cpu_devices}",
         )
-        check(
-            "://" not in self.out,
-            f"--out {self.out}: remote paths are not supported; use a local or mounted path",
-        )
+        for name in ("out", "init_from"):
+            value = getattr(self, name) or ""
+            check(
+                "://" not in value,
+                f"--{name.replace('_', '-')} {value}: remote paths are not supported; "
+                "use a local or mounted path",
+                name,
+            )
         check(
             not self.init_optimizer_state or self.init_from,
             "--init-optimizer-state needs --init-from",
@@ -373,10 +390,20 @@ class TrainConfig:
 
     def resume_changes(self, saved: TrainConfig) -> list[str]:
         """The fields that differ from a saved run's and may not change on resume."""
+        free = RESUMABLE | LOCATIONS | RECOVERY
+        return [n for n in self._changed(saved) if n not in free]
+
+    def recovery_changes(self, saved: TrainConfig) -> dict[str, list]:
+        """{field: [saved value, this value]} for the RECOVERY fields that differ."""
+        return {
+            n: [getattr(saved, n), getattr(self, n)] for n in self._changed(saved) if n in RECOVERY
+        }
+
+    def _changed(self, saved: TrainConfig) -> list[str]:
         return [
             f.name
             for f in dataclasses.fields(self)
-            if f.name not in RESUMABLE and getattr(self, f.name) != getattr(saved, f.name)
+            if getattr(self, f.name) != getattr(saved, f.name)
         ]
 
 
@@ -506,6 +533,28 @@ def given_fields(args: argparse.Namespace) -> dict:
         model.update(parse_model_overrides(given.get("model", "")))
         given["model"] = model
     return given
+
+
+def read_run_config(out: pathlib.Path, flag: str = "--resume") -> dict:
+    """The config.json of the run in `out` (its "train", "model", "data", ...
+    objects), or a ConfigError that names `flag` and the file."""
+    path = pathlib.Path(out) / CONFIG_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{flag} {out}: no {CONFIG_FILE} there; it is not a muonjax train run's --out"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot read {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ConfigError(f"{flag}: {path} is not valid JSON{where}") from None
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), dict) for k in ("train", "model")
+    ):
+        raise ConfigError(f"{flag}: {path} is not a muonjax run's config (no train and model)")
+    return data
 
 
 def save_json(path: pathlib.Path, data: dict) -> None:

@@ -25,7 +25,9 @@ _STDLIB_SKIP = frozenset(
 class Corpus:
     texts: tuple[str, ...]
     paths: tuple[str, ...]
-    fingerprint: str  # sha256 over the files' paths (relative) and bytes, in order
+    # sha256 over the files' bytes, in order: what a run computes from, not where the
+    # files lie (a resumed run may spell --data differently, or the files may move)
+    fingerprint: str
 
     def describe(self) -> dict:
         return {
@@ -80,6 +82,12 @@ def _decode(path: pathlib.Path, data: bytes) -> str:
         ) from None
 
 
+def _add(digest, data: bytes) -> None:
+    """One file into a fingerprint: its length, then its bytes (so that where one
+    file ends and the next begins counts, as it does for the token streams)."""
+    digest.update(len(data).to_bytes(8, "little") + data)
+
+
 def load_corpus(patterns: tuple[str, ...] = ()) -> Corpus:
     """Reads the corpus; user files must be non-empty UTF-8 text."""
     if not patterns:
@@ -90,7 +98,7 @@ def load_corpus(patterns: tuple[str, ...] = ()) -> Corpus:
         data = path.read_bytes()
         texts.append(_decode(path, data))
         paths.append(str(path))
-        digest.update(str(path).encode() + b"\0" + data)
+        _add(digest, data)
     if not any(texts):
         raise ConfigError(f"--data {' '.join(patterns)} holds no text (all files are empty)")
     return Corpus(texts=tuple(texts), paths=tuple(paths), fingerprint=digest.hexdigest())
@@ -111,7 +119,7 @@ def _stdlib_corpus() -> Corpus:
             continue
         relative = str(path.relative_to(root))
         paths.append(relative)
-        digest.update(relative.encode() + b"\0" + data)
+        _add(digest, data)
     return Corpus(texts=tuple(texts), paths=tuple(paths), fingerprint=digest.hexdigest())
 
 
@@ -138,7 +146,7 @@ class Examples:
 
     pairs: tuple[tuple[str, str], ...]
     paths: tuple[str, ...]
-    fingerprint: str  # sha256 over the files' paths and bytes, in order, as for Corpus
+    fingerprint: str  # sha256 over the files' bytes, in order, as for Corpus
 
     def describe(self) -> dict:
         return {
@@ -192,7 +200,7 @@ def load_examples(patterns: tuple[str, ...]) -> Examples:
         data = path.read_bytes()
         pairs.extend(_examples_in(path, _decode(path, data)))
         paths.append(str(path))
-        digest.update(str(path).encode() + b"\0" + data)
+        _add(digest, data)
     if not pairs:
         raise ConfigError(f"--data {' '.join(patterns)} holds no examples (every line is blank)")
     return Examples(pairs=tuple(pairs), paths=tuple(paths), fingerprint=digest.hexdigest())

@@ -12,7 +12,7 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 
-from muonjax.train.config import CHECKPOINT_DIR, CONFIG_FILE, ConfigError, TrainConfig
+from muonjax.train.config import CHECKPOINT_DIR, ConfigError, TrainConfig, read_run_config
 from muonjax.train.tokenizer import BPE_FILE
 
 # Set by the source run's config and taken as they are when not given.
@@ -40,29 +40,13 @@ class Source:
         }
 
 
-def _read_config(path: pathlib.Path) -> dict:
-    file = path / CONFIG_FILE
-    if not file.is_file():
-        raise ConfigError(
-            f"--init-from {path}: no {CONFIG_FILE} there; "
-            "pass the --out folder of a muonjax train run"
-        )
-    try:
-        saved = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--init-from {file} is not JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(saved, dict) or not {"train", "model"} <= saved.keys():
-        raise ConfigError(f"--init-from {file} is not a muonjax run's config (no train and model)")
-    return saved
-
-
 def inherit_from_source(config_fields: dict) -> dict:
     """The TrainConfig fields given (e.g. `given_fields(args)`), with --preset,
     --model, --tokenizer and --bpe-vocab-size taken from the --init-from run
     where not given; unchanged without init_from."""
     if not config_fields.get("init_from"):
         return dict(config_fields)
-    source = _read_config(pathlib.Path(config_fields["init_from"]))["train"]
+    source = read_run_config(pathlib.Path(config_fields["init_from"]), "--init-from")["train"]
     return {**{k: source[k] for k in INHERITED if k in source}, **config_fields}
 
 
@@ -87,7 +71,7 @@ def load_source(config: TrainConfig) -> Source:
     """The --init-from run, checked against `config` (its tokenizer, and its
     optimizer when the optimizer state is kept); ConfigError otherwise."""
     path = pathlib.Path(config.init_from)
-    saved = _read_config(path)
+    saved = read_run_config(path, "--init-from")
     train = TrainConfig.from_json(saved["train"])
     step = latest_step(_checkpoints(path))
     if step is None:

@@ -4,7 +4,6 @@ loop with logging, evaluation and checkpoints, and exact resume."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import platform
 import signal
@@ -17,10 +16,18 @@ import numpy as np
 from muonjax.models import flops_per_token, param_counts, svd_entropy_by_group
 from muonjax.parallel.mesh import describe, make_mesh, parse_mesh
 from muonjax.train import checkpoint, finetune, pipeline
-from muonjax.train.config import CHECKPOINT_DIR, CONFIG_FILE, ConfigError, TrainConfig, save_json
+from muonjax.train.config import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    ConfigError,
+    TrainConfig,
+    WriteFailed,
+    read_run_config,
+    save_json,
+)
 from muonjax.train.data import RunData, load_data
 from muonjax.train.lock import RunLock, is_lock_file
-from muonjax.train.metrics import METRICS_FILE, MetricsWriter
+from muonjax.train.metrics import METRICS_FILE, MetricsWriter, read_metrics
 from muonjax.train.preemption import StopOnSignal
 from muonjax.train.program import build, check_batch
 from muonjax.train.step import param_groups
@@ -55,7 +62,6 @@ class Summary:
 
 def _saved_config(out: pathlib.Path, resume: bool) -> dict | None:
     """config.json of the run in `out` when resuming; refuses to touch a used `out` otherwise."""
-    path = out / CONFIG_FILE
     if not resume:
         if out.exists() and (
             not out.is_dir() or any(not is_lock_file(p.name) for p in out.iterdir())
@@ -64,15 +70,21 @@ def _saved_config(out: pathlib.Path, resume: bool) -> dict | None:
                 f"--out {out} already exists; pass --resume to continue that run, or choose a new --out"
             )
         return None
-    if not path.exists():
+    if not (out / CONFIG_FILE).exists():
         raise ConfigError(
             f"--resume: nothing to resume in {out} (no {CONFIG_FILE}); start it without --resume"
         )
-    return json.loads(path.read_text())
+    return read_run_config(out)
 
 
-def _check_resumable(config: TrainConfig, saved: dict, data: dict) -> None:
+def _resumed_config(config: TrainConfig, saved: dict, data: dict, log) -> TrainConfig:
+    """`config` checked against the run it resumes: what it computes must be the
+    same (paths are compared by what they hold, see config.LOCATIONS), except the
+    RECOVERY fields, whose changes are logged. An unset --decay-steps keeps the
+    saved schedule."""
     saved_train = TrainConfig.from_json(saved["train"])
+    if config.decay_steps is None:
+        config = config.replace(decay_steps=saved_train.schedule_steps)
     changed = config.resume_changes(saved_train)
     if changed:
         details = ", ".join(
@@ -83,42 +95,88 @@ def _check_resumable(config: TrainConfig, saved: dict, data: dict) -> None:
         raise ConfigError(
             f"--resume: the training text differs from the one {config.out} was started on"
         )
+    out = pathlib.Path(config.out)
+    for name, (before, after) in config.recovery_changes(saved_train).items():
+        log(f"{out}: {name} {before} -> {after} from here on (recorded in {CONFIG_FILE})")
+    if config.steps > config.schedule_steps:
+        log(
+            f"{out}: the learning-rate schedule ends at step {config.schedule_steps} "
+            f"(--decay-steps); steps after it keep its final rate (pass --decay-steps to change it)"
+        )
+    return config
 
 
 @dataclasses.dataclass
 class _Run:
-    """A run set up: directories checked, data loaded, program built, config.json written."""
+    """A run set up: directories checked, data loaded, program built, the state
+    initialized or restored, config.json written."""
 
     config: TrainConfig
     out: pathlib.Path
-    resume: bool
     data: RunData
     program: object
     model_config: object
     lead: bool  # this process writes the run's files
-    initial: object = None  # a fine-tune's step-0 TrainState (finetune.initial_state)
+    ckpt: checkpoint.Checkpointer
+    state: object  # the TrainState training starts from
+    data_state: dict | None  # the data iterator's, from the checkpoint resumed from
+    history: dict  # this start's entry in config.json's "history"
 
 
-def _set_up(config: TrainConfig, resume: bool, log) -> _Run:
+def _set_up(
+    config: TrainConfig, resume: bool, resume_from: int | None, skip_batches: int, log
+) -> _Run:
     out = pathlib.Path(config.out)
     saved = _saved_config(out, resume)
     mesh = make_mesh(parse_mesh(config.mesh))
     check_batch(config.batch_size, mesh, config.grad_accum)
     lead = jax.process_index() == 0
+    latest = finetune.latest_step(out / CHECKPOINT_DIR) if resume else None
+    target = resume_from if resume_from is not None else latest
     # a fine-tune starts from its source, unless it resumes from a checkpoint of its own
-    own = resume and finetune.latest_step(out / CHECKPOINT_DIR) is not None
-    source = finetune.load_source(config) if config.init_from and not own else None
+    source = finetune.load_source(config) if config.init_from and target is None else None
     data = load_data(config, out, source.path if source else None)
     if saved is not None:
-        _check_resumable(config, saved, data.description)
+        previous = TrainConfig.from_json(saved["train"])
+        config = _resumed_config(config, saved, data.description, log)
+    elif config.decay_steps is None:  # fixed now, so that a longer --resume keeps the schedule
+        config = config.replace(decay_steps=max(config.steps, config.warmup_steps))
+    if target is not None and target > config.steps:
+        raise ConfigError(
+            f"--resume: {out} is at step {target} already, past --steps {config.steps}; "
+            f"pass --steps {target} or more"
+        )
     model_config = config.model_config(vocab_size=data.tokenizer.vocab_size)
     if source is not None:
         finetune.check_model(source, model_config)
     program = build(config, model_config, mesh)
-    initial = None
-    if source is not None:  # restored now, so that a checkpoint that does not fit writes nothing
-        initial = finetune.initial_state(source, program, config.init_optimizer_state)
+    ckpt = checkpoint.Checkpointer(out / CHECKPOINT_DIR, config.keep_checkpoints)
+    if resume_from is not None:
+        restored = ckpt.restore_step(resume_from, program.abstract(), log)
+    else:
+        restored = ckpt.restore_latest(program.abstract(), log) if resume else None
+    if restored is not None:
+        step, state, meta = restored
+        data_state = meta["data"]
+    elif source is not None:  # restored now, so that a checkpoint that does not fit writes nothing
+        state, data_state = (
+            finetune.initial_state(source, program, config.init_optimizer_state),
+            None,
+        )
+    else:
+        state, data_state = program.init(), None
     counts = param_counts(model_config)
+    history = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "from_step": int(state.step),
+        "steps": config.steps,
+        **(
+            {"changes": changes}
+            if saved is not None and (changes := config.recovery_changes(previous))
+            else {}
+        ),
+        **({"skipped_batches": skip_batches} if skip_batches else {}),
+    }
     run_config = {
         "train": config.to_json(),
         "model": dataclasses.asdict(model_config),
@@ -135,52 +193,77 @@ def _set_up(config: TrainConfig, resume: bool, log) -> _Run:
             "mesh": describe(mesh),
             "platform": jax.default_backend(),
         },
+        "history": [*(saved or {}).get("history", []), history],
     }
     if config.init_from:
         run_config["init_from"] = source.describe() if source else saved.get("init_from")
     if lead:  # everything checked: only now is anything written
-        out.mkdir(parents=True, exist_ok=True)
-        data.tokenizer.save(out)
-        save_json(out / CONFIG_FILE, run_config)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            data.tokenizer.save(out)
+            save_json(out / CONFIG_FILE, run_config)
+        except OSError as e:
+            raise WriteFailed(f"writing {out / CONFIG_FILE} failed: {e}") from e
     log(
         f"{out}: parameters {counts['total']:,} total, {counts['active']:,} active, "
         f"{counts['total_non_embedding']:,} non-embedding"
     )
     if source is not None:
         log(f"{out}: starting from {source.path} step {source.step}")
-    return _Run(config, out, resume, data, program, model_config, lead, initial)
+    if restored is not None:
+        log(f"{out}: resumed from step {step} on mesh {describe(program.mesh)}")
+    elif resume:
+        log(f"{out}: no complete checkpoint yet; starting again from step 0")
+    return _Run(config, out, data, program, model_config, lead, ckpt, state, data_state, history)
 
 
-def run(config: TrainConfig, *, resume: bool = False, log=print) -> Summary:
-    """`_run` holding the run lock of `config.out` throughout: one writer per run
-    directory (ConfigError, nothing written, if another run holds it)."""
-    with RunLock(config.out, jax.process_index(), log):
-        return _run(config, resume=resume, log=log)
-
-
-def _run(config: TrainConfig, *, resume: bool = False, log=print) -> Summary:
+def run(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    resume_from: int | None = None,
+    skip_batches: int = 0,
+    log=print,
+) -> Summary:
     """Trains (or with `resume`, continues) the run `config` describes, in this
-    process; returns its Summary. Raises ConfigError for bad input (nothing
-    written), TrainingStopped when it diverges, Preempted on SIGTERM / SIGINT
-    (after a checkpoint of the current step)."""
+    process; returns its Summary.
+
+    `resume_from`: continue from that checkpoint (not the newest; the newer ones
+    are set aside, never deleted), and `skip_batches`: skip the next that many
+    training batches after the checkpoint; with a lower `config.learning_rate`,
+    the standard recovery from a divergence. Both imply `resume`, and are
+    recorded in config.json's "history".
+
+    Holds the run lock of `config.out` throughout (one writer per run
+    directory), and handles SIGTERM / SIGINT from set-up to the last file
+    closed. Raises ConfigError for bad input (nothing written), TrainingStopped
+    when it diverges, Preempted on SIGTERM / SIGINT (after a checkpoint of the
+    current step), WriteFailed when its files cannot be written (disk full).
+    """
+    if skip_batches < 0:
+        raise ConfigError(f"--skip-batches must be >= 0, got {skip_batches}")
+    if resume_from is not None and resume_from < 0:
+        raise ConfigError(f"--resume-from must be a step >= 0, got {resume_from}")
+    resume = resume or resume_from is not None or skip_batches > 0
+    with RunLock(config.out, jax.process_index(), log), StopOnSignal() as signals:
+        return _run(config, resume, resume_from, skip_batches, signals, log)
+
+
+def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
     started = time.perf_counter()
-    r = _set_up(config, resume, log)
-    program, out = r.program, r.out
+    r = _set_up(config, resume, resume_from, skip_batches, log)
+    config, program, out, ckpt, state = r.config, r.program, r.out, r.ckpt, r.state
     process, processes = jax.process_index(), jax.process_count()
     batches = pipeline.train_batches(
         r.data.train_tokens, config.seq_len, config.batch_size, config.seed, process, processes
     )
-    ckpt = checkpoint.Checkpointer(out / CHECKPOINT_DIR, config.keep_checkpoints)
-    restored = ckpt.restore_latest(program.abstract(), log) if resume else None
-    if restored is None:
-        state = program.init() if r.initial is None else r.initial
-        if resume:
-            log(f"{out}: no complete checkpoint yet; starting again from step 0")
-    else:
-        latest, state, meta = restored
-        batches.set_state(meta["data"])
-        log(f"{out}: resumed from step {latest} on mesh {describe(program.mesh)}")
+    if r.data_state is not None:
+        batches.set_state(r.data_state)
     start = int(state.step)
+    for _ in range(skip_batches):
+        next(batches)
+    if skip_batches:
+        log(f"{out}: skipped {skip_batches} training batches after step {start}")
     meta = {"config": config.to_json(), "data_fingerprint": r.data.description["fingerprint"]}
     save = lambda step: ckpt.save(step, state, {**meta, "step": step, "data": batches.get_state()})
     to_device = lambda rows: jax.make_array_from_process_local_data(program.batch, rows)
@@ -195,9 +278,15 @@ def _run(config: TrainConfig, *, resume: bool = False, log=print) -> Summary:
             processes,
         )
     ]
-    writer = MetricsWriter(out, resume_step=start if resume else None) if r.lead else None
+    writer = None
+    if r.lead:
+        set_aside = None
+        if resume_from is not None:  # the lines after it are another branch of the run
+            set_aside = f"metrics.abandoned-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+        writer = MetricsWriter(out, resume_step=start if resume else None, set_aside=set_aside)
     bar = _progress(config, start, enabled=r.lead and config.progress)
-    last = {"loss": None, "eval_loss": None}
+    last = _last_logged(out) if r.lead and start == config.steps else {}
+    last = {"loss": last.get("loss"), "eval_loss": last.get("eval_loss")}
     rates = []
     tokens_per_step = config.batch_size * config.seq_len
     flops_per_step = flops_per_token(r.model_config, config.seq_len) * tokens_per_step
@@ -206,64 +295,65 @@ def _run(config: TrainConfig, *, resume: bool = False, log=print) -> Summary:
         _log_svd_entropy(writer, 0, state.params)
     clock, timed_steps = None, 0
     done = start
+    failing = False
     try:
-        with StopOnSignal() as signals:
-            for step in range(start, config.steps):
-                state, metrics = program.step(state, to_device(next(batches)))
-                done = step + 1
-                nonfinite = int(state.nonfinite)  # waits for the step
-                if clock is None:  # time from the end of the first (compiling) step on
+        for step in range(start, config.steps):
+            state, metrics = program.step(state, to_device(next(batches)))
+            done = step + 1
+            nonfinite = int(state.nonfinite)  # waits for the step
+            ckpt.check()  # a background save that failed stops the run here
+            if clock is None:  # time from the end of the first (compiling) step on
+                clock, timed_steps = time.perf_counter(), 0
+            else:
+                timed_steps += 1
+            if done % config.log_every == 0 or done == config.steps:
+                record = jax.device_get(metrics)
+                record["tokens"] = done * tokens_per_step
+                record["flops"] = done * flops_per_step
+                if timed_steps:
+                    record["tokens_per_s"] = (
+                        tokens_per_step * timed_steps / (time.perf_counter() - clock)
+                    )
+                    rates.append(record["tokens_per_s"])
                     clock, timed_steps = time.perf_counter(), 0
-                else:
-                    timed_steps += 1
-                if done % config.log_every == 0 or done == config.steps:
-                    record = jax.device_get(metrics)
-                    record["tokens"] = done * tokens_per_step
-                    record["flops"] = done * flops_per_step
-                    if timed_steps:
-                        record["tokens_per_s"] = (
-                            tokens_per_step * timed_steps / (time.perf_counter() - clock)
-                        )
-                        rates.append(record["tokens_per_s"])
-                        clock, timed_steps = time.perf_counter(), 0
-                    last["loss"] = float(record["loss"])
-                    if writer:
-                        writer.write(done, record)
-                    bar.update(done - bar.n)
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}"
-                    )
-                if spectra_every and (done % spectra_every == 0 or done == config.steps):
-                    _log_svd_entropy(writer, done, state.params)
-                if done % config.eval_every == 0 or done == config.steps:
-                    value = float(np.mean([program.eval(state, b) for b in validation]))
-                    last["eval_loss"] = value
-                    if writer:
-                        writer.write(done, {"eval_loss": value})
-                if nonfinite >= config.max_nonfinite:
-                    ckpt.wait()
-                    raise TrainingStopped(
-                        f"stopped at step {done}: {nonfinite} steps in a row had a non-finite loss or gradient "
-                        f"(updates skipped); the last good checkpoint is step {ckpt.latest_step()} in {out / CHECKPOINT_DIR}"
-                    )
-                checkpoint_due = done % config.checkpoint_every == 0 or done == config.steps
-                if checkpoint_due and nonfinite == 0:
+                last["loss"] = float(record["loss"])
+                if writer:
+                    writer.write(done, record)
+                bar.update(done - bar.n)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}"
+                )
+            if spectra_every and (done % spectra_every == 0 or done == config.steps):
+                _log_svd_entropy(writer, done, state.params)
+            if done % config.eval_every == 0 or done == config.steps:
+                value = float(np.mean([program.eval(state, b) for b in validation]))
+                last["eval_loss"] = value
+                if writer:
+                    writer.write(done, {"eval_loss": value})
+            if nonfinite >= config.max_nonfinite:
+                ckpt.wait()
+                raise TrainingStopped(_diverged(config, done, nonfinite, ckpt.all_steps()))
+            checkpoint_due = done % config.checkpoint_every == 0 or done == config.steps
+            if checkpoint_due and nonfinite == 0:
+                save(done)
+            if done < config.steps and signals.stop_requested():  # after the last: finish
+                if ckpt.latest_step() != done:
                     save(done)
-                if signals.stop_requested():
-                    if ckpt.latest_step() != done:
-                        save(done)
-                    ckpt.wait()
-                    name = signal.Signals(signals.received or signal.SIGTERM).name
-                    raise Preempted(
-                        f"{name} received: stopped after step {done} of {config.steps} and saved "
-                        f"{out / CHECKPOINT_DIR / str(done)}; continue with: muonjax train --out {out} --resume"
-                    )
-            ckpt.wait()
+                ckpt.wait()
+                name = signal.Signals(signals.received or signal.SIGTERM).name
+                raise Preempted(
+                    f"{name} received: stopped after step {done} of {config.steps} and saved "
+                    f"{out / CHECKPOINT_DIR / str(done)}; continue with: muonjax train --out {out} --resume"
+                )
+        ckpt.wait()
+    except OSError as e:  # metrics.jsonl or TensorBoard's events: the disk is full, say
+        failing = True
+        raise WriteFailed(f"writing {out} failed ({e}); {_last_checkpoint(ckpt)}") from e
+    except BaseException:
+        failing = True
+        raise
     finally:
-        ckpt.close()
-        bar.close()
-        if writer:
-            writer.close()
+        _close_all([ckpt.close, bar.close, *([writer.close] if writer else [])], failing)
     return Summary(
         out=str(out),
         steps=done,
@@ -276,6 +366,51 @@ def _run(config: TrainConfig, *, resume: bool = False, log=print) -> Summary:
         skipped_steps=int(state.skipped),
         metrics_path=str(out / METRICS_FILE),
     )
+
+
+def _diverged(config: TrainConfig, done: int, nonfinite: int, saved: list[int]) -> str:
+    """TrainingStopped's message, with the command that goes on past the divergence."""
+    message = (
+        f"stopped at step {done}: {nonfinite} steps in a row had a non-finite loss, gradient "
+        "or update (skipped)"
+    )
+    if not saved:
+        return f"{message}; no checkpoint was written: start again with a lower --learning-rate"
+    where, good = pathlib.Path(config.out), saved[-1]
+    return (
+        f"{message}. Checkpoints (finite parameters only) in {where / CHECKPOINT_DIR}: "
+        f"{', '.join(map(str, saved))}. To go on from one (an earlier one if the loss rose "
+        "before it) past the batches that diverged, with a lower learning rate: muonjax train "
+        f"--out {where} --resume-from {good} --skip-batches {done - good} "
+        f"--learning-rate {config.learning_rate / 2:g}"
+    )
+
+
+def _last_checkpoint(ckpt: checkpoint.Checkpointer) -> str:
+    step = ckpt.latest_step()
+    return (
+        "no checkpoint is complete" if step is None else f"the last complete checkpoint is {step}"
+    )
+
+
+def _last_logged(out: pathlib.Path) -> dict:
+    """The last logged value of each metric (a resumed run that has nothing left to do)."""
+    last = {}
+    if (out / METRICS_FILE).exists():
+        for record in read_metrics(out):
+            last.update(record)
+    return last
+
+
+def _close_all(closers, failing: bool) -> None:
+    """Calls each of `closers`; when the run is already failing, their errors
+    (a full disk fails the flushes too) are not reported a second time."""
+    for close in closers:
+        try:
+            close()
+        except Exception:
+            if not failing:
+                raise
 
 
 # jitted once for every run: on the params where they lie, stacks split over their mesh axes

@@ -26,7 +26,9 @@ class TrainState(NamedTuple):
     params: nnx.State  # the model's nnx.Param variables
     rest: nnx.State  # its other variables (router balancing biases)
     opt_state: optax.OptState
-    nonfinite: jax.Array  # () int32: consecutive steps skipped for a non-finite loss/gradient
+    nonfinite: (
+        jax.Array
+    )  # () int32: consecutive steps skipped (non-finite loss, gradient or update)
     skipped: jax.Array  # () int32: all steps skipped so far
 
 
@@ -55,6 +57,10 @@ def _rms(tree) -> jax.Array:
         return jnp.zeros((), jnp.float32)
     total = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)
     return jnp.sqrt(total / float(sum(x.size for x in leaves)))
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _group(tree, labels, group):
@@ -199,7 +205,7 @@ def attention_logit_metrics(aux, tokens_BL) -> dict:
 
 
 def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, grads_fn=None):
-    """One optimizer step; a non-finite loss or gradient skips the update.
+    """One optimizer step; a non-finite loss, gradient or new parameter skips the update.
 
     `grads_fn(params, rest, tokens)` computes (ce, aux, grads) of the whole
     batch, by default `global_grads` (config.grad_accum micro-batches);
@@ -217,7 +223,9 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
     _, _, rest = nnx.split(model, nnx.Param, ...)
 
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(ce) & jnp.isfinite(grad_norm)
+    # the new parameters too: a finite gradient can still make a non-finite update
+    # (an overflowing learning rate), and a checkpoint must only hold finite ones
+    finite = jnp.isfinite(ce) & jnp.isfinite(grad_norm) & _all_finite(params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(
         step=state.step + 1,

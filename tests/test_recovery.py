@@ -1,0 +1,173 @@
+"""Resuming a run: it is the run wherever its paths point, it keeps its
+learning-rate schedule, it refuses to go backwards, and it goes on past a
+divergence from a chosen checkpoint with a lower learning rate and the
+diverging batches skipped, recorded in config.json's history."""
+
+import json
+import os
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from muonjax.train import TrainConfig, TrainingStopped, read_metrics, run
+from muonjax.train.config import ConfigError
+from muonjax.train.corpus import load_corpus, split_texts
+from muonjax.train.optimizers import learning_rate_schedule
+from muonjax.train.pipeline import train_batches
+from muonjax.train.tokenizer import ByteTokenizer
+
+QUIET = lambda *_: None  # noqa: E731
+
+
+def _config(corpus, out, **changes):
+    base = dict(
+        out=str(out),
+        data=(corpus,),
+        steps=8,
+        batch_size=8,
+        seq_len=32,
+        log_every=1,
+        eval_every=100,
+        checkpoint_every=4,
+        warmup_steps=2,
+        progress=False,
+    )
+    return TrainConfig(**{**base, **changes})
+
+
+def _losses(out):
+    return [(m["step"], m["loss"]) for m in read_metrics(out) if "loss" in m]
+
+
+def _saved(out) -> dict:
+    return json.loads((pathlib.Path(out) / "config.json").read_text())
+
+
+def _restore(out, step) -> tuple[list, dict]:
+    folder = pathlib.Path(out, "checkpoints", str(step)).absolute()
+    state = jax.tree.leaves(ocp.StandardCheckpointer().restore(folder / "state"))
+    return state, json.loads((folder / "meta" / "metadata").read_text())
+
+
+def test_resume_compares_what_the_run_computes_not_how_paths_are_spelled(
+    corpus, tmp_path, monkeypatch
+):
+    whole = tmp_path / "whole"
+    run(_config(corpus, whole, decay_steps=8), log=QUIET)
+    first = tmp_path / "a" / "run"
+    run(_config(os.path.abspath(corpus), first, steps=4, decay_steps=8), log=QUIET)
+    # the folder moved, resumed from another working directory, every path spelled otherwise
+    (tmp_path / "b").mkdir()
+    first.rename(tmp_path / "b" / "run")
+    monkeypatch.chdir(tmp_path / "b")
+    data = os.path.relpath(corpus, tmp_path / "b") + "/"
+    summary = run(_config(data, "./run/", decay_steps=8), resume=True, log=QUIET)
+    assert summary.steps == 8
+    assert _losses(tmp_path / "b" / "run") == _losses(whole)
+    # what it computes from must still be the same: other text is refused
+    other = shutil.copytree(corpus, tmp_path / "other")
+    with open(sorted(other.iterdir())[0], "a") as f:
+        f.write("#")
+    with pytest.raises(ConfigError, match="training text differs"):
+        run(_config(str(other), "run", steps=12, decay_steps=8), resume=True, log=QUIET)
+
+
+def test_a_longer_resume_keeps_the_schedule_unless_told_otherwise(corpus, tmp_path):
+    out = tmp_path / "run"
+    config = _config(corpus, out, steps=6)
+    run(config, log=QUIET)
+    assert _saved(out)["train"]["decay_steps"] == 6  # fixed at the start
+    logs = []
+    run(config.replace(steps=10), resume=True, log=logs.append)
+    schedule = learning_rate_schedule(config.replace(decay_steps=6))
+    rates = [m["learning_rate"] for m in read_metrics(out) if "learning_rate" in m]
+    np.testing.assert_allclose(rates, [schedule(k) for k in range(10)], rtol=1e-6)
+    assert rates[6:] == [pytest.approx(config.min_lr_ratio * config.learning_rate)] * 4
+    assert any("schedule ends at step 6" in line for line in logs), logs
+    assert "changes" not in _saved(out)["history"][-1]
+    # told otherwise: a new horizon, logged and recorded in the run's history
+    run(config.replace(steps=12, decay_steps=20), resume=True, log=logs.append)
+    assert _saved(out)["history"][-1]["changes"] == {"decay_steps": [6, 20]}
+    longer = learning_rate_schedule(config.replace(decay_steps=20))
+    rates = [m["learning_rate"] for m in read_metrics(out) if "learning_rate" in m]
+    assert rates[-1] == pytest.approx(float(longer(11)))
+    assert any("decay_steps 6 -> 20" in line for line in logs), logs
+
+
+def test_resume_refuses_fewer_steps_and_has_nothing_to_do_at_the_end(corpus, tmp_path):
+    out = tmp_path / "run"
+    done = run(_config(corpus, out, eval_every=8), log=QUIET)
+    before = (out / "config.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"at step 8 already, past --steps 4; pass --steps 8"):
+        run(_config(corpus, out, steps=4), resume=True, log=QUIET)
+    assert (out / "config.json").read_bytes() == before  # nothing written
+    again = run(_config(corpus, out), resume=True, log=QUIET)
+    assert (again.steps, again.loss, again.eval_loss) == (8, done.loss, done.eval_loss)
+    assert done.loss is not None and len(_losses(out)) == 8
+
+
+def test_divergence_stops_with_finite_checkpoints_and_is_recovered_from_one(corpus, tmp_path):
+    out = tmp_path / "run"
+    # the rate ramps up (40 x step) until the run diverges
+    diverging = _config(
+        corpus,
+        out,
+        steps=24,
+        learning_rate=4e4,
+        warmup_steps=1000,
+        checkpoint_every=1,
+        keep_checkpoints=100,
+        max_nonfinite=2,
+    )
+    with pytest.raises(TrainingStopped, match="--resume-from") as stop:
+        run(diverging, log=QUIET)
+    stopped = int(str(stop.value).split("stopped at step ")[1].split(":")[0])
+    assert stopped < 24
+    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir())
+    assert saved and saved[-1] < stopped
+    for step in saved:  # only finite parameters are ever checkpointed
+        assert all(np.all(np.isfinite(x)) for x in _restore(out, step)[0]), step
+    diverged_metrics = read_metrics(out)
+
+    logs = []
+    recovered = run(
+        diverging.replace(learning_rate=0.01), resume_from=1, skip_batches=3, log=logs.append
+    )
+    assert recovered.steps == 24 and np.isfinite(recovered.loss)
+    assert [s for s, _ in _losses(out)] == list(range(1, 25))  # each step once
+    # the abandoned branch is kept, never deleted: its checkpoints and its metrics
+    names = {p.name for p in (out / "checkpoints").iterdir()}
+    assert {f"{s}" for s in range(1, 25)} - names == set()
+    abandoned = sorted(int(n.split(".")[0]) for n in names if ".abandoned-" in n)
+    assert abandoned == [s for s in saved if s > 1]
+    (kept,) = out.glob("metrics.abandoned-*.jsonl")
+    assert [json.loads(line) for line in kept.read_text().splitlines()] == [
+        m for m in diverged_metrics if m["step"] > 1
+    ]
+    history = _saved(out)["history"]
+    assert history[-1]["from_step"] == 1 and history[-1]["skipped_batches"] == 3
+    assert history[-1]["changes"] == {"learning_rate": [4e4, 0.01]}
+    assert any("learning_rate 40000.0 -> 0.01" in line for line in logs), logs
+    # the data: 24 batches trained on, 3 skipped after step 1
+    texts, _ = split_texts(load_corpus((corpus,)).texts, diverging.validation_fraction)
+    tokens = np.concatenate([t for t in ByteTokenizer().encode(texts)])
+    batches = train_batches(tokens, 32, 8, diverging.seed)
+    for _ in range(24 + 3):
+        next(batches)
+    assert _restore(out, 24)[1]["data"] == json.loads(json.dumps(batches.get_state()))
+
+
+def test_recovery_input_errors(corpus, tmp_path):
+    out = tmp_path / "run"
+    run(_config(corpus, out, steps=4, checkpoint_every=2), log=QUIET)
+    with pytest.raises(ConfigError, match=r"--resume-from 3: no checkpoint 3 .*\(there: 2, 4\)"):
+        run(_config(corpus, out), resume_from=3, log=QUIET)
+    with pytest.raises(ConfigError, match="--skip-batches must be >= 0"):
+        run(_config(corpus, out), resume=True, skip_batches=-1, log=QUIET)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        run(_config(corpus, tmp_path / "new"), skip_batches=2, log=QUIET)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]

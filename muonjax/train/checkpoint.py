@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pathlib
+import shutil
 import time
 
 import jax
@@ -36,11 +38,14 @@ class Checkpointer:
     def __init__(self, directory: pathlib.Path, keep: int):
         self._directory = directory.absolute()
         self._saving: int | None = None  # the step of the save in progress
-        with _quiet_orbax():  # a damaged step folder: restore_latest says it in one line
+        # create=False: the first save makes the folder, so that a run killed while it
+        # sets up leaves no `checkpoints/` in an --out it has not yet written config.json to.
+        # _quiet_orbax: a damaged step folder, restore_latest says it in one line.
+        with _quiet_orbax():
             self._manager = ocp.CheckpointManager(
                 directory.absolute(),
                 options=ocp.CheckpointManagerOptions(
-                    max_to_keep=keep, enable_async_checkpointing=True, create=True
+                    max_to_keep=keep, enable_async_checkpointing=True, create=False
                 ),
             )
 
@@ -53,8 +58,19 @@ class Checkpointer:
 
     def save(self, step: int, state, meta: dict) -> None:
         """Starts writing; returns once the arrays are copied off the devices.
-        WriteFailed if this save, or the one before it, fails."""
-        self.check()
+        WriteFailed if the save before it failed, if the file system has not
+        room for this one (checked first: no write is started), or if starting
+        it fails."""
+        self.wait()  # orbax waits for the previous save anyway: its failure is its own
+        need = int(1.1 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))) + 2**20
+        existing = next(p for p in (self._directory, *self._directory.parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+        if free < need:
+            raise WriteFailed(
+                f"no room for checkpoint {step} in {self._directory}: it needs about "
+                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; "
+                f"{self._last_complete(None)}"
+            )
         self._saving = step
         with self._reporting_failure():
             self._manager.save(
@@ -80,16 +96,17 @@ class Checkpointer:
         try:
             yield
         except Exception as e:  # noqa: BLE001 -- orbax, tensorstore or the OS: any of them
-            failed = self._saving
-            complete = [s for s in self._manager.all_steps() if s != failed]
-            last = (
-                f"the last complete checkpoint is {max(complete)}"
-                if complete
-                else "no checkpoint is complete"
-            )
+            failed, self._saving = self._saving, None
             raise WriteFailed(
-                f"saving checkpoint {failed} in {self._directory} failed ({_short(e)}); {last}"
+                f"saving checkpoint {failed} in {self._directory} failed ({_short(e)}); "
+                f"{self._last_complete(failed)}"
             ) from e
+
+    def _last_complete(self, failed: int | None) -> str:
+        complete = [s for s in self._manager.all_steps() if s != failed]
+        if not complete:
+            return "no checkpoint is complete"
+        return f"the last complete checkpoint is {max(complete)}"
 
     def restore(self, step: int, abstract_state):
         """The state laid out as `abstract_state` says (shapes, dtypes, shardings:
@@ -198,7 +215,18 @@ class _NoMissingStepMetadata(logging.Filter):
         return not str(record.msg).startswith("Metadata file does not exist: ")
 
 
+class _NoSaveTracebacks(logging.Filter):
+    """Drops orbax's error records that carry a traceback (a failed background
+    save logs several, each a few hundred lines): the exception reaches the
+    Checkpointer, which reports it as WriteFailed in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_orbax = f"{os.sep}orbax{os.sep}" in record.pathname
+        return not (from_orbax and record.levelno >= logging.ERROR and record.exc_info)
+
+
 logging.getLogger("absl").addFilter(_NoMissingStepMetadata())
+logging.getLogger("absl").addFilter(_NoSaveTracebacks())
 
 
 @contextlib.contextmanager

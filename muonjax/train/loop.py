@@ -200,8 +200,9 @@ def _set_up(
     if lead:  # everything checked: only now is anything written
         try:
             out.mkdir(parents=True, exist_ok=True)
-            data.tokenizer.save(out)
+            # config.json first: a run killed after it is one that --resume continues
             save_json(out / CONFIG_FILE, run_config)
+            data.tokenizer.save(out)
         except OSError as e:
             raise WriteFailed(f"writing {out / CONFIG_FILE} failed: {e}") from e
     log(
@@ -245,7 +246,7 @@ def run(
     if resume_from is not None and resume_from < 0:
         raise ConfigError(f"--resume-from must be a step >= 0, got {resume_from}")
     resume = resume or resume_from is not None or skip_batches > 0
-    with RunLock(config.out, jax.process_index(), log), StopOnSignal() as signals:
+    with StopOnSignal() as signals, RunLock(config.out, jax.process_index(), log):
         return _run(config, resume, resume_from, skip_batches, signals, log)
 
 

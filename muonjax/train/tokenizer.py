@@ -61,7 +61,10 @@ class BPETokenizer:
         return cls(Tokenizer.from_file(str(path)))
 
     def save(self, path: pathlib.Path) -> None:
-        self._tokenizer.save(str(path / BPE_FILE))
+        """Writes <path>/tokenizer.json whole or not at all (a temporary file, renamed)."""
+        tmp = path / f"{BPE_FILE}.tmp"
+        self._tokenizer.save(str(tmp))
+        tmp.replace(path / BPE_FILE)
 
     def encode(self, texts) -> list[np.ndarray]:
         return [np.asarray(e.ids, np.uint32) for e in self._tokenizer.encode_batch(list(texts))]

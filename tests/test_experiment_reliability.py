@@ -1,0 +1,45 @@
+"""experiments/reliability.py at its smallest: the reference run, one kill -9
+trial, a SIGTERM trial and a SIGINT one aimed at the final flush, three bad
+inputs; results.json's structure, and every trial passed."""
+
+from conftest import run_experiment
+
+TRIAL_KEYS = {"trial", "signal", "trigger", "delay_s", "phase", "exit_code", "hung", "stderr",
+              "relaunches", "identical", "failures", "passed"}  # fmt: skip
+
+
+def test_smallest_run_records_every_trial_and_each_passes(tmp_path):
+    results = run_experiment("reliability", tmp_path, "--quick", "--trials-kill9", "1",
+                             "--trials-signal", "2", "--bad-inputs", "3")  # fmt: skip
+    assert results["quick"] is True
+    assert {"jax", "orbax-checkpoint"} <= set(results["versions"])
+    config = results["config"]
+    assert (config["trials_kill9"], config["trials_signal"], config["steps"]) == (1, 2, 12)
+    assert results["reference"]["wall_s"] > results["reference"]["flush_s"] > 0
+    kill9, signals, bad = results["kill9"], results["signal"], results["bad_inputs"]
+    assert [(t["signal"], t["trigger"]) for t in kill9] == [("SIGKILL", "start")]
+    assert [(t["signal"], t["trigger"]) for t in signals] == [
+        ("SIGTERM", "start"),
+        ("SIGINT", "final"),
+    ]
+    for t in kill9 + signals:
+        assert TRIAL_KEYS <= set(t), t
+        assert t["phase"] in ("start-up", "set-up", "training", "final flush", "exited"), t
+        assert 1 <= len(t["relaunches"]) <= results["config"]["max_relaunches"], t
+        assert t["passed"] and t["identical"] and not t["failures"], t
+    assert len(bad) == 3
+    for b in bad:
+        assert (b["exit_code"], b["stderr_lines"], b["wrote"], b["passed"]) == (2, 1, [], True), b
+    summary = results["summary"]
+    assert summary["kill9"] == {
+        "identical": 1,
+        "trials": 1,
+        "by_phase": summary["kill9"]["by_phase"],
+    }
+    assert (summary["signal"]["handled"], summary["signal"]["trials"]) == (2, 2)
+    assert summary["signal"]["by_signal"] == {
+        "SIGINT": {"passed": 1, "trials": 1},
+        "SIGTERM": {"passed": 1, "trials": 1},
+    }
+    assert summary["bad_inputs"] == {"passed": 3, "tried": 3}
+    assert summary["all_passed"]

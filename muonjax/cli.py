@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import signal
 import sys
 
 # The train extra's top-level modules, and the pip name of each where it differs.
@@ -278,6 +279,9 @@ def main(argv=None) -> int:
             print(f"muonjax train: {e}", file=sys.stderr)
             codes = {TrainingStopped: EXIT_DIVERGED, Preempted: EXIT_PREEMPTED}
             return codes.get(type(e), EXIT_IO)
+        finally:  # run() has saved what it had: a signal while the process exits changes nothing
+            for s in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, signal.SIG_IGN)
     except (ConfigError, MeshError) as e:
         print(f"muonjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE

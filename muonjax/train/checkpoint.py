@@ -25,7 +25,9 @@ import contextlib
 import logging
 import os
 import pathlib
+import re
 import shutil
+import sys
 import time
 
 import jax
@@ -41,6 +43,7 @@ class Checkpointer:
         # create=False: the first save makes the folder, so that a run killed while it
         # sets up leaves no `checkpoints/` in an --out it has not yet written config.json to.
         # _quiet_orbax: a damaged step folder, restore_latest says it in one line.
+        _quiet_failed_writes.hold()
         with _quiet_orbax():
             self._manager = ocp.CheckpointManager(
                 directory.absolute(),
@@ -81,9 +84,10 @@ class Checkpointer:
             )
 
     def check(self) -> None:
-        """WriteFailed if the save in progress has failed; cheap, for every step."""
-        with self._reporting_failure():
-            self._manager.check_for_errors()
+        """WriteFailed if the save in progress has ended and failed; cheap, for every
+        step. (orbax's check_for_errors misses it: its finalize thread takes the error.)"""
+        if self._saving is not None and not self._manager.is_saving_in_progress():
+            self.wait()
 
     def wait(self) -> None:
         """Blocks until the save in progress is complete; WriteFailed if it failed."""
@@ -98,7 +102,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 -- orbax, tensorstore or the OS: any of them
             failed, self._saving = self._saving, None
             raise WriteFailed(
-                f"saving checkpoint {failed} in {self._directory} failed ({_short(e)}); "
+                f"saving checkpoint {failed} in {self._directory} failed ({_reason(e)}); "
                 f"{self._last_complete(failed)}"
             ) from e
 
@@ -204,6 +208,7 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+        _quiet_failed_writes.release()
 
 
 class _NoMissingStepMetadata(logging.Filter):
@@ -239,6 +244,52 @@ def _quiet_orbax():
         yield
     finally:
         logger.setLevel(level)
+
+
+def _reason(error: Exception) -> str:
+    """Why a write failed: the OS's words where tensorstore quotes them ("No space
+    left on device [os_error_code='28']"), else the error in short."""
+    found = re.search(r"([A-Za-z][A-Za-z ]*) \[os_error_code='\d+'\]", str(error))
+    return found.group(1).strip() if found else _short(error)
+
+
+class _QuietFailedWrites:
+    """While a Checkpointer is open: a failed background write also makes
+    tensorstore's callbacks meet orbax's closed event loop ("Event loop is
+    closed", through sys.unraisablehook, dozens of tracebacks) and asyncio log
+    futures never retrieved. The failure itself reaches the Checkpointer, which
+    reports it in one line; these echoes of it are dropped, anything else passes."""
+
+    def __init__(self):
+        self._holders, self._previous = 0, None
+
+    def hold(self) -> None:
+        self._holders += 1
+        if self._holders == 1:
+            self._previous = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
+            logging.getLogger("asyncio").addFilter(self._never_retrieved)
+
+    def release(self) -> None:
+        self._holders -= 1
+        if self._holders == 0:
+            sys.unraisablehook = self._previous
+            logging.getLogger("asyncio").removeFilter(self._never_retrieved)
+
+    def _unraisable(self, info) -> None:
+        closed_loop = isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(
+            info.exc_value
+        )
+        from_writes = "write_fragment" in repr(info.object) or "tensorstore" in repr(info.object)
+        if not (closed_loop or from_writes):
+            self._previous(info)
+
+    @staticmethod
+    def _never_retrieved(record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in str(record.msg)
+
+
+_quiet_failed_writes = _QuietFailedWrites()
 
 
 def _short(error: Exception) -> str:

@@ -227,11 +227,12 @@ def trial(i, kind, sig, command, out, steps, reference, rng, tmp) -> dict:
         if record["hung"]:
             failures.append(f"no exit {EXIT_TIMEOUT_S} s after {sig.name}")
         if code == EXIT_PREEMPTED:
-            said = len(lines) == 1 and "received: stopped after step " in lines[0]
-            stopped = lines[0].split("after step ")[1].split()[0] if said else None
+            said = len(lines) == 1 and " received" in lines[0] and ": stopped " in lines[0]
+            after = said and "stopped after step " in lines[0]  # else before training: no save
+            stopped = lines[0].split("after step ")[1].split()[0] if after else None
             if not said:
                 failures.append(f"{len(lines)} stderr lines, expected 1 saying where it stopped")
-            elif not (out / "checkpoints" / stopped).is_dir():
+            elif after and not (out / "checkpoints" / stopped).is_dir():
                 failures.append(f"no checkpoint of the stopped step {stopped}")
         elif code == 0 and finished:
             if lines:

@@ -48,6 +48,26 @@ def corpus(tmp_path_factory):
     return str(folder)
 
 
+def tiny_run(corpus: str, out, **changes):
+    """The TrainConfig of a short run of the `tiny` preset on `corpus` (batches of
+    8 x 32, every step logged, no progress bar), with `changes` on top."""
+    from muonjax.train import TrainConfig
+
+    base = dict(
+        out=str(out),
+        data=(corpus,),
+        steps=12,
+        batch_size=8,
+        seq_len=32,
+        log_every=1,
+        eval_every=6,
+        checkpoint_every=4,
+        warmup_steps=2,
+        progress=False,
+    )
+    return TrainConfig(**{**base, **changes})
+
+
 def load_experiment(name: str):
     """experiments/NAME.py as a module (experiments/ is scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")

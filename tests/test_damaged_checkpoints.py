@@ -9,25 +9,16 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tiny_run
 
-from muonjax.train import ConfigError, TrainConfig, read_metrics, run
+from muonjax.train import ConfigError, read_metrics, run
 
 QUIET = dict(log=lambda *_: None)
 
 
 def _config(corpus, out, steps):
-    return TrainConfig(
-        out=str(out),
-        data=(corpus,),
-        steps=steps,
-        decay_steps=6,
-        batch_size=8,
-        seq_len=32,
-        log_every=1,
-        eval_every=2,
-        checkpoint_every=2,
-        warmup_steps=1,
-        progress=False,
+    return tiny_run(
+        corpus, out, steps=steps, decay_steps=6, eval_every=2, checkpoint_every=2, warmup_steps=1
     )
 
 

@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import tiny_run
 
-from muonjax.train import TrainConfig, TrainingStopped, read_metrics, run
+from muonjax.train import TrainingStopped, read_metrics, run
 from muonjax.train.config import ConfigError
 from muonjax.train.corpus import load_corpus, split_texts
 from muonjax.train.optimizers import learning_rate_schedule
@@ -24,19 +25,7 @@ QUIET = lambda *_: None  # noqa: E731
 
 
 def _config(corpus, out, **changes):
-    base = dict(
-        out=str(out),
-        data=(corpus,),
-        steps=8,
-        batch_size=8,
-        seq_len=32,
-        log_every=1,
-        eval_every=100,
-        checkpoint_every=4,
-        warmup_steps=2,
-        progress=False,
-    )
-    return TrainConfig(**{**base, **changes})
+    return tiny_run(corpus, out, **{"steps": 8, "eval_every": 100, **changes})
 
 
 def _losses(out):

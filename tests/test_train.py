@@ -12,8 +12,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import tiny_run
 
-from muonjax.train import TrainConfig, TrainingStopped, read_metrics, run
+from muonjax.train import TrainingStopped, read_metrics, run
 from muonjax.train.corpus import load_corpus, split_texts
 from muonjax.train.optimizers import learning_rate_schedule
 from muonjax.train.pipeline import eval_batches, train_batches
@@ -45,20 +46,7 @@ def corpus(tmp_path_factory):
     return str(folder)
 
 
-def _config(corpus, out, **changes):
-    base = dict(
-        out=str(out),
-        data=(corpus,),
-        steps=12,
-        batch_size=8,
-        seq_len=32,
-        log_every=1,
-        eval_every=6,
-        checkpoint_every=4,
-        warmup_steps=2,
-        progress=False,
-    )
-    return TrainConfig(**{**base, **changes})
+_config = tiny_run
 
 
 def _losses(out):

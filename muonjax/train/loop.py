@@ -84,7 +84,9 @@ def _resumed_config(config: TrainConfig, saved: dict, data: dict, log) -> TrainC
     saved schedule."""
     saved_train = TrainConfig.from_json(saved["train"])
     if config.decay_steps is None:
-        config = config.replace(decay_steps=saved_train.schedule_steps)
+        config = config.replace(
+            decay_steps=max(saved_train.schedule_steps, saved_train.warmup_steps)
+        )
     changed = config.resume_changes(saved_train)
     if changed:
         details = ", ".join(
@@ -106,6 +108,19 @@ def _resumed_config(config: TrainConfig, saved: dict, data: dict, log) -> TrainC
     return config
 
 
+def _start_record(config: TrainConfig, saved: dict | None, step: int, skip_batches: int) -> dict:
+    """This start's entry in config.json's "history": when, from which step, to how
+    many steps, and what a resume changed."""
+    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from_step": step}
+    record["steps"] = config.steps
+    changes = config.recovery_changes(TrainConfig.from_json(saved["train"])) if saved else {}
+    if changes:
+        record["changes"] = changes
+    if skip_batches:
+        record["skipped_batches"] = skip_batches
+    return record
+
+
 @dataclasses.dataclass
 class _Run:
     """A run set up: directories checked, data loaded, program built, the state
@@ -120,7 +135,6 @@ class _Run:
     ckpt: checkpoint.Checkpointer
     state: object  # the TrainState training starts from
     data_state: dict | None  # the data iterator's, from the checkpoint resumed from
-    history: dict  # this start's entry in config.json's "history"
 
 
 def _set_up(
@@ -137,7 +151,6 @@ def _set_up(
     source = finetune.load_source(config) if config.init_from and target is None else None
     data = load_data(config, out, source.path if source else None)
     if saved is not None:
-        previous = TrainConfig.from_json(saved["train"])
         config = _resumed_config(config, saved, data.description, log)
     elif config.decay_steps is None:  # fixed now, so that a longer --resume keeps the schedule
         config = config.replace(decay_steps=max(config.steps, config.warmup_steps))
@@ -166,17 +179,6 @@ def _set_up(
     else:
         state, data_state = program.init(), None
     counts = param_counts(model_config)
-    history = {
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "from_step": int(state.step),
-        "steps": config.steps,
-        **(
-            {"changes": changes}
-            if saved is not None and (changes := config.recovery_changes(previous))
-            else {}
-        ),
-        **({"skipped_batches": skip_batches} if skip_batches else {}),
-    }
     run_config = {
         "train": config.to_json(),
         "model": dataclasses.asdict(model_config),
@@ -193,11 +195,14 @@ def _set_up(
             "mesh": describe(mesh),
             "platform": jax.default_backend(),
         },
-        "history": [*(saved or {}).get("history", []), history],
+        "history": [
+            *(saved or {}).get("history", []),
+            _start_record(config, saved, int(state.step), skip_batches),
+        ],
     }
     if config.init_from:
         run_config["init_from"] = source.describe() if source else saved.get("init_from")
-    if lead:  # everything checked: only now is anything written
+    if lead:  # everything checked (a restore may have set checkpoints aside): now files
         try:
             out.mkdir(parents=True, exist_ok=True)
             # config.json first: a run killed after it is one that --resume continues
@@ -215,7 +220,7 @@ def _set_up(
         log(f"{out}: resumed from step {step} on mesh {describe(program.mesh)}")
     elif resume:
         log(f"{out}: no complete checkpoint yet; starting again from step 0")
-    return _Run(config, out, data, program, model_config, lead, ckpt, state, data_state, history)
+    return _Run(config, out, data, program, model_config, lead, ckpt, state, data_state)
 
 
 def run(
@@ -298,6 +303,12 @@ def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
     done = start
     failing = False
     try:
+        if start < config.steps and signals.stop_requested():  # during set-up: nothing trained
+            raise Preempted(
+                f"{_signal_name(signals)} received while the run set up: stopped before step "
+                f"{start + 1} of {config.steps}, nothing to save; continue with: muonjax train "
+                f"--out {out} --resume"
+            )
         for step in range(start, config.steps):
             state, metrics = program.step(state, to_device(next(batches)))
             done = step + 1
@@ -341,9 +352,8 @@ def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
                 if ckpt.latest_step() != done:
                     save(done)
                 ckpt.wait()
-                name = signal.Signals(signals.received or signal.SIGTERM).name
                 raise Preempted(
-                    f"{name} received: stopped after step {done} of {config.steps} and saved "
+                    f"{_signal_name(signals)} received: stopped after step {done} of {config.steps} and saved "
                     f"{out / CHECKPOINT_DIR / str(done)}; continue with: muonjax train --out {out} --resume"
                 )
         ckpt.wait()
@@ -385,6 +395,11 @@ def _diverged(config: TrainConfig, done: int, nonfinite: int, saved: list[int]) 
         f"--out {where} --resume-from {good} --skip-batches {done - good} "
         f"--learning-rate {config.learning_rate / 2:g}"
     )
+
+
+def _signal_name(signals: StopOnSignal) -> str:
+    """SIGTERM or SIGINT: this process's, or SIGTERM when another process got it."""
+    return signal.Signals(signals.received or signal.SIGTERM).name
 
 
 def _last_checkpoint(ckpt: checkpoint.Checkpointer) -> str:

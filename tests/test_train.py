@@ -77,6 +77,28 @@ def test_resume_is_bit_identical(corpus, tmp_path):
     assert len(_losses(tmp_path / "whole")) == 12
     assert whole.eval_loss == resumed.eval_loss
     _assert_same_state(_final_state(tmp_path / "whole", 12), _final_state(tmp_path / "split", 12))
+    # TensorBoard: one event file per start, the second opening with a session start at
+    # step 7 (TensorBoard hides what earlier files logged from there on), the losses all there
+    first, second = (_events(p) for p in sorted((tmp_path / "split" / "tensorboard").iterdir()))
+    assert [e.step for e in second if e.HasField("session_log")] == [7]
+    losses = {
+        (e.step, v.simple_value) for e in first + second for v in e.summary.value if v.tag == "loss"
+    }
+    assert sorted(losses) == [
+        (step, np.float32(loss)) for step, loss in _losses(tmp_path / "whole")
+    ]
+
+
+def _events(path) -> list:
+    """The Event records of a TensorBoard event file (TFRecord: length, its CRC, data, CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, events, at = path.read_bytes(), [], 0
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 8], "little")
+        events.append(Event.FromString(data[at + 12 : at + 12 + length]))
+        at += 12 + length + 4
+    return events
 
 
 def test_metrics_have_the_documented_fields(corpus, tmp_path):

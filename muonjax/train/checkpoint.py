@@ -43,7 +43,7 @@ class Checkpointer:
         # create=False: the first save makes the folder, so that a run killed while it
         # sets up leaves no `checkpoints/` in an --out it has not yet written config.json to.
         # _quiet_orbax: a damaged step folder, restore_latest says it in one line.
-        _quiet_failed_writes.hold()
+        _quiet_failed_writes.install()
         with _quiet_orbax():
             self._manager = ocp.CheckpointManager(
                 directory.absolute(),
@@ -208,7 +208,6 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
-        _quiet_failed_writes.release()
 
 
 class _NoMissingStepMetadata(logging.Filter):
@@ -254,39 +253,38 @@ def _reason(error: Exception) -> str:
 
 
 class _QuietFailedWrites:
-    """While a Checkpointer is open: a failed background write also makes
-    tensorstore's callbacks meet orbax's closed event loop ("Event loop is
-    closed", through sys.unraisablehook, dozens of tracebacks) and asyncio log
-    futures never retrieved. The failure itself reaches the Checkpointer, which
-    reports it in one line; these echoes of it are dropped, anything else passes."""
+    """From the first Checkpointer on, for the rest of the process: a failed
+    background write also makes tensorstore's callbacks meet orbax's closed event
+    loop ("Event loop is closed", through sys.unraisablehook, dozens of
+    tracebacks), and asyncio log the write tasks' exceptions as never retrieved,
+    some when they are garbage-collected at exit. The failure itself reaches the
+    Checkpointer, which reports it in one line; these echoes of it are dropped,
+    anything else passes."""
 
     def __init__(self):
-        self._holders, self._previous = 0, None
+        self._previous = None
 
-    def hold(self) -> None:
-        self._holders += 1
-        if self._holders == 1:
+    def install(self) -> None:
+        if self._previous is None:
             self._previous = sys.unraisablehook
             sys.unraisablehook = self._unraisable
             logging.getLogger("asyncio").addFilter(self._never_retrieved)
 
-    def release(self) -> None:
-        self._holders -= 1
-        if self._holders == 0:
-            sys.unraisablehook = self._previous
-            logging.getLogger("asyncio").removeFilter(self._never_retrieved)
-
     def _unraisable(self, info) -> None:
-        closed_loop = isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(
+        closed = isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(
             info.exc_value
         )
-        from_writes = "write_fragment" in repr(info.object) or "tensorstore" in repr(info.object)
-        if not (closed_loop or from_writes):
+        if not (closed or _is_write_failure(repr(info.object))):
             self._previous(info)
 
     @staticmethod
     def _never_retrieved(record: logging.LogRecord) -> bool:
-        return "exception was never retrieved" not in str(record.msg)
+        message = str(record.msg)
+        return not ("exception was never retrieved" in message and _is_write_failure(message))
+
+
+def _is_write_failure(text: str) -> bool:
+    return any(mark in text for mark in ("orbax", "tensorstore", "OCDBT", "os_error_code"))
 
 
 _quiet_failed_writes = _QuietFailedWrites()

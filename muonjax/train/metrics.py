@@ -44,7 +44,10 @@ class MetricsWriter:
             tmp.write_text("".join(kept))
             tmp.replace(self.path)
         (out / TENSORBOARD_DIR).mkdir(exist_ok=True)
-        self._events = EventsWriter(str(out / TENSORBOARD_DIR / "events"))
+        # one file per start, named from its start time in seconds (tensorboardX's
+        # naming) and, so that two starts within a second do not share it, nanoseconds
+        suffix = f".{time.time_ns() % 10**9:09d}"
+        self._events = EventsWriter(str(out / TENSORBOARD_DIR / "events"), suffix)
         if resume_step is not None:  # TensorBoard hides what earlier files logged after it
             self._event(step=resume_step + 1, session_log=_session_start())
         self._file = self.path.open("a")

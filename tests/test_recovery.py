@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import tiny_run
 
-from muonjax.train import TrainingStopped, read_metrics, run
+from muonjax.train import TrainConfig, TrainingStopped, read_metrics, run
 from muonjax.train.config import ConfigError
 from muonjax.train.corpus import load_corpus, split_texts
 from muonjax.train.optimizers import learning_rate_schedule
@@ -42,26 +42,32 @@ def _restore(out, step) -> tuple[list, dict]:
     return state, json.loads((folder / "meta" / "metadata").read_text())
 
 
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory):
+    """(folder, Summary) of a run of 8 steps with checkpoints 4 and 8, started with an
+    absolute --data; each test works on a copy (a copied run resumes: it is the run)."""
+    out = tmp_path_factory.mktemp("recovery") / "run"
+    config = _config(os.path.abspath(corpus), out, eval_every=8, decay_steps=12)
+    return out, run(config, log=QUIET)
+
+
 def test_resume_compares_what_the_run_computes_not_how_paths_are_spelled(
-    corpus, tmp_path, monkeypatch
+    corpus, finished, tmp_path, monkeypatch
 ):
-    first = tmp_path / "a" / "run"
-    run(_config(os.path.abspath(corpus), first, steps=4, decay_steps=8), log=QUIET)
-    # the folder moved, resumed from another working directory, every path spelled otherwise
-    (tmp_path / "b").mkdir()
-    first.rename(tmp_path / "b" / "run")
+    # copied, resumed from another working directory, every path spelled otherwise
+    shutil.copytree(finished[0], tmp_path / "b" / "run")
     monkeypatch.chdir(tmp_path / "b")
     data = os.path.relpath(corpus, tmp_path / "b") + "/"
-    summary = run(_config(data, "./run/", decay_steps=8), resume=True, log=QUIET)
+    summary = run(_config(data, "./run/", steps=10, decay_steps=12), resume=True, log=QUIET)
     # resumed from its checkpoint (bit-identical resumes: tests/test_train.py)
-    assert summary.steps == 8 and [s for s, _ in _losses(tmp_path / "b" / "run")] == [*range(1, 9)]
-    assert [h["from_step"] for h in _saved(tmp_path / "b" / "run")["history"]] == [0, 4]
+    assert summary.steps == 10 and [s for s, _ in _losses("run")] == [*range(1, 11)]
+    assert [h["from_step"] for h in _saved("run")["history"]] == [0, 8]
     # what it computes from must still be the same: other text is refused
     other = shutil.copytree(corpus, tmp_path / "other")
     with open(sorted(other.iterdir())[0], "a") as f:
         f.write("#")
     with pytest.raises(ConfigError, match="training text differs"):
-        run(_config(str(other), "run", steps=12, decay_steps=8), resume=True, log=QUIET)
+        run(_config(str(other), "run", steps=12, decay_steps=12), resume=True, log=QUIET)
 
 
 def test_a_longer_resume_keeps_the_schedule_unless_told_otherwise(corpus, tmp_path):
@@ -86,14 +92,15 @@ def test_a_longer_resume_keeps_the_schedule_unless_told_otherwise(corpus, tmp_pa
     assert any("decay_steps 6 -> 20" in line for line in logs), logs
 
 
-def test_resume_refuses_fewer_steps_and_has_nothing_to_do_at_the_end(corpus, tmp_path):
-    out = tmp_path / "run"
-    done = run(_config(corpus, out, eval_every=8), log=QUIET)
+def test_resume_refuses_fewer_steps_and_has_nothing_to_do_at_the_end(finished, tmp_path):
+    source, done = finished
+    out = shutil.copytree(source, tmp_path / "run")
+    config = TrainConfig.from_json(_saved(out)["train"]).replace(out=str(out))
     before = (out / "config.json").read_bytes()
     with pytest.raises(ConfigError, match=r"at step 8 already, past --steps 4; pass --steps 8"):
-        run(_config(corpus, out, steps=4), resume=True, log=QUIET)
+        run(config.replace(steps=4), resume=True, log=QUIET)
     assert (out / "config.json").read_bytes() == before  # nothing written
-    again = run(_config(corpus, out), resume=True, log=QUIET)
+    again = run(config, resume=True, log=QUIET)
     assert (again.steps, again.loss, again.eval_loss) == (8, done.loss, done.eval_loss)
     assert done.loss is not None and len(_losses(out)) == 8
 
@@ -150,13 +157,13 @@ def test_divergence_stops_with_finite_checkpoints_and_is_recovered_from_one(corp
     assert _restore(out, steps)[1]["data"] == json.loads(json.dumps(batches.get_state()))
 
 
-def test_recovery_input_errors(corpus, tmp_path):
-    out = tmp_path / "run"
-    run(_config(corpus, out, steps=4, checkpoint_every=2), log=QUIET)
-    with pytest.raises(ConfigError, match=r"--resume-from 3: no checkpoint 3 .*\(there: 2, 4\)"):
-        run(_config(corpus, out), resume_from=3, log=QUIET)
+def test_recovery_input_errors(corpus, finished, tmp_path):
+    out = shutil.copytree(finished[0], tmp_path / "run")
+    config = TrainConfig.from_json(_saved(out)["train"]).replace(out=str(out))
+    with pytest.raises(ConfigError, match=r"--resume-from 3: no checkpoint 3 .*\(there: 4, 8\)"):
+        run(config, resume_from=3, log=QUIET)
     with pytest.raises(ConfigError, match="--skip-batches must be >= 0"):
-        run(_config(corpus, out), resume=True, skip_batches=-1, log=QUIET)
+        run(config, resume=True, skip_batches=-1, log=QUIET)
     with pytest.raises(ConfigError, match="nothing to resume"):
         run(_config(corpus, tmp_path / "new"), skip_batches=2, log=QUIET)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2", "4"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4", "8"]

@@ -22,6 +22,7 @@ checkpoint and the last complete one, which the failed save does not touch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import pathlib
@@ -245,11 +246,22 @@ def _quiet_orbax():
         logger.setLevel(level)
 
 
-def _reason(error: Exception) -> str:
-    """Why a write failed: the OS's words where tensorstore quotes them ("No space
-    left on device [os_error_code='28']"), else the error in short."""
-    found = re.search(r"([A-Za-z][A-Za-z ]*) \[os_error_code='\d+'\]", str(error))
-    return found.group(1).strip() if found else _short(error)
+def _reason(error: BaseException) -> str:
+    """Why a write failed: the OS's words where the error or its causes quote them
+    (tensorstore: "... No space left on device [os_error_code='28']"), else the
+    error in short."""
+    texts, seen = [], error
+    while seen is not None and len(texts) < 8:
+        texts.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(texts)
+    found = re.search(r"([A-Za-z][A-Za-z ]*) \[os_error_code='?\d+'?\]", text)
+    if found:
+        return found.group(1).strip()
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES):
+        if os.strerror(code) in text:
+            return os.strerror(code)
+    return _short(error)
 
 
 class _QuietFailedWrites:

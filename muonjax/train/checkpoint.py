@@ -32,6 +32,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from muonjax.train.config import ConfigError, WriteFailed
@@ -69,10 +70,11 @@ class Checkpointer:
         need = int(1.1 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))) + 2**20
         existing = next(p for p in (self._directory, *self._directory.parents) if p.exists())
         free = shutil.disk_usage(existing).free
-        if free < need:
+        if not _everywhere(free >= need):  # every process saves, or none does
+            here = " here (a process has too little)" if jax.process_count() > 1 else ""
             raise WriteFailed(
                 f"no room for checkpoint {step} in {self._directory}: it needs about "
-                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; "
+                f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free{here}; "
                 f"{self._last_complete(None)}"
             )
         self._saving = step
@@ -244,6 +246,15 @@ def _quiet_orbax():
         yield
     finally:
         logger.setLevel(level)
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every process (the processes agree, so all stop together)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 def _reason(error: BaseException) -> str:

@@ -289,7 +289,10 @@ def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
         set_aside = None
         if resume_from is not None:  # the lines after it are another branch of the run
             set_aside = f"metrics.abandoned-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
-        writer = MetricsWriter(out, resume_step=start if resume else None, set_aside=set_aside)
+        try:
+            writer = MetricsWriter(out, resume_step=start if resume else None, set_aside=set_aside)
+        except OSError as e:
+            raise WriteFailed(f"writing {out} failed ({e}); {_last_checkpoint(ckpt)}") from e
     bar = _progress(config, start, enabled=r.lead and config.progress)
     last = _last_logged(out) if r.lead and start == config.steps else {}
     last = {"loss": last.get("loss"), "eval_loss": last.get("eval_loss")}

@@ -75,7 +75,7 @@ class Checkpointer:
             raise WriteFailed(
                 f"no room for checkpoint {step} in {self._directory}: it needs about "
                 f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free{here}; "
-                f"{self._last_complete(None)}"
+                f"{self.last_complete()}"
             )
         self._saving = step
         with self._reporting_failure():
@@ -106,10 +106,11 @@ class Checkpointer:
             failed, self._saving = self._saving, None
             raise WriteFailed(
                 f"saving checkpoint {failed} in {self._directory} failed ({_reason(e)}); "
-                f"{self._last_complete(failed)}"
+                f"{self.last_complete(failed)}"
             ) from e
 
-    def _last_complete(self, failed: int | None) -> str:
+    def last_complete(self, failed: int | None = None) -> str:
+        """Which checkpoint is the last complete one (leaving out `failed`), in words."""
         complete = [s for s in self._manager.all_steps() if s != failed]
         if not complete:
             return "no checkpoint is complete"

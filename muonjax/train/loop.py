@@ -292,7 +292,7 @@ def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
         try:
             writer = MetricsWriter(out, resume_step=start if resume else None, set_aside=set_aside)
         except OSError as e:
-            raise WriteFailed(f"writing {out} failed ({e}); {_last_checkpoint(ckpt)}") from e
+            raise WriteFailed(f"writing {out} failed ({e}); {ckpt.last_complete()}") from e
     bar = _progress(config, start, enabled=r.lead and config.progress)
     last = _last_logged(out) if r.lead and start == config.steps else {}
     last = {"loss": last.get("loss"), "eval_loss": last.get("eval_loss")}
@@ -362,7 +362,7 @@ def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
         ckpt.wait()
     except OSError as e:  # metrics.jsonl or TensorBoard's events: the disk is full, say
         failing = True
-        raise WriteFailed(f"writing {out} failed ({e}); {_last_checkpoint(ckpt)}") from e
+        raise WriteFailed(f"writing {out} failed ({e}); {ckpt.last_complete()}") from e
     except BaseException:
         failing = True
         raise
@@ -403,13 +403,6 @@ def _diverged(config: TrainConfig, done: int, nonfinite: int, saved: list[int]) 
 def _signal_name(signals: StopOnSignal) -> str:
     """SIGTERM or SIGINT: this process's, or SIGTERM when another process got it."""
     return signal.Signals(signals.received or signal.SIGTERM).name
-
-
-def _last_checkpoint(ckpt: checkpoint.Checkpointer) -> str:
-    step = ckpt.latest_step()
-    return (
-        "no checkpoint is complete" if step is None else f"the last complete checkpoint is {step}"
-    )
 
 
 def _last_logged(out: pathlib.Path) -> dict:

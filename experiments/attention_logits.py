@@ -173,8 +173,8 @@ def summarize(train: dict, threshold: float) -> dict:
     }
 
 
-def train_one(config, log) -> dict:
-    """Trains `config`; returns its curves and final numbers."""
+def train_one(config, log, keys=TRAIN_KEYS) -> dict:
+    """Trains `config`; returns its curves (the metrics `keys`) and final numbers."""
     from muonjax.train import read_metrics, run
 
     started = time.perf_counter()
@@ -187,7 +187,7 @@ def train_one(config, log) -> dict:
     train = {
         "step": [r["step"] for r in logs],
         "tokens": [r["tokens"] for r in logs],
-        **{key: [r[key] for r in logs] for key in TRAIN_KEYS},
+        **{key: [r[key] for r in logs] for key in keys},
     }
     return {
         "eval": {

@@ -2,6 +2,7 @@
 
 import muonjax
 tx = muonjax.moonlight(learning_rate=4.2e-4)   # Muon + AdamW, Moonlight recipe
+params = muonjax.apply_qk_clip(params, max_logits_LH, 100.0, heads)  # QK-Clip: muonjax.optim.qk_clip
 
 The optimizer needs only jax and optax; `nnx_matrix_axes` (Flax NNX models)
 imports flax when first used.
@@ -13,7 +14,9 @@ from muonjax.optim import (
     POLAR_EXPRESS,
     UPDATE_SCALE_RULES,
     MatrixAxes,
+    QKHeads,
     ScaleByMuonState,
+    apply_qk_clip,
     describe,
     moonlight,
     moonlight_labels,
@@ -21,6 +24,8 @@ from muonjax.optim import (
     newton_schulz_flops,
     orthogonalize,
     orthogonalize_spread,
+    qk_clip,
+    qk_clip_factors,
     scale_by_muon,
     scale_by_shape,
     weight_decay_mask,
@@ -34,9 +39,11 @@ __all__ = [
     "ADAMW_NAMES",
     "JORDAN",
     "POLAR_EXPRESS",
+    "QKHeads",
     "UPDATE_SCALE_RULES",
     "MatrixAxes",
     "ScaleByMuonState",
+    "apply_qk_clip",
     "describe",
     "moonlight",
     "moonlight_labels",
@@ -45,6 +52,8 @@ __all__ = [
     "nnx_matrix_axes",
     "orthogonalize",
     "orthogonalize_spread",
+    "qk_clip",
+    "qk_clip_factors",
     "scale_by_muon",
     "scale_by_shape",
     "weight_decay_mask",

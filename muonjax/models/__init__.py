@@ -4,7 +4,7 @@ from muonjax.models.config import PRESETS, ModelConfig, preset
 from muonjax.models.counts import abstract_model, flops_per_token, param_counts
 from muonjax.models.moe import RouterBias, balance_router_bias
 from muonjax.models.spectra import FIGURE4_GROUPS, svd_entropies, svd_entropy, svd_entropy_by_group
-from muonjax.models.transformer import ModelAux, Transformer
+from muonjax.models.transformer import ModelAux, Transformer, qk_clip_heads
 
 __all__ = [
     "FIGURE4_GROUPS",
@@ -18,6 +18,7 @@ __all__ = [
     "flops_per_token",
     "param_counts",
     "preset",
+    "qk_clip_heads",
     "svd_entropies",
     "svd_entropy",
     "svd_entropy_by_group",

@@ -68,6 +68,13 @@ class MultiHeadAttention(nnx.Module):
         out_BLHK, stats = causal_attention(q, k, v, c.head_dim**-0.5, large_logit)
         return self.o_proj(out_BLHK.reshape(*x_BLD.shape[:2], -1)), stats
 
+    @staticmethod
+    def qk_clip_parts(config: ModelConfig) -> dict[str, tuple[int, tuple]]:
+        """QK-Clip's slices: projection -> (features per head, (start, stop, power), ...):
+        a head's query and key each times sqrt(gamma)."""
+        half = (config.head_dim, ((0, config.head_dim, 0.5),))
+        return {"q_proj": half, "k_proj": half}
+
 
 class MultiHeadLatentAttention(nnx.Module):
     """MLA: keys and values come from a shared low-rank latent (kv_lora_rank)
@@ -115,7 +122,22 @@ class MultiHeadLatentAttention(nnx.Module):
         out_BLHV, stats = causal_attention(q, k, v, c.qk_head_dim**-0.5, large_logit)
         return self.o_proj(out_BLHV.reshape(B, L, -1)), stats
 
+    @staticmethod
+    def qk_clip_parts(config: ModelConfig) -> dict[str, tuple[int, tuple]]:
+        """QK-Clip's slices: projection -> (features per head, (start, stop, power), ...):
+        q_nope and k_nope (kv_b's first features per head) times sqrt(gamma),
+        q_rope times gamma; the shared rotary key (in kv_a) untouched."""
+        c = config
+        nope = c.qk_nope_head_dim
+        query = (c.qk_head_dim, ((0, nope, 0.5), (nope, c.qk_head_dim, 1.0)))
+        return {
+            "q_proj" if c.q_lora_rank is None else "q_b_proj": query,
+            "kv_b_proj": (nope + c.v_head_dim, ((0, nope, 0.5),)),
+        }
+
+
+ATTENTION = {"mla": MultiHeadLatentAttention, "mha": MultiHeadAttention}
+
 
 def attention(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-    kind = {"mla": MultiHeadLatentAttention, "mha": MultiHeadAttention}[config.attention]
-    return kind(config, rngs=rngs)
+    return ATTENTION[config.attention](config, rngs=rngs)

@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from muonjax.models.attention import LARGE_LOGIT, attention
+from muonjax.models.attention import ATTENTION, LARGE_LOGIT, attention
 from muonjax.models.config import ModelConfig
 from muonjax.models.layers import MLP, Linear, RMSNorm
 from muonjax.models.moe import MoE, balance_router_bias
+from muonjax.optim.qk_clip import QKHeads, QKHeadsFn
+from muonjax.optim.recipes import _key_name
 
 LAYERS = "layers"  # logical name of the stacking axis
 
@@ -131,3 +133,24 @@ class Transformer(nnx.Module):
         if self.moe_layers is not None:
             bias = self.moe_layers.moe.router.bias
             bias[...] = balance_router_bias(bias[...], expert_load_ME, rate)
+
+
+def qk_clip_heads(config: ModelConfig) -> QKHeadsFn:
+    """Where QK-Clip (`muonjax.apply_qk_clip`) rescales this model's heads, for
+    the rows of ModelAux.max_logit_LH: the dense stack's layers first, then the
+    MoE stack's, each stack's kernels (layers, in, heads x features)."""
+    parts = ATTENTION[config.attention].qk_clip_parts(config)
+    k = config.first_k_dense
+    stacks = {"dense_layers": slice(0, k), "moe_layers": slice(k, config.n_layers)}
+
+    def heads(path, leaf) -> QKHeads | None:
+        del leaf
+        names = [_key_name(key) for key in path]
+        if names[-1] == "value":  # an nnx.Param's own pytree node
+            names = names[:-1]
+        if len(names) == 4 and names[0] in stacks and names[1] == "attn" and names[3] == "kernel":
+            if names[2] in parts:
+                return QKHeads(stacks[names[0]], *parts[names[2]])
+        return None
+
+    return heads

@@ -20,6 +20,7 @@ from muonjax.optim.newton_schulz import (
     newton_schulz_flops,
     orthogonalize,
 )
+from muonjax.optim.qk_clip import QKHeads, apply_qk_clip, qk_clip, qk_clip_factors
 from muonjax.optim.recipes import ADAMW_NAMES, moonlight, moonlight_labels, weight_decay_mask
 from muonjax.optim.zero1 import zero1_sharding, zero1_state_shardings
 
@@ -27,9 +28,11 @@ __all__ = [
     "ADAMW_NAMES",
     "JORDAN",
     "POLAR_EXPRESS",
+    "QKHeads",
     "UPDATE_SCALE_RULES",
     "MatrixAxes",
     "ScaleByMuonState",
+    "apply_qk_clip",
     "describe",
     "moonlight",
     "moonlight_labels",
@@ -37,6 +40,8 @@ __all__ = [
     "newton_schulz_flops",
     "orthogonalize",
     "orthogonalize_spread",
+    "qk_clip",
+    "qk_clip_factors",
     "scale_by_muon",
     "scale_by_shape",
     "weight_decay_mask",

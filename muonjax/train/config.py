@@ -57,7 +57,8 @@ RESUMABLE = frozenset(
 LOCATIONS = frozenset({"out", "data", "init_from"})
 # Fields a resumed run may change to recover from a divergence or to extend its
 # schedule: each change is logged and recorded in config.json's "history".
-RECOVERY = frozenset({"learning_rate", "decay_steps"})
+# QK-Clip too: turning it on is how a run whose attention logits blew up goes on.
+RECOVERY = frozenset({"learning_rate", "decay_steps", "qk_clip"})
 
 # Model fields --model may not set: the tokenizer fixes the vocabulary, and
 # --dtype / --remat are flags of their own.
@@ -204,6 +205,12 @@ class TrainConfig:
         "attention logits (after the softmax scale) above this count toward the logged "
         "large_attention_logit_ratio (paper App. D: 100; small models need a lower one)",
     )
+    qk_clip: float | None = _field(
+        None,
+        "QK-Clip threshold tau (MuonClip, Kimi K2: 100): after each step, every attention head "
+        "whose max logit in the step (after the softmax scale, over the global batch) exceeded "
+        "tau has its query and key weights rescaled by tau / max; default: off (the paper's recipe)",
+    )
     checkpoint_every: int = _field(100, "steps between checkpoints")
     keep_checkpoints: int = _field(3, "how many recent checkpoints to keep")
     max_nonfinite: int = _field(5, "consecutive non-finite steps (skipped) before the run stops")
@@ -278,6 +285,11 @@ class TrainConfig:
             finite(self.large_logit_threshold),
             f"{_flag('large_logit_threshold')} must be finite, got {self.large_logit_threshold}",
             "large_logit_threshold",
+        )
+        check(
+            self.qk_clip is None or (finite(self.qk_clip) and self.qk_clip > 0),
+            f"{_flag('qk_clip')} must be positive and finite, got {self.qk_clip}",
+            "qk_clip",
         )
         for name in ("momentum", "adam_b1", "adam_b2", "min_lr_ratio", "decay_fraction"):
             value = getattr(self, name)

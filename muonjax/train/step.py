@@ -11,7 +11,7 @@ import optax
 from flax import nnx
 
 import muonjax
-from muonjax.models import ModelConfig, Transformer
+from muonjax.models import ModelConfig, Transformer, qk_clip_heads
 from muonjax.models.attention import LARGE_LOGIT
 from muonjax.train.config import TrainConfig
 from muonjax.train.optimizers import applied_count, learning_rate_schedule
@@ -206,6 +206,8 @@ def attention_logit_metrics(aux, tokens_BL) -> dict:
 
 def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, grads_fn=None):
     """One optimizer step; a non-finite loss, gradient or new parameter skips the update.
+    With config.qk_clip the new parameters are QK-clipped by the step's max
+    attention logits (`muonjax.apply_qk_clip`).
 
     `grads_fn(params, rest, tokens)` computes (ce, aux, grads) of the whole
     batch, by default `global_grads` (config.grad_accum micro-batches);
@@ -219,6 +221,9 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     model = nnx.merge(graphdef, params, state.rest)
+    if config.qk_clip is not None:  # QK-Clip on the new parameters, by this step's logits
+        heads = qk_clip_heads(model.config)
+        params = muonjax.apply_qk_clip(params, aux.max_logit_LH, config.qk_clip, heads)
     model.balance_experts(aux.expert_load_ME)
     _, _, rest = nnx.split(model, nnx.Param, ...)
 
@@ -249,6 +254,10 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
         else jnp.ones(()),
         "skipped_steps": new_state.skipped,
     }
+    if config.qk_clip is not None:
+        clipped_LH = muonjax.qk_clip_factors(aux.max_logit_LH, config.qk_clip) < 1.0
+        metrics["qk_clipped_heads"] = jnp.sum(clipped_LH, dtype=jnp.int32)
+        metrics["qk_clipped_heads_per_layer"] = jnp.sum(clipped_LH, axis=-1, dtype=jnp.int32)
     for group in GROUPS:
         metrics[f"update_rms_{group}"] = _rms(_group(updates, labels, group))
         metrics[f"weight_rms_{group}"] = _rms(_group(new_state.params, labels, group))

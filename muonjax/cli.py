@@ -28,6 +28,7 @@ def _missing_train_package(error: ModuleNotFoundError) -> str | None:
 
 
 try:  # the core install (`pip install muonjax`) is the optimizer alone: main() says so
+    from muonjax.parallel.cluster import ClusterError
     from muonjax.parallel.mesh import MeshError, parse_mesh
     from muonjax.train.config import (
         CONFIG_FILE,
@@ -102,8 +103,10 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
 
 def _distributed_flags(p):
     g = p.add_argument_group(
-        "multi-host (one process per host; or set MUONJAX_COORDINATOR, MUONJAX_NUM_PROCESSES, "
-        "MUONJAX_PROCESS_ID)"
+        "multi-host (one process per host). Under SLURM (srun), Open MPI (mpirun), a Cloud TPU "
+        "pod or Kubernetes the processes find each other as jax.distributed.initialize() does; "
+        "elsewhere give all three flags (or MUONJAX_COORDINATOR, MUONJAX_NUM_PROCESSES, "
+        "MUONJAX_PROCESS_ID), which also win over the cluster's"
     )
     g.add_argument(
         "--coordinator",
@@ -133,17 +136,13 @@ def _start_jax(args, cpu_devices):
     """Settings that must precede the backend: device count, then the cluster."""
     import jax
 
+    from muonjax.parallel.cluster import start
+
     if cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
-    if args.coordinator:
-        if args.num_processes is None or args.process_id is None:
-            raise ConfigError("--coordinator needs --num-processes and --process-id")
-        if not 0 <= args.process_id < args.num_processes:
-            raise ConfigError(
-                f"--process-id {args.process_id} is not in [0, --num-processes {args.num_processes})"
-            )
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    joined = start(args.coordinator, args.num_processes, args.process_id)
+    if joined is not None and joined.process_index == 0:
+        print(f"muonjax: {joined.describe()}", flush=True)
 
 
 INSPECT_DEFAULTS = {"preset": "small", "seq_len": 1024, "mesh": "data=8"}
@@ -282,7 +281,7 @@ def main(argv=None) -> int:
         finally:  # run() has saved what it had: a signal while the process exits changes nothing
             for s in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(s, signal.SIG_IGN)
-    except (ConfigError, MeshError) as e:
+    except (ConfigError, MeshError, ClusterError) as e:
         print(f"muonjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # before run() handles signals: nothing trained, nothing to save

@@ -207,12 +207,6 @@ def test_inspect_reports_per_device_costs():
     assert muon["optimizer_flops"] > 100 * adamw["optimizer_flops"]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
@@ -221,7 +215,21 @@ def corpus(tmp_path_factory):
     return str(folder)
 
 
-def test_two_processes_agree_with_one(corpus, tmp_path):
+def _free_slurm_port() -> int:
+    """A free port in the range JAX's SLURM detection derives from the job id."""
+    for port in range(65535 - 2**12 + 1, 65536):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port for the simulated SLURM job")
+
+
+def test_two_processes_under_slurm_agree_with_one(corpus, tmp_path):
+    """`srun -n 2 muonjax train ...` on one node, simulated: no multi-host
+    flags, the SLURM variables JAX's cluster detection reads."""
     common = [
         "--data",
         corpus,
@@ -242,33 +250,22 @@ def test_two_processes_agree_with_one(corpus, tmp_path):
         "--no-progress",
     ]
     cmd = [sys.executable, "-m", "muonjax", "train"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MUONJAX_")}
-    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MUONJAX_", "SLURM_"))}
+    port = _free_slurm_port()
+    slurm = dict(SLURM_JOB_ID=str(port % 2**12), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2")
     procs = [
         subprocess.Popen(
-            [
-                *cmd,
-                "--out",
-                str(tmp_path / "two"),
-                "--cpu-devices",
-                "4",
-                "--coordinator",
-                f"127.0.0.1:{port}",
-                "--num-processes",
-                "2",
-                "--process-id",
-                str(i),
-                *common,
-            ],
+            [*cmd, "--out", str(tmp_path / "two"), "--cpu-devices", "4", *common],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
+            env={**env, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
         )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert "muonjax: process 0 of 2 (slurm): 4 local devices of 8 (cpu)" in outs[0][0]
     # the same run in this process, on its 8 devices
     run(
         TrainConfig(

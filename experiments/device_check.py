@@ -12,6 +12,8 @@ and the next section runs):
    TFLOP/s (counting the FLOPs it executes, `newton_schulz_flops`) and the
    fraction of the same dtype's matmul rate; and the singular values of its
    output on one matrix (Jordan's coefficients put them in about [0.7, 1.2]).
+   float32 runs at JAX's default matmul precision (TF32 on NVIDIA GPUs, bf16
+   passes on TPUs) and at "highest" (true float32).
 3. optax_contrib: `muonjax.muon` against `optax.contrib.muon` (consistent_rms
    0.2, told the stacks' axes), jitted update time on a Moonlight-like MoE's
    shapes, timed alternately.
@@ -21,7 +23,9 @@ and the next section runs):
    parameter MoE (bfloat16 activations, MLA, 16 experts, remat), with Muon and
    with AdamW: median step time, tokens/s, model TFLOP/s (muonjax's FLOP
    count: 6 x active matmul parameters per token plus attention) and MFU
-   against the measured bfloat16 matmul rate; and the Muon / AdamW step ratio.
+   against the measured bfloat16 matmul rate; the Muon / AdamW step ratio; and
+   Muon's step with the other expert dispatch than auto's (blocks on an
+   accelerator, ragged_dot on the CPU).
 
 Writes results/device_check/results.json after every section.
 """
@@ -69,7 +73,7 @@ SIZES = {  # full / quick
     ),  # fmt: skip
     "train": (  # preset, --model, batch, sequence, vocabulary, TrainConfig fields
         {"small": ("small", {}, 32, 512, 256, {}), "1b": ("small", ONE_B, 8, 2048, 32768, BF16)},
-        {"small": ("tiny", DENSE, 8, 32, 256, {}), "1b": ("tiny", DENSE, 8, 32, 512, BF16)},
+        {"1b": ("tiny", DENSE, 8, 32, 512, BF16)},  # one program pair: the suite's time
     ),
     "repeats": (10, 3),
 }
@@ -102,11 +106,12 @@ def newton_schulz(quick: bool, rates: dict) -> dict:
     for shape in size("ns_shapes", quick):
         x = jax.random.normal(jax.random.key(0), shape, jnp.float32)
         row = {"shape": list(shape), "gflop": muonjax.newton_schulz_flops(shape) / 1e9}
-        for dtype in ("float32", "bfloat16"):
-            fn = jax.jit(lambda x, d=dtype: muonjax.orthogonalize(x, compute_dtype=d))
-            seconds = median_time(fn, x, repeats=repeats)
+        for dtype, precision in (("float32", None), ("bfloat16", None), ("float32", "highest")):
+            with jax.default_matmul_precision(precision):  # None: JAX's default (TF32 on GPUs)
+                fn = jax.jit(lambda x, d=dtype: muonjax.orthogonalize(x, compute_dtype=d))
+                seconds = median_time(fn, x, repeats=repeats)
             tflops = row["gflop"] / 1e3 / seconds
-            row[dtype] = {
+            row[dtype if precision is None else f"{dtype}_{precision}"] = {
                 "seconds": seconds,
                 "tflop_per_s": tflops,
                 "of_matmul": tflops / rates[dtype]["tflop_per_s"] if dtype in rates else None,
@@ -173,10 +178,15 @@ def train_step(quick: bool, rates: dict) -> dict:
     out = {}
     for name, (preset, model, batch, seq, vocab, fields) in size("train", quick).items():
         row = {"preset": preset, "model": model, "batch_size": batch, "seq_len": seq, **fields}
-        for optimizer in ("muon", "adamw"):
+        # the default expert dispatch (auto), then Muon with the other one (MoE models)
+        other = "ragged_dot" if jax.default_backend() == "cpu" else "blocks"
+        runs = [("muon", "muon", None), ("adamw", "adamw", None)]
+        if TrainConfig(preset=preset, model=model).model_config().n_moe_layers:
+            runs.append((f"muon_{other}", "muon", other))
+        for key, optimizer, dispatch in runs:
             config = TrainConfig(
                 preset=preset, model=model, batch_size=batch, seq_len=seq, optimizer=optimizer,
-                **fields,
+                moe_dispatch=dispatch, **fields,
             )  # fmt: skip
             model_config = config.model_config(vocab_size=vocab)
             program = build(config, model_config, mesh)
@@ -196,7 +206,7 @@ def train_step(quick: bool, rates: dict) -> dict:
             seconds = statistics.median(times)
             flops = flops_per_token(model_config, seq) * batch * seq
             row["parameters"] = param_counts(model_config)
-            row[optimizer] = {
+            row[key] = {
                 "seconds": seconds,
                 "first_step_s": compile_s,
                 "tokens_per_s": batch * seq / seconds,
@@ -206,6 +216,8 @@ def train_step(quick: bool, rates: dict) -> dict:
             }
             del state
         row["muon_over_adamw"] = row["muon"]["seconds"] / row["adamw"]["seconds"]
+        if f"muon_{other}" in row:
+            row[f"{other}_over_auto"] = row[f"muon_{other}"]["seconds"] / row["muon"]["seconds"]
         out[name] = row
     return out
 

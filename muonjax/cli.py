@@ -193,6 +193,45 @@ def _inspect(args) -> int:
     return 0
 
 
+TOKENIZE_FIELDS = ("data", "data_format", "tokenizer", "bpe_vocab_size", "validation_fraction")
+
+
+def _tokenize_parser(subparsers) -> argparse.ArgumentParser:
+    from muonjax.train.shards import SHARD_TOKENS
+
+    p = subparsers.add_parser(
+        "tokenize",
+        help="tokenize a corpus once into ArrayRecord shards, for train --data DIR",
+        description="Read and tokenize a corpus once, as `muonjax train` would (the same "
+        "split, tokenizer and order), and write its training and validation token streams as "
+        "ArrayRecord shards with a manifest.json (and the BPE's tokenizer.json) in --out. "
+        "`muonjax train --data DIR` then reads only the windows each process trains on.",
+    )
+    add_arguments(p, fields=TOKENIZE_FIELDS)
+    p.add_argument("--out", required=True, help="the folder to write; must not exist")
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=SHARD_TOKENS,
+        help=f"tokens per shard file (default: {SHARD_TOKENS})",
+    )
+    return p
+
+
+def _tokenize(args) -> int:
+    from muonjax.train.shards import write_shards
+
+    config = TrainConfig(**given_fields(args))
+    try:
+        manifest = write_shards(config, args.out, shard_tokens=args.shard_tokens)
+    except WriteFailed as e:
+        print(e, file=sys.stderr)
+        return EXIT_IO
+    splits = manifest["splits"]
+    print(json.dumps({"out": args.out, **{s: splits[s]["tokens"] for s in splits}}))
+    return 0
+
+
 def _human(x) -> str:
     if isinstance(x, float) or abs(x) >= 10_000:
         for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -217,8 +256,9 @@ def _config_from_args(args) -> tuple[TrainConfig, bool]:
         saved = TrainConfig.from_json(read_run_config(saved_path.parent)["train"])
         return saved.replace(**given), True
     from muonjax.train.finetune import inherit_from_source
+    from muonjax.train.shards import inherit_from_shards
 
-    return TrainConfig(**inherit_from_source(given)), resume
+    return TrainConfig(**inherit_from_shards(inherit_from_source(given))), resume
 
 
 def _check_out_writable(out: str) -> None:
@@ -255,14 +295,19 @@ def _no_train_extra(package: str) -> int:
 def main(argv=None) -> int:
     if _MISSING is not None:
         return _no_train_extra(_MISSING)
-    parser = _Parser(prog="muonjax", description="Muon for JAX: train and inspect MoE models.")
+    parser = _Parser(
+        prog="muonjax", description="Muon for JAX: train and inspect MoE models, tokenize data."
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(subparsers)
     _inspect_parser(subparsers)
+    _tokenize_parser(subparsers)
     try:
         args = parser.parse_args(argv)
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "tokenize":
+            return _tokenize(args)
         config, resume = _config_from_args(args)
         if config.mesh:  # its syntax, before JAX starts; its size is checked against the devices
             parse_mesh(config.mesh)

@@ -28,7 +28,8 @@ from muonjax.train.inspect import (
 from muonjax.train.program import build
 from muonjax.train.step import param_groups
 
-MESHES = ["data=8", "data=4,expert=2", "data=2,expert=2,tensor=2"]
+# data alone, and every axis (the two-process test runs data=4,expert=2)
+MESHES = ["data=8", "data=2,expert=2,tensor=2"]
 TINY = preset("tiny")
 
 
@@ -227,9 +228,11 @@ def _free_slurm_port() -> int:
     raise RuntimeError("no free port for the simulated SLURM job")
 
 
-def test_two_processes_under_slurm_agree_with_one(corpus, tmp_path):
-    """`srun -n 2 muonjax train ...` on one node, simulated: no multi-host
-    flags, the SLURM variables JAX's cluster detection reads."""
+def test_two_processes_by_slurm_and_by_flags_agree_with_one(corpus, tmp_path):
+    """`srun -n 2 muonjax train ...` on one node, simulated: the SLURM variables
+    JAX's cluster detection reads. Process 1 joins by them alone; process 0 has
+    them too but is given the same coordinates as flags, which win: both ways
+    of joining, in one run."""
     common = [
         "--data",
         corpus,
@@ -253,9 +256,18 @@ def test_two_processes_under_slurm_agree_with_one(corpus, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MUONJAX_", "SLURM_"))}
     port = _free_slurm_port()
     slurm = dict(SLURM_JOB_ID=str(port % 2**12), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2")
+    flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
     procs = [
         subprocess.Popen(
-            [*cmd, "--out", str(tmp_path / "two"), "--cpu-devices", "4", *common],
+            [
+                *cmd,
+                "--out",
+                str(tmp_path / "two"),
+                "--cpu-devices",
+                "4",
+                *common,
+                *(flags if i == 0 else []),
+            ],  # fmt: skip
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -265,7 +277,7 @@ def test_two_processes_under_slurm_agree_with_one(corpus, tmp_path):
     ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
-    assert "muonjax: process 0 of 2 (slurm): 4 local devices of 8 (cpu)" in outs[0][0]
+    assert "muonjax: process 0 of 2 (flags): 4 local devices of 8 (cpu)" in outs[0][0]
     # the same run in this process, on its 8 devices
     run(
         TrainConfig(

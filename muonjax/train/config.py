@@ -16,7 +16,7 @@ import pathlib
 import types
 import typing
 
-from muonjax.models.config import PRESETS, ModelConfig
+from muonjax.models.config import DISPATCH_METHODS, PRESETS, ModelConfig
 from muonjax.optim import UPDATE_SCALE_RULES
 from muonjax.train.optimizers import NS_COEFFS, NS_DTYPES, OPTIMIZERS, SCHEDULES
 
@@ -48,6 +48,7 @@ RESUMABLE = frozenset(
         "zero1",
         "grad_accum",  # the same global batch, summed in float32: a memory knob
         "remat",  # recomputes, changes no value
+        "moe_dispatch",  # how experts are computed: the same values, to rounding (as mesh)
     }
 )
 # Where the run and its inputs are: a resumed run compares what they hold (the
@@ -61,8 +62,8 @@ LOCATIONS = frozenset({"out", "data", "init_from"})
 RECOVERY = frozenset({"learning_rate", "decay_steps", "qk_clip"})
 
 # Model fields --model may not set: the tokenizer fixes the vocabulary, and
-# --dtype / --remat are flags of their own.
-_NOT_MODEL_OVERRIDES = frozenset({"vocab_size", "dtype", "remat"})
+# --dtype / --remat / --moe-dispatch are flags of their own.
+_NOT_MODEL_OVERRIDES = frozenset({"vocab_size", "dtype", "remat", "moe_dispatch"})
 
 
 class ConfigError(ValueError):
@@ -115,6 +116,13 @@ class TrainConfig:
     remat: bool | None = _field(
         None,
         "recompute each layer in the backward pass instead of storing it; default: the preset's",
+    )
+    moe_dispatch: str | None = _field(
+        None,
+        "how routed experts are computed: blocks (sorted row blocks, plain matmuls), ragged_dot "
+        "(jax.lax.ragged_dot, grouped matmuls on GPU/TPU; a dense masked matmul on CPU), auto "
+        "(blocks on CPU, ragged_dot on accelerators); default: the preset's (auto)",
+        choices=DISPATCH_METHODS,
     )
     # the optimizer
     optimizer: str = _field(
@@ -362,6 +370,8 @@ class TrainConfig:
             changes["dtype"] = self.dtype
         if self.remat is not None:
             changes["remat"] = self.remat
+        if self.moe_dispatch is not None:
+            changes["moe_dispatch"] = self.moe_dispatch
         if vocab_size is not None:
             changes["vocab_size"] = vocab_size
         try:
@@ -396,9 +406,12 @@ class TrainConfig:
             raise ConfigError(str(e)) from None
         if rest:
             raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
-        from muonjax.train.finetune import inherit_from_source  # it reads configs: imports this
+        # they read configs and manifests: they import this module
+        from muonjax.train.finetune import inherit_from_source
+        from muonjax.train.shards import inherit_from_shards
 
-        return (base or cls()).replace(**inherit_from_source(given_fields(args)))
+        given = inherit_from_shards(inherit_from_source(given_fields(args)))
+        return (base or cls()).replace(**given)
 
     def resume_changes(self, saved: TrainConfig) -> list[str]:
         """The fields that differ from a saved run's and may not change on resume."""
@@ -500,12 +513,16 @@ def load_model_file(path: str) -> dict:
     return data
 
 
-def add_arguments(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    """One flag per TrainConfig field, help and defaults from the field (or from
-    `defaults`, for a command whose defaults differ). Every default is SUPPRESS,
-    so that the parsed namespace holds only the flags given."""
+def add_arguments(
+    parser: argparse.ArgumentParser, defaults: dict | None = None, fields: tuple[str, ...] = ()
+) -> None:
+    """One flag per TrainConfig field (or per one of `fields`), help and defaults
+    from the field (or from `defaults`, for a command whose defaults differ).
+    Every default is SUPPRESS, so that the parsed namespace holds only the flags given."""
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
+        if fields and f.name not in fields:
+            continue
         meta = f.metadata
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default = (defaults or {}).get(f.name, default)

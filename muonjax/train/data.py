@@ -1,5 +1,6 @@
 """A run's data: the corpus (text or SFT examples) tokenized into training and
-validation token streams, checked to hold at least a batch each."""
+validation token streams, or those streams read from `muonjax tokenize`
+shards; checked to hold at least a batch each."""
 
 from __future__ import annotations
 
@@ -10,21 +11,27 @@ import numpy as np
 
 from muonjax.train.config import ConfigError, TrainConfig
 from muonjax.train.corpus import load_corpus, load_examples, split_examples, split_texts
-from muonjax.train.tokenizer import BPETokenizer, ByteTokenizer, encode_examples, tokenizer_for_run
+from muonjax.train.shards import SPLITS, ShardedTokens, check_manifest, is_shards, read_manifest
+from muonjax.train.tokenizer import (
+    BPE_FILE,
+    BPETokenizer,
+    ByteTokenizer,
+    encode_examples,
+    tokenizer_for_run,
+)
 
 
 @dataclasses.dataclass
 class RunData:
-    train_tokens: np.ndarray
-    validation_tokens: np.ndarray
+    train_tokens: np.ndarray | ShardedTokens
+    validation_tokens: np.ndarray | ShardedTokens
     tokenizer: ByteTokenizer | BPETokenizer
     description: dict
 
 
-def load_data(
-    config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None = None
-) -> RunData:
-    """Token streams of the training and validation data; `source`: the run an
+def tokenize(config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None = None):
+    """(train tokens, validation tokens, tokenizer, description) of config.data:
+    the corpus (text or SFT examples) split and tokenized; `source`: the run an
     --init-from run fine-tunes, whose BPE tokenizer it uses."""
     if config.data_format == "sft-jsonl":  # prompt tokens stored as -(id + 1): not targets
         corpus = load_examples(config.data)
@@ -50,6 +57,57 @@ def load_data(
             np.concatenate([np.zeros(0, np.uint8), *tokenizer.encode(t)])
             for t in (train_texts, validation_texts)
         )
+    description = {
+        **corpus.describe(),
+        "tokenizer": config.tokenizer,
+        "vocab_size": tokenizer.vocab_size,
+        "train_tokens": int(len(train)),
+        "validation_tokens": int(len(validation)),
+        **sft,
+    }
+    return train, validation, tokenizer, description
+
+
+def _from_shards(config: TrainConfig, source: pathlib.Path | None):
+    """tokenize()'s result read from the shards folder config.data[0]: the
+    streams as ShardedTokens (nothing read yet), the description the text
+    path's (its fingerprint the corpus's) plus where the shards are."""
+    directory = config.data[0]
+    manifest = read_manifest(directory)
+    check_manifest(config, manifest, directory)
+    tokenizer = ByteTokenizer()
+    if config.tokenizer == "bpe":
+        path = pathlib.Path(directory) / BPE_FILE
+        if source is not None and (source / BPE_FILE).read_bytes() != path.read_bytes():
+            raise ConfigError(
+                f"--data {directory} was tokenized with another BPE than the --init-from run's; "
+                "tokenize it with that run's tokenizer"
+            )
+        tokenizer = BPETokenizer.load(path)
+    train, validation = (ShardedTokens(directory, split, manifest) for split in SPLITS)
+    description = {
+        **manifest["source"],
+        "shards": str(pathlib.Path(directory).absolute()),
+        "shards_sha256": {split: manifest["splits"][split]["sha256"] for split in SPLITS},
+    }
+    return train, validation, tokenizer, description
+
+
+def load_data(
+    config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None = None
+) -> RunData:
+    """Token streams of the training and validation data, from text (tokenized
+    now) or from `muonjax tokenize` shards; `source`: the run an --init-from
+    run fine-tunes, whose BPE tokenizer it uses."""
+    if is_shards(config.data):
+        train, validation, tokenizer, description = _from_shards(config, source)
+    elif any(is_shards((path,)) for path in config.data):
+        raise ConfigError(
+            f"--data {' '.join(config.data)}: a folder of muonjax tokenize shards is a run's "
+            "whole data; pass it alone"
+        )
+    else:
+        train, validation, tokenizer, description = tokenize(config, out, source)
     window = config.seq_len + 1
     if len(train) < config.batch_size * window:
         raise ConfigError(
@@ -61,12 +119,4 @@ def load_data(
             f"--data leaves {len(validation)} validation tokens, fewer than one batch of "
             f"{config.batch_size} x {window}; pass more text or a larger --validation-fraction"
         )
-    description = {
-        **corpus.describe(),
-        "tokenizer": config.tokenizer,
-        "vocab_size": tokenizer.vocab_size,
-        "train_tokens": int(len(train)),
-        "validation_tokens": int(len(validation)),
-        **sft,
-    }
     return RunData(train, validation, tokenizer, description)

@@ -10,6 +10,10 @@ from __future__ import annotations
 import grain
 import numpy as np
 
+# Batches read ahead, by a few threads: enough to hide reads from shards behind a
+# step, and host memory of a few batches (grain's default is 500 batches ahead).
+READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+
 
 class TokenWindows:
     """Random access to the non-overlapping windows of seq_len + 1 tokens."""
@@ -53,7 +57,7 @@ def train_batches(
     mine = grain.MapDataset.range(len(stream) // batch_size * rows).map(
         lambda i: stream[i // rows * batch_size + lo + i % rows]
     )
-    return iter(mine.batch(rows, drop_remainder=True).to_iter_dataset())
+    return iter(mine.batch(rows, drop_remainder=True).to_iter_dataset(READ_OPTIONS))
 
 
 def eval_batches(

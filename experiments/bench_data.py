@@ -7,7 +7,10 @@
 2. Start-up and host memory of a run's data, side by side: a fresh process
    that imports muonjax, loads the data (`load_data`: the text read and
    tokenized, or the shards' manifest opened) and builds its first batch;
-   wall time and peak RSS, the median of 3 alternating repeats of each.
+   wall time and peak RSS, the median of 3 alternating repeats of each. On
+   the corpus, on the same corpus 10 times over (what grows with data), and
+   with the BPE tokenizer (one repeat), which the text path trains and
+   applies at every fresh start.
 3. The input pipeline alone: batches per second of `train_batches` over the
    shards (grain, the trainer's read options) for the train-step shapes of
    experiments/device_check.py, in tokens/s, against the tokens/s the train
@@ -32,9 +35,11 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# a fresh process: its data's start-up and peak memory (ru_maxrss is in KiB on Linux)
+# a fresh process: its data's start-up and peak memory. The peak is VmHWM, this
+# process's own high-water mark: Linux carries ru_maxrss over from the parent across
+# fork and exec, so it would report this script's memory instead.
 PROBE = """
-import json, pathlib, resource, sys, time
+import json, pathlib, sys, time
 started = time.perf_counter()
 from muonjax.train import TrainConfig
 from muonjax.train.data import load_data
@@ -42,8 +47,10 @@ from muonjax.train.pipeline import train_batches
 config = TrainConfig(**json.loads(sys.argv[1]))
 data = load_data(config, pathlib.Path(sys.argv[2]))
 next(train_batches(data.train_tokens, config.seq_len, config.batch_size, config.seed))
-print(json.dumps({"seconds": time.perf_counter() - started,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+seconds = time.perf_counter() - started
+status = pathlib.Path("/proc/self/status").read_text().splitlines()
+peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_kib / 1024,
                   "train_tokens": len(data.train_tokens)}))
 """
 
@@ -59,12 +66,12 @@ def probe(fields: dict, tmp: pathlib.Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def start_up(data: tuple[str, ...], shards: str, repeats: int, tmp: pathlib.Path) -> dict:
+def start_up(data: tuple[str, ...], shards: str, repeats: int, tmp: pathlib.Path, **fields) -> dict:
     modes = {"text": {"data": list(data)}, "shards": {"data": [shards]}}
     runs = {mode: [] for mode in modes}
     for _ in range(repeats):
-        for mode, fields in modes.items():
-            runs[mode].append(probe({**fields, "batch_size": 32, "seq_len": 512}, tmp))
+        for mode, given in modes.items():
+            runs[mode].append(probe({**given, **fields, "batch_size": 32, "seq_len": 512}, tmp))
     out = {}
     for mode, rows in runs.items():
         out[mode] = {
@@ -153,6 +160,29 @@ def main(argv=None) -> int:
         print(f"start-up: text {s['text']['seconds']:.2f} s {s['text']['peak_rss_mib']:.0f} MiB, "
               f"shards {s['shards']['seconds']:.2f} s {s['shards']['peak_rss_mib']:.0f} MiB",
               flush=True)  # fmt: skip
+        if not args.quick:  # a BPE: the text path trains and encodes it at every fresh start
+            bpe = TrainConfig(data=data, tokenizer="bpe")
+            write_shards(bpe, tmp / "shards_bpe", log=lambda *_: None)
+            results["start_up_bpe"] = start_up(data, str(tmp / "shards_bpe"), 1, tmp,
+                                               tokenizer="bpe")  # fmt: skip
+            s = results["start_up_bpe"]
+            print(f"start-up, BPE: text {s['text']['seconds']:.2f} s "
+                  f"{s['text']['peak_rss_mib']:.0f} MiB, shards {s['shards']['seconds']:.2f} s "
+                  f"{s['shards']['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
+        if not args.quick:  # the same corpus 10 times over (120 MB): what grows with the data
+            from muonjax.train.corpus import load_corpus
+
+            big = tmp / "corpus_x10"
+            big.mkdir()
+            for copy in range(10):
+                for i, text in enumerate(load_corpus(data).texts):
+                    (big / f"{copy:02d}-{i:05d}.py").write_text(text)
+            write_shards(TrainConfig(data=(str(big),)), tmp / "shards_x10", log=lambda *_: None)
+            results["start_up_x10"] = start_up((str(big),), str(tmp / "shards_x10"), 3, tmp)
+            s = results["start_up_x10"]
+            print(f"start-up x10: text {s['text']['seconds']:.2f} s "
+                  f"{s['text']['peak_rss_mib']:.0f} MiB, shards {s['shards']['seconds']:.2f} s "
+                  f"{s['shards']['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
         device = ROOT / "results" / "device_check" / "results.json"
         device_steps = json.loads(device.read_text())["train_step"] if device.exists() else {}
         kind = json.loads(device.read_text())["device_kind"] if device.exists() else None

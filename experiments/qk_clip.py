@@ -117,29 +117,27 @@ def train_runs(args, tmp) -> dict:
     return {"base": base, "runs": runs, "configs": configs}
 
 
-def step_overhead(args, tmp) -> dict:
-    """Median train-step time of `small` (tiny with --quick) with and without
-    QK-Clip, the two programs timed alternately after compiling."""
+def step_overhead(args, tmp, base: dict) -> dict:
+    """Median train-step time of `small` with and without QK-Clip, the two
+    programs timed alternately after compiling. --quick times the quick runs'
+    own two configs (their programs are in the compilation cache by then)."""
     import jax
 
     from muonjax.parallel import make_mesh, parse_mesh
     from muonjax.train import TrainConfig
     from muonjax.train.program import build
 
-    preset, batch, seq, rounds, per_round = (
-        ("tiny", 8, 32, 3, 2) if args.quick else ("small", 8, 256, 7, 5)
-    )
+    if args.quick:
+        plain, clipped = (run_config(base, n, str(tmp), True) for n in run_names(QUICK_PAIRS))
+        configs, rounds, per_round = {"off": plain, "on": clipped}, 3, 2
+    else:  # tau 1e-3: every head clips (the work is the same either way)
+        small = TrainConfig(preset="small", batch_size=8, seq_len=256)
+        configs, rounds, per_round = {"off": small, "on": small.replace(qk_clip=1e-3)}, 7, 5
+    preset, batch, seq = configs["off"].preset, configs["off"].batch_size, configs["off"].seq_len
     mesh = make_mesh(parse_mesh("data=1"), devices=jax.devices()[:1])
     tokens = np.random.default_rng(0).integers(0, 256, (batch, seq + 1)).astype(np.int32)
     programs, states, times = {}, {}, {"off": [], "on": []}
-    for key, tau in (
-        ("off", None),
-        ("on", 1e-3),
-    ):  # every head clips: the work is the same either way
-        config = TrainConfig(
-            out=str(pathlib.Path(tmp) / key), preset=preset, batch_size=batch, seq_len=seq,
-            qk_clip=tau,
-        )  # fmt: skip
+    for key, config in configs.items():
         program = build(config, config.model_config(vocab_size=256), mesh)
         state = program.init()
         state, metrics = program.step(state, jax.device_put(tokens, program.batch))  # compiles
@@ -232,7 +230,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qk_clip-") as tmp:
         results = {"quick": args.quick, **train_runs(args, tmp)}
-        results["overhead"] = step_overhead(args, tmp)
+        results["overhead"] = step_overhead(args, tmp, results["base"])
     results["wall_time_s"] = time.perf_counter() - started
     print()
     print(markdown(results))

@@ -66,3 +66,20 @@ def test_half_given_coordinates_are_an_error(calls, flags, message):
     with pytest.raises(cluster.ClusterError, match=message):
         cluster.start(*flags)
     assert calls == []
+
+
+def test_cli_half_given_coordinates_exit_2_and_write_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "muonjax", "train", "--out", str(tmp_path / "run"),
+         "--coordinator", "127.0.0.1:1234"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "muonjax: error: --coordinator, --num-processes and --process-id go together (or none "
+        "of them, to use the cluster's own: SLURM, Open MPI, Cloud TPU, Kubernetes)"
+    ]
+    assert not (tmp_path / "run").exists()

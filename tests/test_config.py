@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import muonjax
-from muonjax.models import PRESETS, param_counts
-from muonjax.train import ConfigError, TrainConfig, run
+from muonjax.models import PRESETS
+from muonjax.train import ConfigError, TrainConfig
 from muonjax.train.config import add_arguments
 from muonjax.train.optimizers import OPTIMIZERS, SCHEDULES, learning_rate_schedule, make_optimizer
 
@@ -36,6 +36,8 @@ def test_from_args_takes_the_cli_words_and_defaults_come_from_the_fields():
             "--dtype",
             "bfloat16",
             "--no-decay-norms",
+            "--moe-dispatch",
+            "ragged_dot",
             "--data",
             "a.txt",
             "b/",
@@ -62,6 +64,9 @@ def test_from_args_takes_the_cli_words_and_defaults_come_from_the_fields():
         300,
     )
     assert model.dtype == "bfloat16" and model.n_heads == PRESETS["small"].n_heads
+    assert (
+        model.moe_dispatch == "ragged_dot" and TrainConfig().model_config().moe_dispatch == "auto"
+    )
     # --help shows every field, with the field's own default
     import argparse
 
@@ -76,7 +81,9 @@ def test_from_args_takes_the_cli_words_and_defaults_come_from_the_fields():
 
 def test_model_config_file_and_overrides(tmp_path):
     path = tmp_path / "model.json"
-    path.write_text(json.dumps({"d_model": 96, "n_heads": 2, "vocab_size": 999}))
+    saved = {"d_model": 96, "n_heads": 2, "vocab_size": 999, "dtype": "bfloat16", "remat": True,
+             "moe_dispatch": "blocks"}  # fmt: skip
+    path.write_text(json.dumps(saved))
     config = TrainConfig.from_args(["--model-config", str(path), "--model", "n_heads=3"])
     assert config.model == {"d_model": 96, "n_heads": 3}  # the tokenizer sets vocab_size
 
@@ -87,6 +94,8 @@ def test_model_config_file_and_overrides(tmp_path):
         (["--model", "hidden=3"], "--model: unknown key hidden (valid: d_model, n_layers,"),
         (["--model", "d_model=wide"], "--model d_model=wide: expected int"),
         (["--model", "vocab_size=9"], "--model: unknown key vocab_size"),
+        (["--model", "moe_dispatch=blocks"], "--model: unknown key moe_dispatch"),  # a flag
+        (["--moe-dispatch", "dense"], "--moe-dispatch 'dense' is unknown (valid: auto, blocks,"),
         (
             ["--model", "experts_per_token=99"],
             "experts_per_token=99 (valid: 1..n_routed_experts=8)",
@@ -167,23 +176,3 @@ def test_every_knob_reaches_the_optimizer():
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
             np.testing.assert_array_equal(a, b)
     assert set(OPTIMIZERS) == {"muon", "adamw"}
-
-
-def test_run_records_the_resolved_model_and_prints_param_counts(tmp_path):
-    folder = tmp_path / "text"
-    folder.mkdir()
-    (folder / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 400)
-    lines = []
-    config = TrainConfig(
-        out=str(tmp_path / "run"), data=(str(folder),), steps=2, batch_size=8, seq_len=16,
-        model={"d_model": 48, "n_heads": 2, "n_routed_experts": 4}, progress=False,
-    )  # fmt: skip
-    summary = run(config, log=lines.append)
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["model"]["d_model"] == 48 and saved["model"]["n_routed_experts"] == 4
-    assert saved["train"]["model"] == {"d_model": 48, "n_heads": 2, "n_routed_experts": 4}
-    counts = param_counts(config.model_config(vocab_size=256))
-    assert saved["parameters"]["total"] == counts["total"]
-    assert any(f"{counts['total']:,} total, {counts['active']:,} active" in line for line in lines)
-    assert summary.steps == 2 and summary.tokens == 2 * 8 * 16
-    assert summary.flops > 0 and summary.metrics_path.endswith("metrics.jsonl")

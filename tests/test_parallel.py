@@ -321,7 +321,7 @@ def test_restore_onto_a_smaller_mesh(corpus, tmp_path):
 def test_inspect_cli_json():
     result = subprocess.run(
         [sys.executable, "-m", "muonjax", "inspect", "--preset", "tiny", "--mesh", "data=4,expert=2",
-         "--seq-len", "64", "--json"],
+         "--model", "n_layers=1,first_k_dense=1", "--seq-len", "64", "--json"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

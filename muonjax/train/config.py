@@ -509,8 +509,9 @@ def load_model_file(path: str) -> dict:
         ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"--model-config {path} must hold a JSON object of ModelConfig fields")
-    data.pop("vocab_size", None)  # a saved config.json's "model" works too: the tokenizer sets it
-    return data
+    # a saved config.json's "model" works too: the tokenizer sets the vocabulary, and
+    # --dtype, --remat and --moe-dispatch are flags of their own (default: the preset's)
+    return {k: v for k, v in data.items() if k not in _NOT_MODEL_OVERRIDES}
 
 
 def add_arguments(

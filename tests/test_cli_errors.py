@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import DENSE
 
 RUN = [sys.executable, "-m", "muonjax", "train", "--no-progress"]
 
@@ -120,6 +121,8 @@ def test_resume_with_incompatible_config(tmp_path, text_dir):
         str(out),
         "--data",
         str(text_dir),
+        "--model",
+        DENSE,
         "--steps",
         "2",
         "--batch-size",

@@ -297,7 +297,8 @@ def test_two_processes_by_slurm_and_by_flags_agree_with_one(corpus, tmp_path):
 
 def test_restore_onto_a_smaller_mesh(corpus, tmp_path):
     base = dict(data=(corpus,), steps=6, decay_steps=6, warmup_steps=2, batch_size=8, seq_len=32, log_every=1,
-                eval_every=6, checkpoint_every=3, progress=False)  # fmt: skip
+                eval_every=6, checkpoint_every=3, progress=False,
+                model={"n_layers": 1, "first_k_dense": 1})  # fmt: skip
     run(TrainConfig(out=str(tmp_path / "whole"), mesh="data=8", **base), log=lambda *_: None)
     run(
         TrainConfig(out=str(tmp_path / "moved"), mesh="data=8", **{**base, "steps": 3}),

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
+from conftest import DENSE
 
 from muonjax.cli import EXIT_PREEMPTED
 from muonjax.train import read_metrics
@@ -38,7 +39,7 @@ def _state(out, step):
 
 def test_sigterm_checkpoints_and_the_same_command_resumes_bit_identically(tmp_path):
     data = _corpus(tmp_path / "corpus")
-    args = ["--data", data, "--steps", "30", "--batch-size", "4", "--seq-len", "32",
+    args = ["--data", data, "--model", DENSE, "--steps", "30", "--batch-size", "4", "--seq-len", "32",
             "--log-every", "1", "--eval-every", "100", "--checkpoint-every", "1000",
             "--warmup-steps", "2"]  # fmt: skip
     out = tmp_path / "preempted"
@@ -104,7 +105,7 @@ def test_sigint_while_the_last_files_are_flushed_finishes_the_run(tmp_path):
     complete: it finishes them, exits 0, prints nothing on stderr, and its
     final checkpoint equals that of a run left alone."""
     data = _corpus(tmp_path / "corpus")
-    args = ["--data", data, "--steps", "6", "--batch-size", "4", "--seq-len", "32",
+    args = ["--data", data, "--model", DENSE, "--steps", "6", "--batch-size", "4", "--seq-len", "32",
             "--log-every", "1", "--eval-every", "6", "--checkpoint-every", "1000",
             "--warmup-steps", "2"]  # fmt: skip
     out = tmp_path / "signalled"

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import DENSE
 
 from muonjax.train.config import ConfigError
 from muonjax.train.lock import LOCK_FILE, RunLock, is_lock_file, lock_name
@@ -18,6 +19,8 @@ TRAIN = [sys.executable, "-m", "muonjax", "train", "--no-progress"]
 SMALL = [
     "--preset",
     "tiny",
+    "--model",
+    DENSE,
     "--batch-size",
     "4",
     "--seq-len",

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import tiny_run
+from conftest import DENSE, tiny_run
 
 from muonjax.models import param_counts
 from muonjax.train import TrainingStopped, read_metrics, run
@@ -67,8 +67,9 @@ def _assert_same_state(a, b):
 
 
 def test_resume_is_bit_identical(corpus, tmp_path):
-    # with QK-Clip at a tau the tiny model's logits (about 0.1) cross: the clip is exact too
-    clip = {"qk_clip": 0.08}
+    # the MoE preset (its router biases are state too), and QK-Clip at a tau the tiny
+    # model's logits (about 0.1) cross: the clip is exact too
+    clip = {"qk_clip": 0.08, "model": {}}
     whole = run(_config(corpus, tmp_path / "whole", steps=12, **clip), log=lambda *_: None)
     run(_config(corpus, tmp_path / "split", steps=6, decay_steps=12, **clip), log=lambda *_: None)
     resumed = run(
@@ -212,6 +213,8 @@ def test_kill_during_save_resumes_from_last_complete_checkpoint(corpus, tmp_path
     args = [
         "--data",
         corpus,
+        "--model",
+        DENSE,
         "--steps",
         "24",
         "--batch-size",

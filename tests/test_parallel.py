@@ -26,6 +26,7 @@ from muonjax.train.inspect import (
     shard_bytes,
 )
 from muonjax.train.program import build
+from muonjax.train.shards import write_shards
 from muonjax.train.step import param_groups
 
 # data alone, and every axis (the two-process test runs data=4,expert=2)
@@ -229,13 +230,17 @@ def _free_slurm_port() -> int:
 
 
 def test_two_processes_by_slurm_and_by_flags_agree_with_one(corpus, tmp_path):
-    """`srun -n 2 muonjax train ...` on one node, simulated: the SLURM variables
-    JAX's cluster detection reads. Process 1 joins by them alone; process 0 has
-    them too but is given the same coordinates as flags, which win: both ways
-    of joining, in one run."""
+    """`srun -n 2 muonjax train --data SHARDS ...` on one node, simulated: the
+    SLURM variables JAX's cluster detection reads. Process 1 joins by them
+    alone; process 0 has them too but is given the same coordinates as flags,
+    which win: both ways of joining, in one run. The two processes read the
+    corpus's `muonjax tokenize` shards, each its own rows; the one process of
+    8 devices reads the text."""
+    shards = tmp_path / "shards"
+    write_shards(TrainConfig(data=(corpus,)), shards, log=lambda *_: None)
     common = [
         "--data",
-        corpus,
+        str(shards),
         "--steps",
         "4",
         "--batch-size",

@@ -54,8 +54,8 @@ DENSE = "n_layers=1,first_k_dense=1"
 
 def tiny_run(corpus: str, out, **changes):
     """The TrainConfig of a short run of the `tiny` preset cut to its dense layer
-    (an MoE layer triples the compile time of tests about files, signals and
-    resumes; pass model={} for the preset's MoE) on `corpus` (batches of 8 x 32,
+    (an MoE layer more than doubles the compile time of tests about files,
+    signals and resumes; pass model={} for the preset's MoE) on `corpus` (batches of 8 x 32,
     every step logged, no progress bar), with `changes` on top."""
     from muonjax.train import TrainConfig
 

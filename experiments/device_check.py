@@ -83,18 +83,13 @@ def size(name: str, quick: bool):
     return SIZES[name][1 if quick else 0]
 
 
-def median_time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    return statistics.median(bench_optimizer.timed(fn, *args) for _ in range(repeats))
-
-
 def matmul(quick: bool) -> dict:
     n, repeats = size("matmul_n", quick), size("repeats", quick)
     out = {"n": n}
     for dtype in ("float32", "bfloat16"):
         a = jax.random.normal(jax.random.key(0), (n, n), dtype)
         b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-        seconds = median_time(jax.jit(jnp.matmul), a, b, repeats=repeats)
+        seconds = bench_optimizer.median_time(jax.jit(jnp.matmul), a, b, repeats=repeats)
         out[dtype] = {"seconds": seconds, "tflop_per_s": 2 * n**3 / seconds / 1e12}
     return out
 
@@ -109,7 +104,7 @@ def newton_schulz(quick: bool, rates: dict) -> dict:
         for dtype, precision in (("float32", None), ("bfloat16", None), ("float32", "highest")):
             with jax.default_matmul_precision(precision):  # None: JAX's default (TF32 on GPUs)
                 fn = jax.jit(lambda x, d=dtype: muonjax.orthogonalize(x, compute_dtype=d))
-                seconds = median_time(fn, x, repeats=repeats)
+                seconds = bench_optimizer.median_time(fn, x, repeats=repeats)
             tflops = row["gflop"] / 1e3 / seconds
             row[dtype if precision is None else f"{dtype}_{precision}"] = {
                 "seconds": seconds,
@@ -157,7 +152,7 @@ def dispatch(quick: bool) -> dict:
     (_, y_b), g_b = results["blocks"]
     rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
     times = {
-        m: median_time(fn, x, gate, up, down, repeats=size("repeats", quick))
+        m: bench_optimizer.median_time(fn, x, gate, up, down, repeats=size("repeats", quick))
         for m, fn in fns.items()
     }
     return {

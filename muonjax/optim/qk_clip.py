@@ -136,6 +136,15 @@ def _factor(spec: QKHeads, gamma_LH: jax.Array, shape: tuple[int, ...], where: s
     return factor
 
 
+def _leaf_factor(heads: QKHeadsFn, gamma_LH: jax.Array, path, leaf) -> jax.Array | None:
+    """One leaf's multiplier (broadcastable to it), or None for a leaf that is
+    neither a query nor a key."""
+    spec = heads(path, leaf)
+    if spec is None:
+        return None
+    return _factor(spec, gamma_LH, leaf.shape, jax.tree_util.keystr(path) or "the parameter")
+
+
 def apply_qk_clip(params: Any, max_logits: jax.Array, tau, heads: QKHeadsFn) -> Any:
     """`params` with the query / key features of every head whose max logit
     exceeded `tau` rescaled (see the module's docstring); the rest unchanged.
@@ -151,11 +160,8 @@ def apply_qk_clip(params: Any, max_logits: jax.Array, tau, heads: QKHeadsFn) -> 
     gamma_LH = qk_clip_factors(max_logits, tau)
 
     def one(path, leaf):
-        spec = heads(path, leaf)
-        if spec is None:
-            return leaf
-        where = jax.tree_util.keystr(path) or "the parameter"
-        return leaf * _factor(spec, gamma_LH, leaf.shape, where).astype(leaf.dtype)
+        f = _leaf_factor(heads, gamma_LH, path, leaf)
+        return leaf if f is None else leaf * f.astype(leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -181,11 +187,9 @@ def qk_clip(tau, heads: QKHeadsFn) -> optax.GradientTransformationExtraArgs:
         gamma_LH = qk_clip_factors(max_logits, tau)
 
         def one(path, u, p):
-            spec = heads(path, p)
-            if spec is None:
+            f = _leaf_factor(heads, gamma_LH, path, p)
+            if f is None:
                 return u
-            where = jax.tree_util.keystr(path) or "the parameter"
-            f = _factor(spec, gamma_LH, p.shape, where)
             # f (p + u) - p, written so that it is u itself (to the bit) where f is 1
             return jnp.where(f == 1.0, u, u + (f - 1.0) * (p + u)).astype(u.dtype)
 

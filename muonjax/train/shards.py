@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from muonjax.train.config import ConfigError, TrainConfig, WriteFailed
+from muonjax.train.config import ConfigError, TrainConfig, WriteFailed, _flag
 
 MANIFEST = "manifest.json"
 FORMAT = "muonjax-tokens/1"
@@ -126,7 +126,7 @@ def _write_split(folder: pathlib.Path, split: str, tokens: np.ndarray, shard_tok
         for at in range(0, len(part), RECORD_TOKENS):
             writer.write(part[at : at + RECORD_TOKENS].tobytes())
         writer.close()
-    digest = hashlib.sha256(tokens.tobytes()).hexdigest()
+    digest = hashlib.sha256(tokens.data).hexdigest()  # contiguous: hashed without a copy
     return {"tokens": int(len(tokens)), "dtype": dtype.str, "shards": names, "sha256": digest}
 
 
@@ -179,8 +179,8 @@ def check_manifest(config: TrainConfig, manifest: dict, directory: str) -> None:
     made = manifest["config"]
     wrong = [k for k in FIXED if made[k] != getattr(config, k)]
     if wrong:
-        given = ", ".join(f"--{k.replace('_', '-')} {getattr(config, k)}" for k in wrong)
-        theirs = " ".join(f"--{k.replace('_', '-')} {made[k]}" for k in wrong)
+        given = ", ".join(f"{_flag(k)} {getattr(config, k)}" for k in wrong)
+        theirs = " ".join(f"{_flag(k)} {made[k]}" for k in wrong)
         raise ConfigError(
             f"--data {directory} was tokenized with {theirs}, but this run has {given}: "
             "leave those flags out (the shards fix them) or tokenize again"

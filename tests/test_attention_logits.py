@@ -57,11 +57,11 @@ def _valid_logits(config, block, x_BLD):
         if c.q_lora_rank is None:
             q = h @ _np(a.q_proj.kernel)
         else:
-            q_latent = _rms_norm(h @ _np(a.q_a_proj.kernel), _np(a.q_a_norm.scale), c.rms_norm_eps)
+            q_latent = _rms_norm(h @ _np(a.q_a_proj.kernel), _np(a.q_a_norm.scale), c.latent_norm_eps)
             q = q_latent @ _np(a.q_b_proj.kernel)
         q_nope, q_rope = np.split(q.reshape(B, L, c.n_heads, -1), [c.qk_nope_head_dim], -1)
         latent, k_rope = np.split(h @ _np(a.kv_a_proj.kernel), [c.kv_lora_rank], -1)
-        latent = _rms_norm(latent, _np(a.kv_a_norm.scale), c.rms_norm_eps)
+        latent = _rms_norm(latent, _np(a.kv_a_norm.scale), c.latent_norm_eps)
         k_nope = (latent @ _np(a.kv_b_proj.kernel)).reshape(B, L, c.n_heads, -1)
         k_nope = k_nope[..., : c.qk_nope_head_dim]
         k_rope = _rope(k_rope[:, :, None, :], c.rope_theta)

@@ -88,12 +88,12 @@ class MultiHeadLatentAttention(nnx.Module):
             self.q_proj = Linear(c.d_model, q_out, ("embed", "heads"), **kw)
         else:
             self.q_a_proj = Linear(c.d_model, c.q_lora_rank, ("embed", "q_lora"), **kw)
-            self.q_a_norm = RMSNorm(c.q_lora_rank, eps=c.rms_norm_eps, axis_name="q_lora")
+            self.q_a_norm = RMSNorm(c.q_lora_rank, eps=c.latent_norm_eps, axis_name="q_lora")
             self.q_b_proj = Linear(c.q_lora_rank, q_out, ("q_lora", "heads"), **kw)
         self.kv_a_proj = Linear(
             c.d_model, c.kv_lora_rank + c.qk_rope_head_dim, ("embed", "kv"), **kw
         )
-        self.kv_a_norm = RMSNorm(c.kv_lora_rank, eps=c.rms_norm_eps, axis_name="kv")
+        self.kv_a_norm = RMSNorm(c.kv_lora_rank, eps=c.latent_norm_eps, axis_name="kv")
         self.kv_b_proj = Linear(
             c.kv_lora_rank, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim), ("kv", "heads"), **kw
         )

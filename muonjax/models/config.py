@@ -42,6 +42,9 @@ class ModelConfig:
     aux_loss_coef: float = 1e-4  # sequence-wise balance loss (Moonlight: 1e-4)
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
+    # MLA's q_a / kv_a latent norms: DeepseekV3 builds them with 1e-6 whatever
+    # rms_norm_eps is (Moonlight: 1e-5), so Hugging Face checkpoints match exactly.
+    latent_norm_eps: float = 1e-6
     init_std: float = 0.02
     dtype: str = "float32"  # activations and matmuls; params stay float32
     remat: bool = False  # recompute each layer in the backward pass instead of storing it

@@ -19,6 +19,8 @@ TRAIN_EXTRA = {
     "tensorboardX": "tensorboardX",
     "tqdm": "tqdm",
     "tokenizers": "tokenizers",
+    "tiktoken": "tiktoken",
+    "safetensors": "safetensors",
 }
 
 
@@ -232,6 +234,103 @@ def _tokenize(args) -> int:
     return 0
 
 
+def _convert_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "convert",
+        help="a Hugging Face DeepseekV3 checkpoint (e.g. Moonlight) to a run, or a run to one",
+        description="--from-hf DIR --out RUN: a run directory whose step-0 checkpoint holds the "
+        "checkpoint's weights (with a fresh optimizer state, and its tokenizer), which train "
+        "--resume / --init-from and generate accept. --to-hf RUN --out DIR: the run's newest "
+        "checkpoint (or --step) as config.json + safetensors shards + index that transformers' "
+        "DeepseekV3ForCausalLM loads, with the run's tokenizer files.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="DIR", help="a Hugging Face checkpoint directory")
+    source.add_argument("--to-hf", metavar="RUN", help="a muonjax run directory")
+    p.add_argument("--out", required=True, help="the directory to write; must not exist")
+    p.add_argument("--step", type=int, help="with --to-hf: this checkpoint, not the newest")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="with --to-hf: the tensors' type (float32, default: exact; bfloat16: rounded, "
+        "half the size, as Moonlight ships)",
+    )
+    p.add_argument("--optimizer", help="with --from-hf: the run's optimizer (as train's flag)")
+    return p
+
+
+def _convert(args) -> int:
+    out = pathlib.Path(args.out)
+    if out.exists():
+        raise ConfigError(f"--out {out} exists; convert writes a new directory")
+    _check_out_writable(args.out)
+    if args.from_hf and args.step is not None:
+        raise ConfigError("--step goes with --to-hf (a Hugging Face checkpoint has one)")
+    from muonjax.train.convert import hf_to_run_config, run_to_hf
+
+    if args.to_hf:
+        written = run_to_hf(args.to_hf, out, dtype=args.dtype, step=args.step)
+        print(json.dumps({"out": str(written), "dtype": args.dtype}))
+        return 0
+    flags = {"optimizer": args.optimizer} if args.optimizer else {}
+    config = hf_to_run_config(args.from_hf, out, **flags)
+    from muonjax.train.loop import run
+
+    run(config)
+    print(json.dumps({"out": str(out), "step": 0}))
+    return 0
+
+
+def _generate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate",
+        help="continue prompts with a run's (or a Hugging Face checkpoint's) model",
+        description="Load the newest checkpoint of a run (or --step), or a Hugging Face "
+        "checkpoint directory, and continue each --prompt with a KV cache (MLA caches its "
+        "compressed latent). Prints one JSON line per prompt.",
+    )
+    p.add_argument("--run", required=True, help="a run directory or a Hugging Face checkpoint")
+    p.add_argument("--prompt", action="append", required=True, help="text; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, help="this checkpoint of the run, not the newest")
+    return p
+
+
+def _generate(args) -> int:
+    from muonjax.models import generate
+    from muonjax.train.convert import load_model
+
+    model, tokenizer = load_model(args.run, step=args.step)
+    if tokenizer is None:
+        raise ConfigError(f"--run {args.run}: it ships no tokenizer to read --prompt with")
+    prompts = tokenizer.encode(args.prompt)
+    bos = getattr(tokenizer, "bos_id", None)
+    if getattr(tokenizer, "add_bos", False) and bos is not None:
+        prompts = [[bos, *p] for p in prompts]
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("--prompt: an empty prompt has nothing to continue")
+    try:
+        outputs = generate(
+            model,
+            [[int(t) for t in p] for p in prompts],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            eos_id=tokenizer.end_id,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for text, ids in zip(args.prompt, outputs):
+        line = {"prompt": text, "completion": tokenizer.decode(ids), "tokens": len(ids)}
+        print(json.dumps(line, ensure_ascii=False))
+    return 0
+
+
 def _human(x) -> str:
     if isinstance(x, float) or abs(x) >= 10_000:
         for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -296,18 +395,26 @@ def main(argv=None) -> int:
     if _MISSING is not None:
         return _no_train_extra(_MISSING)
     parser = _Parser(
-        prog="muonjax", description="Muon for JAX: train and inspect MoE models, tokenize data."
+        prog="muonjax",
+        description="Muon for JAX: train and inspect MoE models, tokenize data, convert "
+        "Hugging Face checkpoints, generate text.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _train_parser(subparsers)
     _inspect_parser(subparsers)
     _tokenize_parser(subparsers)
+    _convert_parser(subparsers)
+    _generate_parser(subparsers)
     try:
         args = parser.parse_args(argv)
         if args.command == "inspect":
             return _inspect(args)
         if args.command == "tokenize":
             return _tokenize(args)
+        if args.command == "convert":
+            return _convert(args)
+        if args.command == "generate":
+            return _generate(args)
         config, resume = _config_from_args(args)
         if config.mesh:  # its syntax, before JAX starts; its size is checked against the devices
             parse_mesh(config.mesh)

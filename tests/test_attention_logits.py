@@ -57,7 +57,9 @@ def _valid_logits(config, block, x_BLD):
         if c.q_lora_rank is None:
             q = h @ _np(a.q_proj.kernel)
         else:
-            q_latent = _rms_norm(h @ _np(a.q_a_proj.kernel), _np(a.q_a_norm.scale), c.latent_norm_eps)
+            q_latent = _rms_norm(
+                h @ _np(a.q_a_proj.kernel), _np(a.q_a_norm.scale), c.latent_norm_eps
+            )
             q = q_latent @ _np(a.q_b_proj.kernel)
         q_nope, q_rope = np.split(q.reshape(B, L, c.n_heads, -1), [c.qk_nope_head_dim], -1)
         latent, k_rope = np.split(h @ _np(a.kv_a_proj.kernel), [c.kv_lora_rank], -1)

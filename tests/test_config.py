@@ -88,12 +88,24 @@ def test_model_config_file_and_overrides(tmp_path):
     assert config.model == {"d_model": 96, "n_heads": 3}  # the tokenizer sets vocab_size
 
 
+def test_model_vocabulary_is_the_tokenizers_or_larger():
+    """A checkpoint's vocabulary may be padded past its tokenizer's ids; never smaller."""
+    assert TrainConfig().model_config(vocab_size=300).vocab_size == 300
+    padded = TrainConfig.from_args(["--model", "vocab_size=512"])
+    assert padded.model_config(vocab_size=300).vocab_size == 512
+    small = TrainConfig.from_args(["--model", "vocab_size=9"])
+    with pytest.raises(ConfigError, match="vocab_size=9 is smaller than the tokenizer's"):
+        small.model_config(vocab_size=300)
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["--model", "hidden=3"], "--model: unknown key hidden (valid: d_model, n_layers,"),
+        (
+            ["--model", "hidden=3"],
+            "--model: unknown key hidden (valid: vocab_size, d_model, n_layers,",
+        ),
         (["--model", "d_model=wide"], "--model d_model=wide: expected int"),
-        (["--model", "vocab_size=9"], "--model: unknown key vocab_size"),
         (["--model", "moe_dispatch=blocks"], "--model: unknown key moe_dispatch"),  # a flag
         (["--moe-dispatch", "dense"], "--moe-dispatch 'dense' is unknown (valid: auto, blocks,"),
         (

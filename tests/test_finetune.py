@@ -225,7 +225,8 @@ def test_finetune_starts_from_the_source_params(tmp_path, sft_file, source):
 def test_optimizer_state_is_fresh_or_kept(tmp_path, sft_file, source, keep):
     config = _finetune(tmp_path / "ft", sft_file, source, init_optimizer_state=keep)
     program = _program(config)
-    state = initial_state(load_source(config), program, keep_optimizer=keep)
+    model_config = config.model_config(vocab_size=256)
+    state = initial_state(load_source(config), program, keep, model_config)
     theirs, fresh = _source_state(source, program), program.init()
     assert int(state.step) == int(state.skipped) == int(state.nonfinite) == 0
     weights = lambda s: jax.tree.leaves((s.params, s.rest))

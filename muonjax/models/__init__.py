@@ -2,6 +2,7 @@
 
 from muonjax.models.config import PRESETS, ModelConfig, preset
 from muonjax.models.counts import abstract_model, flops_per_token, param_counts
+from muonjax.models.generate import generate
 from muonjax.models.moe import RouterBias, balance_router_bias
 from muonjax.models.spectra import FIGURE4_GROUPS, svd_entropies, svd_entropy, svd_entropy_by_group
 from muonjax.models.transformer import ModelAux, Transformer, qk_clip_heads
@@ -16,6 +17,7 @@ __all__ = [
     "abstract_model",
     "balance_router_bias",
     "flops_per_token",
+    "generate",
     "param_counts",
     "preset",
     "qk_clip_heads",

@@ -3,6 +3,8 @@
 Both return the output and per-head statistics of the pre-softmax logits: the
 maximum, the quantity QK-Clip watches (Moonlight / Kimi K2), and how many
 exceed a threshold (the paper's "large attention logits ratio", App. D).
+For generation, `decode` runs a chunk of new tokens against a cache of the
+earlier ones (MLA caches only its latent and shared rotary key).
 """
 
 from __future__ import annotations
@@ -46,6 +48,35 @@ def causal_attention(q_BLHK, k_BLHK, v_BLHV, scale: float, large_logit: float = 
     return out_BLHV, jax.lax.stop_gradient(stats)
 
 
+class MHACache(NamedTuple):
+    """One MHA layer's cache of S slots (the model stacks layers in front)."""
+
+    k_BSHK: jax.Array  # (B, S, H, head_dim) config.dtype: keys after rope
+    v_BSHK: jax.Array  # (B, S, H, head_dim) config.dtype: values
+
+
+class MLACache(NamedTuple):
+    """One MLA layer's cache of S slots (the model stacks layers in front):
+    kv_lora_rank + qk_rope_head_dim values per slot, whatever the heads."""
+
+    latent_BSR: jax.Array  # (B, S, kv_lora_rank) config.dtype: kv_a_norm of the latent
+    k_rope_BSK: jax.Array  # (B, S, qk_rope_head_dim) config.dtype: the shared key after rope
+
+
+def masked_softmax(logits_BHCS, mask_BCS):
+    """softmax over the slots each query may see (mask_BCS True)."""
+    # A finite floor, not -inf: a left-padding query sees no slot at all and
+    # gets a harmless uniform average instead of NaN, which would reach the
+    # real tokens through 0 * NaN once its cached values were read.
+    floor = jnp.finfo(jnp.float32).min
+    return jax.nn.softmax(jnp.where(mask_BCS[:, None], logits_BHCS, floor), axis=-1)
+
+
+def _write(cache_BS, new_BC, slot):
+    """cache_BS with new_BC written at slots [slot, slot + C) of axis 1."""
+    return jax.lax.dynamic_update_slice_in_dim(cache_BS, new_BC.astype(cache_BS.dtype), slot, 1)
+
+
 class MultiHeadAttention(nnx.Module):
     """Plain multi-head attention with rotary embeddings, for small presets."""
 
@@ -67,6 +98,29 @@ class MultiHeadAttention(nnx.Module):
         v = split(self.v_proj(x_BLD))
         out_BLHK, stats = causal_attention(q, k, v, c.head_dim**-0.5, large_logit)
         return self.o_proj(out_BLHK.reshape(*x_BLD.shape[:2], -1)), stats
+
+    def decode(self, x_BCD, cache: MHACache, positions_BC, slot, mask_BCS):
+        """The C new tokens' output, their keys and values written at `slot`:
+        softmax(q k^T / sqrt(K) over the visible slots) v."""
+        c = self.config
+        split = lambda t: t.reshape(*t.shape[:2], c.n_heads, c.head_dim)
+        q_BCHK = rope(split(self.q_proj(x_BCD)), positions_BC, c.rope_theta)
+        k_BCHK = rope(split(self.k_proj(x_BCD)), positions_BC, c.rope_theta)
+        cache = MHACache(
+            _write(cache.k_BSHK, k_BCHK, slot),
+            _write(cache.v_BSHK, split(self.v_proj(x_BCD)), slot),
+        )
+        q_BCHK = q_BCHK * c.head_dim**-0.5
+        logits_BHCS = jnp.einsum("bchk,bshk->bhcs", q_BCHK, cache.k_BSHK).astype(jnp.float32)
+        probs_BHCS = masked_softmax(logits_BHCS, mask_BCS).astype(cache.v_BSHK.dtype)
+        out_BCHK = jnp.einsum("bhcs,bshk->bchk", probs_BHCS, cache.v_BSHK)
+        return self.o_proj(out_BCHK.reshape(*x_BCD.shape[:2], -1)), cache
+
+    @staticmethod
+    def empty_cache(config: ModelConfig, shape: tuple[int, ...]) -> MHACache:
+        """Zeros for `shape` = (..., B, S) slots."""
+        zeros = jnp.zeros((*shape, config.n_heads, config.head_dim), config.dtype)
+        return MHACache(zeros, zeros)
 
     @staticmethod
     def qk_clip_parts(config: ModelConfig) -> dict[str, tuple[int, tuple]]:
@@ -121,6 +175,47 @@ class MultiHeadLatentAttention(nnx.Module):
         )
         out_BLHV, stats = causal_attention(q, k, v, c.qk_head_dim**-0.5, large_logit)
         return self.o_proj(out_BLHV.reshape(B, L, -1)), stats
+
+    def decode(self, x_BCD, cache: MLACache, positions_BC, slot, mask_BCS):
+        """The C new tokens' output, their latents and rotary keys written at
+        `slot`, with the absorbed projections (DeepSeek-V2 Sec. 2.1.2): with
+        kv_b = [W_UK | W_UV] per head, logits = (q_nope W_UK^T . c + q_rope .
+        k_rope) / sqrt(qk_head_dim), out = (probs . c) W_UV, c the cached latents."""
+        c = self.config
+        B, C, _ = x_BCD.shape
+        H, N, R = c.n_heads, c.qk_nope_head_dim, c.kv_lora_rank
+        if c.q_lora_rank is None:
+            q = self.q_proj(x_BCD)
+        else:
+            q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x_BCD)))
+        q_nope_BCHN, q_rope_BCHK = jnp.split(q.reshape(B, C, H, c.qk_head_dim), [N], -1)
+        q_rope_BCHK = rope(q_rope_BCHK, positions_BC, c.rope_theta)
+        latent_BCR, k_rope_BCK = jnp.split(self.kv_a_proj(x_BCD), [R], -1)
+        k_rope_BCK = rope(k_rope_BCK[:, :, None, :], positions_BC, c.rope_theta)[:, :, 0]
+        cache = MLACache(
+            _write(cache.latent_BSR, self.kv_a_norm(latent_BCR), slot),
+            _write(cache.k_rope_BSK, k_rope_BCK, slot),
+        )
+        w_RHX = self.kv_b_proj.kernel[...].astype(c.dtype).reshape(R, H, N + c.v_head_dim)
+        w_uk_RHN, w_uv_RHV = jnp.split(w_RHX, [N], -1)
+        scale = c.qk_head_dim**-0.5
+        q_latent_BCHR = jnp.einsum("bchn,rhn->bchr", q_nope_BCHN * scale, w_uk_RHN)
+        logits_BHCS = jnp.einsum("bchr,bsr->bhcs", q_latent_BCHR, cache.latent_BSR) + jnp.einsum(
+            "bchk,bsk->bhcs", q_rope_BCHK * scale, cache.k_rope_BSK
+        )
+        probs_BHCS = masked_softmax(logits_BHCS.astype(jnp.float32), mask_BCS)
+        probs_BHCS = probs_BHCS.astype(cache.latent_BSR.dtype)
+        out_BCHR = jnp.einsum("bhcs,bsr->bchr", probs_BHCS, cache.latent_BSR)
+        out_BCHV = jnp.einsum("bchr,rhv->bchv", out_BCHR, w_uv_RHV)
+        return self.o_proj(out_BCHV.reshape(B, C, -1)), cache
+
+    @staticmethod
+    def empty_cache(config: ModelConfig, shape: tuple[int, ...]) -> MLACache:
+        """Zeros for `shape` = (..., B, S) slots."""
+        return MLACache(
+            jnp.zeros((*shape, config.kv_lora_rank), config.dtype),
+            jnp.zeros((*shape, config.qk_rope_head_dim), config.dtype),
+        )
 
     @staticmethod
     def qk_clip_parts(config: ModelConfig) -> dict[str, tuple[int, tuple]]:

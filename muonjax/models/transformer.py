@@ -3,7 +3,7 @@ stack of MoE blocks, final norm, untied LM head."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +44,20 @@ class Block(nnx.Module):
     def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT):
         h, logit_stats = self.attn(self.attn_norm(x_BLD), positions_BL, large_logit)
         x_BLD = x_BLD + h.astype(x_BLD.dtype)
-        if hasattr(self, "moe"):
-            h, moe_aux = self.moe(self.mlp_norm(x_BLD))
-        else:
-            h, moe_aux = self.mlp(self.mlp_norm(x_BLD)), None
+        h, moe_aux = self._feed_forward(x_BLD)
         return x_BLD + h.astype(x_BLD.dtype), (logit_stats, moe_aux)
+
+    def decode(self, x_BCD, cache, positions_BC, slot, mask_BCS):
+        """The block on C new tokens against its attention cache (see Transformer.decode)."""
+        h, cache = self.attn.decode(self.attn_norm(x_BCD), cache, positions_BC, slot, mask_BCS)
+        x_BCD = x_BCD + h.astype(x_BCD.dtype)
+        h, _ = self._feed_forward(x_BCD)
+        return x_BCD + h.astype(x_BCD.dtype), cache
+
+    def _feed_forward(self, x_BLD):
+        if hasattr(self, "moe"):
+            return self.moe(self.mlp_norm(x_BLD))
+        return self.mlp(self.mlp_norm(x_BLD)), None
 
 
 def _stack(config: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs):
@@ -79,6 +88,47 @@ def _run_stack(block, x_BLD, positions_BL, large_logit):
 def _run_stack_remat(block, x_BLD, positions_BL, large_logit):
     # keep only each layer's input; recompute the rest in the backward pass
     return nnx.remat(lambda b, x, p, t: b(x, p, t))(block, x_BLD, positions_BL, large_logit)
+
+
+@nnx.scan(
+    in_axes=(0, nnx.Carry, 0, None, None, None),
+    out_axes=(nnx.Carry, 0),
+    transform_metadata={nnx.PARTITION_NAME: LAYERS},
+)
+def _decode_stack(block, x_BCD, cache, positions_BC, slot, mask_BCS):
+    return block.decode(x_BCD, cache, positions_BC, slot, mask_BCS)
+
+
+class KVCache(NamedTuple):
+    """The attention caches of a batch for generation, layers stacked as the
+    parameters are. Rows are left-padded: row b's tokens fill slots
+    [start_B[b], length), at positions slot - start_B[b]; slots before
+    start_B[b] are padding, never attended to."""
+
+    dense: Any  # MLACache / MHACache, each field (first_k_dense, B, S, ...); None if none
+    moe: Any  # the same for the MoE stack, (n_moe_layers, B, S, ...); None if none
+    start_B: jax.Array  # (B,) int32: the slot of each row's first real token
+    length: jax.Array  # () int32: slots written so far, the same for every row
+
+    @property
+    def max_len(self) -> int:
+        """S, the slots there are."""
+        return jax.tree.leaves((self.dense, self.moe))[0].shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, start_B=None) -> KVCache:
+    """An empty cache of `max_len` slots per row; start_B (default 0) is each
+    row's left padding, for prompts of different lengths."""
+    empty = ATTENTION[config.attention].empty_cache
+    stack = lambda n: empty(config, (n, batch, max_len)) if n else None
+    if start_B is None:
+        start_B = jnp.zeros((batch,), jnp.int32)
+    return KVCache(
+        stack(config.first_k_dense),
+        stack(config.n_moe_layers),
+        jnp.asarray(start_B, jnp.int32),
+        jnp.zeros((), jnp.int32),
+    )
 
 
 class Transformer(nnx.Module):
@@ -127,6 +177,30 @@ class Transformer(nnx.Module):
             balance_loss=balance,
         )
         return logits_BLV.astype(jnp.float32), aux
+
+    def decode(self, tokens_BC, cache: KVCache):
+        """C new tokens per row (the prompts at prefill, then one) -> their logits
+        (B, C, V) float32, the cache with them written at slots [length, length + C).
+
+        A query at slot t sees slots start_B[b] <= s <= t: its own row's real
+        tokens, causally, as if the row's prompt ran alone. The cache must have
+        room: length + C <= max_len.
+        """
+        c = self.config
+        slots_C = cache.length + jnp.arange(tokens_BC.shape[1], dtype=jnp.int32)
+        positions_BC = slots_C - cache.start_B[:, None]
+        slots_S = jnp.arange(cache.max_len, dtype=jnp.int32)
+        mask_BCS = (slots_S <= slots_C[:, None]) & (slots_S >= cache.start_B[:, None, None])
+        x_BCD = self.embed(tokens_BC).astype(c.dtype)
+        dense, moe = cache.dense, cache.moe
+        args = (positions_BC, cache.length, mask_BCS)
+        if self.dense_layers is not None:
+            x_BCD, dense = _decode_stack(self.dense_layers, x_BCD, dense, *args)
+        if self.moe_layers is not None:
+            x_BCD, moe = _decode_stack(self.moe_layers, x_BCD, moe, *args)
+        logits_BCV = self.lm_head(self.final_norm(x_BCD)).astype(jnp.float32)
+        length = cache.length + tokens_BC.shape[1]
+        return logits_BCV, cache._replace(dense=dense, moe=moe, length=length)
 
     def balance_experts(self, expert_load_ME, rate: float = 1e-3):
         """Moves each MoE layer's router bias toward balanced load (outside the gradient)."""

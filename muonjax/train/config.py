@@ -23,7 +23,7 @@ from muonjax.train.optimizers import NS_COEFFS, NS_DTYPES, OPTIMIZERS, SCHEDULES
 # in each run's directory
 CONFIG_FILE = "config.json"  # {"train": TrainConfig, "model": ModelConfig, "data": ..., ...}
 CHECKPOINT_DIR = "checkpoints"  # orbax, one folder per step
-TOKENIZERS = ("byte", "bpe")
+TOKENIZERS = ("byte", "bpe", "checkpoint")
 DATA_FORMATS = ("text", "sft-jsonl")
 DTYPES = ("float32", "bfloat16")
 # grain's shuffle takes a seed in [0, 2**32); nnx.Rngs takes any of those
@@ -61,9 +61,10 @@ LOCATIONS = frozenset({"out", "data", "init_from"})
 # QK-Clip too: turning it on is how a run whose attention logits blew up goes on.
 RECOVERY = frozenset({"learning_rate", "decay_steps", "qk_clip"})
 
-# Model fields --model may not set: the tokenizer fixes the vocabulary, and
-# --dtype / --remat / --moe-dispatch are flags of their own.
-_NOT_MODEL_OVERRIDES = frozenset({"vocab_size", "dtype", "remat", "moe_dispatch"})
+# Model fields --model may not set: --dtype / --remat / --moe-dispatch are flags
+# of their own. The vocabulary is the tokenizer's unless --model sets a larger one
+# (a checkpoint's padded vocabulary).
+_NOT_MODEL_OVERRIDES = frozenset({"dtype", "remat", "moe_dispatch"})
 
 
 class ConfigError(ValueError):
@@ -182,7 +183,9 @@ class TrainConfig:
     )
     tokenizer: str = _field(
         "byte",
-        "byte: raw UTF-8 bytes; bpe: a byte-level BPE trained on the run's data and saved with it",
+        "byte: raw UTF-8 bytes; bpe: a byte-level BPE trained on the run's data and saved with "
+        "it; checkpoint: the tokenizer files of the --init-from Hugging Face checkpoint "
+        "(tokenizer.json or tiktoken.model), copied into the run",
         choices=TOKENIZERS,
     )
     bpe_vocab_size: int = _field(1024, "vocabulary size of the BPE tokenizer")
@@ -192,8 +195,9 @@ class TrainConfig:
     # fine-tuning
     init_from: str | None = _field(
         None,
-        "start from the final parameters of the run in this directory (fine-tuning); its model "
-        "and tokenizer are used",
+        "start from the final parameters of the run in this directory, or from a Hugging Face "
+        "DeepseekV3 checkpoint (e.g. Moonlight-16B-A3B), for fine-tuning; its model and "
+        "tokenizer are used",
     )
     init_optimizer_state: bool = _field(
         False, "with --init-from: keep that run's optimizer state too (same optimizer only)"
@@ -254,9 +258,11 @@ class TrainConfig:
             if choices and value is not None and value not in choices:
                 problems.append(f"{_flag(f)} {value!r} is unknown (valid: {', '.join(choices)})")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every"):
+            # --steps 0 sets the run up and saves its step-0 checkpoint (muonjax convert)
             check(
-                getattr(self, name) > 0,
-                f"{_flag(name)} must be positive, got {getattr(self, name)}",
+                getattr(self, name) > 0 or (name == "steps" and self.steps == 0),
+                f"{_flag(name)} must be {'>= 0' if name == 'steps' else 'positive'}, "
+                f"got {getattr(self, name)}",
             )
         for name in (
             "checkpoint_every",
@@ -373,7 +379,12 @@ class TrainConfig:
         if self.moe_dispatch is not None:
             changes["moe_dispatch"] = self.moe_dispatch
         if vocab_size is not None:
-            changes["vocab_size"] = vocab_size
+            if changes.get("vocab_size", vocab_size) < vocab_size:
+                raise ConfigError(
+                    f"--model vocab_size={changes['vocab_size']} is smaller than the "
+                    f"tokenizer's vocabulary ({vocab_size})"
+                )
+            changes.setdefault("vocab_size", vocab_size)
         try:
             return PRESETS[self.preset].replace(**changes)
         except ValueError as e:
@@ -511,7 +522,7 @@ def load_model_file(path: str) -> dict:
         raise ConfigError(f"--model-config {path} must hold a JSON object of ModelConfig fields")
     # a saved config.json's "model" works too: the tokenizer sets the vocabulary, and
     # --dtype, --remat and --moe-dispatch are flags of their own (default: the preset's)
-    return {k: v for k, v in data.items() if k not in _NOT_MODEL_OVERRIDES}
+    return {k: v for k, v in data.items() if k not in _NOT_MODEL_OVERRIDES | {"vocab_size"}}
 
 
 def add_arguments(

@@ -37,9 +37,7 @@ def tokenize(config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None
         corpus = load_examples(config.data)
         train_pairs, validation_pairs = split_examples(corpus.pairs, config.validation_fraction)
         bpe_texts = [text for pair in train_pairs for text in pair]
-        tokenizer = tokenizer_for_run(
-            config.tokenizer, out, bpe_texts, config.bpe_vocab_size, source
-        )
+        tokenizer = _tokenizer(config, out, bpe_texts, source)
         train, validation = (encode_examples(tokenizer, p) for p in (train_pairs, validation_pairs))
         sft = {
             "train_examples": len(train_pairs),
@@ -50,9 +48,7 @@ def tokenize(config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None
     else:
         corpus, sft = load_corpus(config.data), {}
         train_texts, validation_texts = split_texts(corpus.texts, config.validation_fraction)
-        tokenizer = tokenizer_for_run(
-            config.tokenizer, out, train_texts, config.bpe_vocab_size, source
-        )
+        tokenizer = _tokenizer(config, out, train_texts, source)
         train, validation = (
             np.concatenate([np.zeros(0, np.uint8), *tokenizer.encode(t)])
             for t in (train_texts, validation_texts)
@@ -68,6 +64,13 @@ def tokenize(config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None
     return train, validation, tokenizer, description
 
 
+def _tokenizer(config: TrainConfig, out: pathlib.Path, texts, source: pathlib.Path | None):
+    try:
+        return tokenizer_for_run(config.tokenizer, out, texts, config.bpe_vocab_size, source)
+    except ValueError as e:  # a checkpoint's tokenizer files that cannot be read
+        raise ConfigError(str(e)) from None
+
+
 def _from_shards(config: TrainConfig, source: pathlib.Path | None):
     """tokenize()'s result read from the shards folder config.data[0]: the
     streams as ShardedTokens (nothing read yet), the description the text
@@ -75,6 +78,11 @@ def _from_shards(config: TrainConfig, source: pathlib.Path | None):
     directory = config.data[0]
     manifest = read_manifest(directory)
     check_manifest(config, manifest, directory)
+    if config.tokenizer == "checkpoint":
+        raise ConfigError(
+            f"--data {directory}: shards hold byte or BPE tokens; a run with a checkpoint's "
+            "tokenizer reads text (--data FILES)"
+        )
     tokenizer = ByteTokenizer()
     if config.tokenizer == "bpe":
         path = pathlib.Path(directory) / BPE_FILE

@@ -83,10 +83,9 @@ def _resumed_config(config: TrainConfig, saved: dict, data: dict, log) -> TrainC
     RECOVERY fields, whose changes are logged. An unset --decay-steps keeps the
     saved schedule."""
     saved_train = TrainConfig.from_json(saved["train"])
-    if config.decay_steps is None:
-        config = config.replace(
-            decay_steps=max(saved_train.schedule_steps, saved_train.warmup_steps)
-        )
+    if config.decay_steps is None:  # a --steps 0 run has no schedule yet: this start sets it
+        horizon = saved_train.schedule_steps or config.steps
+        config = config.replace(decay_steps=max(horizon, saved_train.warmup_steps))
     changed = config.resume_changes(saved_train)
     if changed:
         details = ", ".join(
@@ -152,7 +151,8 @@ def _set_up(
     data = load_data(config, out, source.path if source else None)
     if saved is not None:
         config = _resumed_config(config, saved, data.description, log)
-    elif config.decay_steps is None:  # fixed now, so that a longer --resume keeps the schedule
+    elif config.decay_steps is None and config.steps:  # fixed now, so that a longer --resume
+        # keeps the schedule; a --steps 0 run (set up and saved, no schedule) leaves it open
         config = config.replace(decay_steps=max(config.steps, config.warmup_steps))
     if target is not None and target > config.steps:
         raise ConfigError(
@@ -173,7 +173,7 @@ def _set_up(
         data_state = meta["data"]
     elif source is not None:  # restored now, so that a checkpoint that does not fit writes nothing
         state, data_state = (
-            finetune.initial_state(source, program, config.init_optimizer_state),
+            finetune.initial_state(source, program, config.init_optimizer_state, model_config),
             None,
         )
     else:
@@ -215,7 +215,8 @@ def _set_up(
         f"{counts['total_non_embedding']:,} non-embedding"
     )
     if source is not None:
-        log(f"{out}: starting from {source.path} step {source.step}")
+        what = "(a Hugging Face checkpoint)" if source.is_hf else f"step {source.step}"
+        log(f"{out}: starting from {source.path} {what}")
     if restored is not None:
         log(f"{out}: resumed from step {step} on mesh {describe(program.mesh)}")
     elif resume:
@@ -359,6 +360,8 @@ def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
                     f"{_signal_name(signals)} received: stopped after step {done} of {config.steps} and saved "
                     f"{out / CHECKPOINT_DIR / str(done)}; continue with: muonjax train --out {out} --resume"
                 )
+        if config.steps == 0 and ckpt.latest_step() is None:  # the run as set up: step 0
+            save(0)
         ckpt.wait()
     except OSError as e:  # metrics.jsonl or TensorBoard's events: the disk is full, say
         failing = True

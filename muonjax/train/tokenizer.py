@@ -1,9 +1,12 @@
-"""Tokenizers that need nothing downloaded: raw UTF-8 bytes, or a byte-level BPE
-trained on the run's own training text and saved with the run; and the token
-stream of prompt/response examples for fine-tuning."""
+"""Tokenizers that need nothing downloaded: raw UTF-8 bytes, a byte-level BPE
+trained on the run's own training text and saved with the run, or the tokenizer
+files of a checkpoint directory; and the token stream of prompt/response
+examples for fine-tuning."""
 
 from __future__ import annotations
 
+import base64
+import json
 import pathlib
 
 import numpy as np
@@ -80,11 +83,21 @@ def tokenizer_for_run(
     bpe_vocab_size: int,
     source: pathlib.Path | None = None,
 ):
-    """The run's tokenizer: bytes, or the BPE saved in `out` by an earlier start
+    """The run's tokenizer: bytes; or the BPE saved in `out` by an earlier start
     of the run, else the one of the run it fine-tunes (`source`), else a BPE
-    trained on `train_texts` (save it with `.save`)."""
+    trained on `train_texts` (save it with `.save`); or "checkpoint": the
+    checkpoint tokenizer in `out`, else in `source`."""
     if kind == "byte":
         return ByteTokenizer()
+    if kind == "checkpoint":
+        for folder in (out, source):
+            if folder is not None and has_checkpoint_tokenizer(folder):
+                return CheckpointTokenizer(folder)
+        where = f"--init-from {source}" if source is not None else "no --init-from"
+        raise ValueError(
+            f"--tokenizer checkpoint: {where} holds no {BPE_FILE} or {TIKTOKEN_FILE} "
+            "(it takes the tokenizer of the checkpoint a run starts from)"
+        )
     for folder in (out, source):
         if folder is not None and (folder / BPE_FILE).exists():
             return BPETokenizer.load(folder / BPE_FILE)
@@ -104,3 +117,200 @@ def encode_examples(tokenizer, pairs) -> np.ndarray:
     for prompt, response in zip(prompts, responses):
         parts += [-1 - prompt.astype(np.int32), response.astype(np.int32), end]
     return np.concatenate(parts)
+
+
+# A Hugging Face checkpoint's tokenizer: its `tokenizer.json`, or Moonshot's tiktoken
+# ranks (Moonlight, Kimi) with the special tokens of its tokenizer_config.json.
+TIKTOKEN_FILE = "tiktoken.model"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+MODEL_CONFIG_FILE = "config.json"
+
+# Moonshot's pre-tokenization regex: `pat_str` of TikTokenTokenizer in
+# tokenization_moonshot.py, shipped with moonshotai/Moonlight-16B-A3B(-Instruct) (the same
+# in Kimi K2's tokenization_kimi.py; transcribed as in github.com/North-Shore-AI/tiktoken_ex
+# oracle/kimi_oracle.py and lib/tiktoken_ex/kimi.ex). A tiktoken.model holds only the ranks,
+# and text split differently tokenizes differently, so the pattern is reproduced exactly,
+# not run from the checkpoint's code. Han runs are their own pieces: the letter classes
+# subtract Han (`&&[^\p{Han}]`, which tiktoken's regex engine supports).
+MOONSHOT_PATTERN = "|".join(
+    [
+        r"""[\p{Han}]+""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",  # noqa: E501
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",  # noqa: E501
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+# Moonshot's tokenizer reserves this many special ids right after the BPE ranks.
+MOONSHOT_NUM_SPECIAL = 256
+
+
+def _read_json(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def read_tiktoken_ranks(path: pathlib.Path) -> dict[bytes, int]:
+    """The BPE ranks of a tiktoken file: lines of base64(token bytes) and rank."""
+    # What tiktoken.load.load_tiktoken_bpe parses, without its cache: that one keeps a copy
+    # of each file under the temporary folder keyed by the file's path, and returns the
+    # copy even after the file at that path has changed.
+    ranks = {}
+    for number, line in enumerate(pathlib.Path(path).read_bytes().splitlines(), 1):
+        if line:
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError as e:  # binascii.Error is a ValueError
+                raise ValueError(f"{path}, line {number}: not base64 and a rank") from e
+    return ranks
+
+
+def moonshot_encoding(ranks: dict[bytes, int], tokenizer_config: dict, name: str = "moonshot"):
+    """tiktoken.Encoding of Moonshot's tokenizer: `ranks`, its pattern and its special ids."""
+    import tiktoken
+
+    # As tokenization_moonshot.py: the ids after the ranks, named by added_tokens_decoder,
+    # else "<|reserved_token_{id}|>"; entries outside that range are ignored there too.
+    named = {
+        int(i): token["content"]
+        for i, token in tokenizer_config.get("added_tokens_decoder", {}).items()
+    }
+    first = len(ranks)
+    specials = {
+        named.get(i, f"<|reserved_token_{i}|>"): i
+        for i in range(first, first + MOONSHOT_NUM_SPECIAL)
+    }
+    return tiktoken.Encoding(
+        name, pat_str=MOONSHOT_PATTERN, mergeable_ranks=ranks, special_tokens=specials
+    )
+
+
+def has_checkpoint_tokenizer(directory) -> bool:
+    """Whether `directory` holds a checkpoint tokenizer's files (a run directory with
+    a trained BPE holds tokenizer.json alone: not one)."""
+    directory = pathlib.Path(directory)
+    return (directory / TIKTOKEN_FILE).is_file() or (
+        (directory / BPE_FILE).is_file() and (directory / TOKENIZER_CONFIG_FILE).is_file()
+    )
+
+
+class CheckpointTokenizer:
+    """The tokenizer a checkpoint directory ships, loaded without running its code.
+
+    `CheckpointTokenizer(directory)` loads `tokenizer.json` (the `tokenizers` library's
+    format) if the directory has one, else `tiktoken.model` as Moonshot's tokenizer. `encode`
+    adds no BOS (`add_bos` says whether the checkpoint's tokenizer does: the caller decides)
+    and encodes text spelling a special token as plain text, so data cannot inject control
+    tokens; `decode` spells special tokens out. `end_id` is the EOS token's id.
+    """
+
+    def __init__(self, directory):
+        self.directory = pathlib.Path(directory)
+        self._config = _read_json(self.directory / TOKENIZER_CONFIG_FILE)
+        self._tokenizer = self._encoding = None
+        if (self.directory / BPE_FILE).is_file():
+            from tokenizers import Tokenizer
+
+            self.model_file = BPE_FILE
+            self._tokenizer = Tokenizer.from_file(str(self.directory / BPE_FILE))
+            self._tokenizer.encode_special_tokens = True  # special tokens' text is text
+            vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+            self.vocab_size = max(vocab.values()) + 1
+        elif (self.directory / TIKTOKEN_FILE).is_file():
+            self.model_file = TIKTOKEN_FILE
+            ranks = read_tiktoken_ranks(self.directory / TIKTOKEN_FILE)
+            self._encoding = moonshot_encoding(ranks, self._config, self.directory.name)
+            self.vocab_size = self._encoding.n_vocab
+        else:
+            raise ValueError(
+                f"{self.directory} holds no tokenizer: looked for {BPE_FILE} and {TIKTOKEN_FILE}"
+            )
+        # bos/eos: named by tokenizer_config.json (or special_tokens_map.json), else the
+        # ids of a Hugging Face config.json (a muonjax run's config.json has none)
+        names = {**_read_json(self.directory / SPECIAL_TOKENS_MAP_FILE), **self._config}
+        model_config = _read_json(self.directory / MODEL_CONFIG_FILE)
+        self._names = {}
+        self.bos_id = self._special_id("bos", names, model_config)
+        self.end_id = self._special_id("eos", names, model_config)
+        if "add_bos_token" in self._config:
+            self.add_bos = bool(self._config["add_bos_token"])
+        elif self._tokenizer is not None and self.bos_id is not None:
+            # tokenizer.json's post-processor is what adds BOS there
+            self.add_bos = self._tokenizer.encode("").ids[:1] == [self.bos_id]
+        else:
+            self.add_bos = False  # Moonshot's tokenizer adds none
+
+    def _special_id(self, kind: str, names: dict, model_config: dict) -> int | None:
+        key = f"{kind}_token"
+        name = names.get(key)
+        name = name.get("content") if isinstance(name, dict) else name
+        if name is not None:
+            i = self._token_id(name)
+            if i is None:
+                raise ValueError(f"{self.directory}: {key} {name!r} is not in the vocabulary")
+            return i
+        i = model_config.get(f"{kind}_token_id")
+        i = (i or [None])[0] if isinstance(i, list) else i
+        if i is None:
+            return None
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(
+                f"{self.directory}: {MODEL_CONFIG_FILE}'s {kind}_token_id {i} is outside "
+                f"the tokenizer's {self.vocab_size} ids"
+            )
+        # named in the tokenizer_config.json that save writes, so the copy needs no config.json
+        self._names[key] = self._token_name(i)
+        return i
+
+    def _token_id(self, name: str) -> int | None:
+        if self._tokenizer is not None:
+            return self._tokenizer.token_to_id(name)
+        try:
+            return self._encoding.encode_single_token(name)
+        except KeyError:
+            return None
+
+    def _token_name(self, i: int) -> str | None:
+        if self._tokenizer is not None:
+            return self._tokenizer.id_to_token(i)
+        try:
+            return self._encoding.decode_single_token_bytes(i).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            return None  # not a whole character: the copy has no bos/eos name for it
+
+    def save(self, path: pathlib.Path) -> None:
+        """Copies the tokenizer's files into `path`, each whole or not at all (a temporary
+        file, renamed)."""
+        path = pathlib.Path(path)
+        names = {k: v for k, v in self._names.items() if v is not None}
+        for name in (self.model_file, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE):
+            source = self.directory / name
+            if name == TOKENIZER_CONFIG_FILE and names:
+                data = json.dumps({**self._config, **names}, indent=2, ensure_ascii=False)
+                data = data.encode("utf-8")
+            elif source.is_file():
+                data = source.read_bytes()
+            else:
+                continue
+            tmp = path / f"{name}.tmp"
+            tmp.write_bytes(data)
+            tmp.replace(path / name)
+
+    def encode(self, texts) -> list[np.ndarray]:
+        texts = list(texts)
+        if self._encoding is not None:
+            ids = self._encoding.encode_ordinary_batch(texts)  # no special tokens
+        else:
+            encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+            ids = [e.ids for e in encodings]
+        return [np.asarray(i, np.uint32) for i in ids]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self._encoding is not None:
+            return self._encoding.decode(ids)
+        return self._tokenizer.decode(ids, skip_special_tokens=False)

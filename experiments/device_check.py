@@ -222,6 +222,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--out", help="results folder (default: results/device_check)")
+    parser.add_argument(
+        "--sections", help="a comma-separated subset to run (matmul always runs: the ceiling)"
+    )
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out or ROOT / "results" / "device_check")
     out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +252,9 @@ def main(argv=None) -> int:
         ("dispatch", lambda: dispatch(args.quick)),
         ("train_step", lambda: train_step(args.quick, results.get("matmul", {}))),
     ]
+    if args.sections:
+        wanted = {"matmul", *args.sections.split(",")}
+        sections = [(name, fn) for name, fn in sections if name in wanted]
     for name, fn in sections:
         started = time.perf_counter()
         try:

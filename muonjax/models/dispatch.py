@@ -41,8 +41,9 @@ def routed_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD, *, 
         y_ND = y_ND * weights_TK.reshape(-1)[order_N][:, None].astype(y_ND.dtype)
         return jnp.zeros_like(x_TD).at[order_N // K].add(y_ND)
     # Small blocks waste less padding, large ones run faster matmuls on CPU;
-    # 128 rows suit groups under ~400 rows per expert (measured).
-    block = 128 if T * K < 400 * E else 256
+    # 128 rows suit groups under ~400 rows per expert (measured). No expert gets
+    # more than T rows, so a few tokens (a decode step) need no more than T.
+    block = min(128 if T * K < 400 * E else 256, max(8, 1 << (T - 1).bit_length()))
     assignment_R, expert_B, used_blocks = block_layout(experts_TK, E, block)
     token_R = assignment_R // K  # == T on padding rows: gathers 0, scatter drops
     x_RD = jnp.take(x_TD, token_R, axis=0, mode="fill", fill_value=0)

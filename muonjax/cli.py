@@ -257,6 +257,12 @@ def _convert_parser(subparsers) -> argparse.ArgumentParser:
         "half the size, as Moonlight ships)",
     )
     p.add_argument("--optimizer", help="with --from-hf: the run's optimizer (as train's flag)")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        help="with --from-hf: the run's text, which a later --resume trains on (as train's flag; "
+        "default: the default corpus)",
+    )
     return p
 
 
@@ -267,13 +273,16 @@ def _convert(args) -> int:
     _check_out_writable(args.out)
     if args.from_hf and args.step is not None:
         raise ConfigError("--step goes with --to-hf (a Hugging Face checkpoint has one)")
+    if args.to_hf and (args.optimizer or args.data):
+        raise ConfigError("--optimizer and --data go with --from-hf (they set up the run)")
     from muonjax.train.convert import hf_to_run_config, run_to_hf
 
     if args.to_hf:
         written = run_to_hf(args.to_hf, out, dtype=args.dtype, step=args.step)
         print(json.dumps({"out": str(written), "dtype": args.dtype}))
         return 0
-    flags = {"optimizer": args.optimizer} if args.optimizer else {}
+    flags = {"optimizer": args.optimizer, "data": tuple(args.data or ())}
+    flags = {k: v for k, v in flags.items() if v}
     config = hf_to_run_config(args.from_hf, out, **flags)
     from muonjax.train.loop import run
 

@@ -37,7 +37,7 @@ def text_dir(tmp_path):
             "--preset 'huge' is unknown (valid: tiny, small, moonlight-16b-a3b)",
         ),
         (["--optimizer", "sgd"], "--optimizer 'sgd' is unknown (valid: muon, adamw)"),
-        (["--steps", "-3"], "--steps must be positive, got -3"),
+        (["--steps", "-3"], "--steps must be >= 0, got -3"),
         (["--learning-rate=-0.001"], "--learning-rate must be positive and finite, got -0.001"),
         (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
         (
@@ -46,7 +46,10 @@ def text_dir(tmp_path):
         ),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--model", "d_model=wide"], "--model d_model=wide: expected int"),
-        (["--model", "heads=4"], "--model: unknown key heads (valid: d_model, n_layers"),
+        (
+            ["--model", "heads=4"],
+            "--model: unknown key heads (valid: vocab_size, d_model, n_layers",
+        ),
         (["--learning-rate", "inf"], "--learning-rate must be positive and finite, got inf"),
         (["--model-config", "no/such.json"], "--model-config no/such.json: No such file"),
     ],

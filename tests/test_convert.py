@@ -50,17 +50,17 @@ def _tensors(directory):
 
 
 @pytest.fixture(scope="module")
-def converted(hf_dir, tmp_path_factory) -> pathlib.Path:
+def converted(hf_dir, corpus, tmp_path_factory) -> pathlib.Path:
     run = tmp_path_factory.mktemp("runs") / "moonlight"
-    assert main(["convert", "--from-hf", str(hf_dir), "--out", str(run)]) == 0
+    assert main(["convert", "--from-hf", str(hf_dir), "--out", str(run), "--data", corpus]) == 0
     return run
 
 
-def test_convert_to_a_run_and_back_is_exact(hf_dir, converted, tmp_path):
+def test_convert_to_a_run_and_back_is_exact(hf_dir, corpus, converted, tmp_path):
     assert (converted / "checkpoints" / "0").is_dir()
     saved = json.loads((converted / "config.json").read_text())
     assert saved["train"]["tokenizer"] == "checkpoint" and saved["model"]["vocab_size"] == 320
-    assert saved["init_from"]["format"] == "huggingface"
+    assert saved["init_from"]["format"] == "huggingface" and saved["train"]["data"] == [corpus]
     back = tmp_path / "back"
     assert main(["convert", "--to-hf", str(converted), "--out", str(back)]) == 0
     original, exported = _tensors(hf_dir), _tensors(back)
@@ -113,6 +113,7 @@ def test_finetune_a_checkpoint_with_muon_on_a_mesh(hf_dir, tmp_path, capsys):
         ),
         (["convert", "--to-hf", "{tmp}", "--out", "{hf}"], "exists; convert writes a new"),
         (["convert", "--from-hf", "{hf}", "--out", "{tmp}/r", "--step", "3"], "--step goes with"),
+        (["convert", "--to-hf", "{tmp}", "--out", "{tmp}/r", "--data", "x"], "go with --from-hf"),
         (["generate", "--run", "{tmp}", "--prompt", "x"], "no config.json there"),
         (
             ["train", "--init-from", "{hf}", "--tokenizer", "byte", "--out", "{tmp}/t"],

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -324,9 +324,11 @@ def from_hf(directory, *, config: ModelConfig | None = None, shardings=None) -> 
     `.replace(dtype="bfloat16", remat=True)`) for another compute dtype;
     shape-defining fields must match the checkpoint. `shardings`: a pytree
     like `nnx.state(model)` of jax Shardings (e.g. `muonjax.parallel.Plan(mesh,
-    nnx.state(abstract_model(config))).params`); by default one device. Each
-    device's block is read from the files as it is placed, so host memory
-    beyond the model itself stays near one tensor. Parameters are float32.
+    nnx.state(abstract_model(config))).params`, every variable); by default
+    one device. Each device's block is read from the memory-mapped files as it
+    is placed, a stack of layers one layer at a time, so host memory beyond the
+    model itself stays near one layer's block of one parameter, whatever the
+    checkpoint's size. Parameters are float32.
     """
     directory = pathlib.Path(directory)
     saved = hf_config(directory)
@@ -367,7 +369,7 @@ def _block(files: _Files, entries, columns, shape, index) -> np.ndarray:
     outer = [range(*s.indices(n)) for s, n in zip(index[:depth], shape[:depth])]
     inner = tuple(index[depth:])
     out = None
-    for position, key in enumerate(_product(outer)):
+    for position, key in enumerate(itertools.product(*outer)):
         e = entries[key]
         value = _to_muonjax(files.read(e.name), e.kind, columns[e.kind])[inner]
         if not depth:
@@ -413,15 +415,6 @@ def _per_layer(sharding):
 @functools.partial(jax.jit, donate_argnums=0)
 def _set_layer(stack, layer, i):
     return jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0)
-
-
-def _product(ranges) -> Iterator[tuple[int, ...]]:
-    if not ranges:
-        yield ()
-        return
-    for i in ranges[0]:
-        for rest in _product(ranges[1:]):
-            yield (i, *rest)
 
 
 def _check_same_shapes(config: ModelConfig, saved: ModelConfig, directory) -> None:

@@ -278,15 +278,23 @@ def _convert(args) -> int:
     from muonjax.train.convert import hf_to_run_config, run_to_hf
 
     if args.to_hf:
-        written = run_to_hf(args.to_hf, out, dtype=args.dtype, step=args.step)
+        try:
+            written = run_to_hf(args.to_hf, out, dtype=args.dtype, step=args.step)
+        except OSError as e:  # disk full, say: to_hf has removed what it had written
+            print(f"muonjax convert: writing {out} failed: {e}", file=sys.stderr)
+            return EXIT_IO
         print(json.dumps({"out": str(written), "dtype": args.dtype}))
         return 0
     flags = {"optimizer": args.optimizer, "data": tuple(args.data or ())}
     flags = {k: v for k, v in flags.items() if v}
     config = hf_to_run_config(args.from_hf, out, **flags)
-    from muonjax.train.loop import run
+    from muonjax.train.loop import Preempted, run
 
-    run(config)
+    try:
+        run(config)
+    except (Preempted, WriteFailed) as e:
+        print(f"muonjax convert: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED if isinstance(e, Preempted) else EXIT_IO
     print(json.dumps({"out": str(out), "step": 0}))
     return 0
 

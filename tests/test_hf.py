@@ -86,8 +86,8 @@ def test_bfloat16_checkpoint_round_trips(tmp_path):
     shutil.copy(DATA / FIXTURES[1] / "config.json", source)
     tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in _tensors(DATA / FIXTURES[1]).items()}
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
-    model = from_hf(source)
-    assert model.lm_head.kernel[...].dtype == jnp.float32
+    model = from_hf(source, dtype="bfloat16")
+    assert model.lm_head.kernel[...].dtype == jnp.float32 and model.config.dtype == "bfloat16"
     exported = _tensors(to_hf(model, tmp_path / "out", dtype="bfloat16"))
     for key, value in tensors.items():
         assert exported[key].dtype == ml_dtypes.bfloat16

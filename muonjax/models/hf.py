@@ -316,12 +316,15 @@ def _expected_shape(entry: _Entry, leaf_shape) -> tuple[int, ...]:
     return shape if entry.kind == "copy" else shape[::-1]
 
 
-def from_hf(directory, *, config: ModelConfig | None = None, shardings=None) -> Transformer:
+def from_hf(
+    directory, *, dtype: str | None = None, config: ModelConfig | None = None, shardings=None
+) -> Transformer:
     """The Transformer of a Hugging Face DeepseekV3 checkpoint (config.json and
     safetensors, one file or sharded with an index).
 
-    `config`: `hf_config(directory)` by default; pass it changed (e.g.
-    `.replace(dtype="bfloat16", remat=True)`) for another compute dtype;
+    `dtype`: the activations' and matmuls' (default float32; parameters stay
+    float32). `config`: `hf_config(directory)` by default; pass it changed
+    (e.g. `.replace(remat=True)`) for other settings of the same model:
     shape-defining fields must match the checkpoint. `shardings`: a pytree
     like `nnx.state(model)` of jax Shardings (e.g. `muonjax.parallel.Plan(mesh,
     nnx.state(abstract_model(config))).params`, every variable); by default
@@ -333,6 +336,8 @@ def from_hf(directory, *, config: ModelConfig | None = None, shardings=None) -> 
     directory = pathlib.Path(directory)
     saved = hf_config(directory)
     config = saved if config is None else config
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
     _check_same_shapes(config, saved, directory)
     interleaved = _read_json(directory / CONFIG_FILE).get("rope_interleave", True)
     graphdef, state = nnx.split(abstract_model(config))

@@ -32,6 +32,9 @@ from muonjax.train.step import param_groups
 # data alone, and every axis (the two-process test runs data=4,expert=2)
 MESHES = ["data=8", "data=2,expert=2,tensor=2"]
 TINY = preset("tiny")
+# tiny cut to its MoE layer (experts, router, all-to-alls; about half the compile time), for
+# the tests about costs and processes rather than about every kind of layer's sharding
+MOE_LAYER = {"n_layers": 1, "first_k_dense": 0}
 
 
 def _run_steps(config, mesh, batches):
@@ -168,10 +171,8 @@ def test_cli_bad_mesh_exits_2(tmp_path):
 
 def test_inspect_reports_per_device_costs():
     mesh = make_mesh(parse_mesh("data=8"))
-    reports = {
-        opt: inspect(TrainConfig(optimizer=opt, batch_size=8, seq_len=64, mesh="data=8"), mesh)
-        for opt in ("muon", "adamw")
-    }
+    config = TrainConfig(batch_size=8, seq_len=64, mesh="data=8", model=MOE_LAYER)
+    reports = {opt: inspect(config.replace(optimizer=opt), mesh) for opt in ("muon", "adamw")}
     for r in reports.values():
         for key in (
             "param_bytes",
@@ -203,7 +204,7 @@ def test_inspect_reports_per_device_costs():
     assert 0 < to_owners <= 0.25 * muon["param_bytes"]
     assert total(muon) - to_owners <= total(adamw) * 1.001
     # Muon keeps one buffer per hidden matrix, AdamW two per parameter
-    groups = param_groups(_abstract_params(TINY))
+    groups = param_groups(_abstract_params(config.model_config()))
     expected = (groups["muon"] + 2 * groups["adamw"]) / (2 * (groups["muon"] + groups["adamw"]))
     assert muon["opt_state_bytes"] / adamw["opt_state_bytes"] == pytest.approx(expected, rel=0.01)
     assert muon["optimizer_flops"] > 100 * adamw["optimizer_flops"]
@@ -255,6 +256,8 @@ def test_two_processes_by_slurm_and_by_flags_agree_with_one(corpus, tmp_path):
         "2",
         "--mesh",
         "data=4,expert=2",
+        "--model",
+        "n_layers=1,first_k_dense=0",
         "--no-progress",
     ]
     cmd = [sys.executable, "-m", "muonjax", "train"]
@@ -288,6 +291,7 @@ def test_two_processes_by_slurm_and_by_flags_agree_with_one(corpus, tmp_path):
         TrainConfig(
             out=str(tmp_path / "one"), data=(corpus,), steps=4, batch_size=8, seq_len=32, log_every=1,
             eval_every=4, checkpoint_every=2, mesh="data=4,expert=2", progress=False,
+            model=MOE_LAYER,
         ),
         log=lambda *_: None,
     )  # fmt: skip

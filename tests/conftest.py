@@ -94,3 +94,12 @@ def run_experiment(name: str, out: pathlib.Path, *args: str) -> dict:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
+
+
+def run_pod_experiment(name: str, out: pathlib.Path) -> dict:
+    """`python experiments/NAME.py --scale pod --quick --out OUT` run in this
+    process: its pod configs are built and inspected on --mesh data=8, the 8
+    devices this session has, so no second JAX start-up is needed; returns its
+    results.json."""
+    assert load_experiment(name).main(["--scale", "pod", "--quick", "--out", str(out)]) == 0
+    return json.loads((out / "results.json").read_text())

@@ -1,16 +1,43 @@
-"""Bad input to `muonjax train`: one line on stderr, exit code 2, nothing overwritten."""
+"""Bad input to `muonjax train`: one line on stderr, exit code 2, nothing overwritten.
 
+Most cases call the CLI's `main` in this process (a JAX start-up each would
+cost more than the suite's checks of them); the ones about the process itself
+(a device count, --help, exit codes seen from outside) start a real one."""
+
+import contextlib
+import io
+import os
+import signal
 import subprocess
 import sys
+import types
 
 import pytest
 from conftest import DENSE
 
+from muonjax.cli import main
+
 RUN = [sys.executable, "-m", "muonjax", "train", "--no-progress"]
 
 
-def _train(*args, cwd):
+def _process(*args, cwd):
     return subprocess.run([*RUN, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def _train(*args, cwd):
+    """`muonjax train --no-progress ARGS` run by `main` in this process, from `cwd`:
+    its exit code and what it printed to stderr (as subprocess.run would give)."""
+    err, handlers = io.StringIO(), {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    here = os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(["train", "--no-progress", *map(str, args)])
+    finally:
+        os.chdir(here)
+        for s, handler in handlers.items():  # main leaves them ignored after a run
+            signal.signal(s, handler)
+    return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 def _assert_usage_error(result, match):
@@ -59,6 +86,17 @@ def test_bad_flags(tmp_path, args, match):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
+    """What the in-process cases check, seen from outside: no traceback, no more lines."""
+    for args, match in [
+        (["--optimizer", "sgd"], "--optimizer 'sgd' is unknown"),
+        (["--data", str(tmp_path / "none.txt")], "is not a file or folder"),
+        (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+    ]:
+        _assert_usage_error(_process("--out", str(tmp_path / "run"), *args, cwd=tmp_path), match)
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_data_files(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -87,7 +125,7 @@ def test_too_little_data(tmp_path):
 
 
 def test_batch_not_divisible_by_data_parallel_size(tmp_path, text_dir):
-    result = _train(
+    result = _process(
         "--out",
         str(tmp_path / "run"),
         "--cpu-devices",
@@ -129,9 +167,11 @@ def test_resume_with_incompatible_config(tmp_path, text_dir):
         "--steps",
         "2",
         "--batch-size",
-        "4",
+        "8",  # this process's 8 devices
         "--seq-len",
         "32",
+        "--validation-fraction",
+        "0.1",
     ]
     assert _train(*args, cwd=tmp_path).returncode == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -7,7 +7,7 @@ import json
 import math
 
 import numpy as np
-from conftest import load_experiment, run_experiment
+from conftest import load_experiment, run_experiment, run_pod_experiment
 
 attention_logits = load_experiment("attention_logits")
 
@@ -57,7 +57,7 @@ def test_quick_cpu_writes_curves_and_plot(tmp_path):
 
 
 def test_quick_pod_reports_each_config(tmp_path):
-    pod = run_experiment("attention_logits", tmp_path, "--scale", "pod", "--quick")["pod"]
+    pod = run_pod_experiment("attention_logits", tmp_path)["pod"]
     assert set(pod["runs"]) == set(attention_logits.QUICK_POD_RUNS)
     kinds = [attention_logits.RUNS[n][1:] for n in pod["runs"]]
     assert {o for o, _ in kinds} == {"muon", "adamw"} and {a for _, a in kinds} == {"mla", "mha"}

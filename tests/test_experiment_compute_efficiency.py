@@ -5,7 +5,7 @@ frontiers, results.json, plot) and --scale pod --quick (configs, memory)."""
 import math
 
 import pytest
-from conftest import load_experiment, run_experiment
+from conftest import load_experiment, run_experiment, run_pod_experiment
 
 ce = load_experiment("compute_efficiency")
 common = load_experiment("common")
@@ -77,7 +77,7 @@ def test_quick_cpu_end_to_end(tmp_path):
 
 
 def test_quick_pod_reports_each_config(tmp_path):
-    pod = run_experiment("compute_efficiency", tmp_path, "--scale", "pod", "--quick")["pod"]
+    pod = run_pod_experiment("compute_efficiency", tmp_path)["pod"]
     assert len(pod["runs"]) == 2 * len(ce.POD_QUICK)
     for name, r in pod["runs"].items():
         assert (

@@ -4,7 +4,7 @@ runs, the 2 x 2 of SFT runs, results.json, plot) and --scale pod --quick."""
 
 import math
 
-from conftest import load_experiment, run_experiment
+from conftest import load_experiment, run_experiment, run_pod_experiment
 
 ft = load_experiment("finetune")
 
@@ -75,7 +75,7 @@ def test_quick_cpu_end_to_end(tmp_path):
 
 
 def test_quick_pod_reports_each_config(tmp_path):
-    pod = run_experiment("finetune", tmp_path, "--scale", "pod", "--quick")["pod"]
+    pod = run_pod_experiment("finetune", tmp_path)["pod"]
     assert set(pod["runs"]) == {f"{w}-{o}" for w in ("pretrain", "sft") for o in ft.OPTIMIZERS}
     for name, r in pod["runs"].items():
         assert r["peak_bytes_per_device"] > 0 and r["run_flops"] > 0, name

@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import load_experiment, run_experiment
+from conftest import load_experiment, run_experiment, run_pod_experiment
 
 svd_entropy = load_experiment("svd_entropy")
 
@@ -81,7 +81,7 @@ def test_compare_pairs_matrices_and_groups():
 
 
 def test_quick_pod_reports_each_config(tmp_path):
-    pod = run_experiment("svd_entropy", tmp_path, "--scale", "pod", "--quick")["pod"]
+    pod = run_pod_experiment("svd_entropy", tmp_path)["pod"]
     assert set(pod["runs"]) == {"muon", "adamw"}
     for name, report in pod["runs"].items():
         assert report["parameters"]["total_non_embedding"] > 0, name

@@ -6,7 +6,7 @@ the shrunk pod configs."""
 import math
 
 import pytest
-from conftest import load_experiment, run_experiment
+from conftest import load_experiment, run_experiment, run_pod_experiment
 
 update_rms = load_experiment("update_rms")
 
@@ -57,7 +57,7 @@ def test_quick_cpu_writes_every_setting(tmp_path):
 
 
 def test_quick_pod_reports_each_config(tmp_path):
-    pod = run_experiment("update_rms", tmp_path, "--scale", "pod", "--quick")["pod"]
+    pod = run_pod_experiment("update_rms", tmp_path)["pod"]
     assert set(pod["runs"]) == set(update_rms.settings(quick=True))
     for name, report in pod["runs"].items():
         assert report["parameters"]["total"] > 0, name

@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import load_experiment, run_experiment
+from conftest import load_experiment, run_experiment, run_pod_experiment
 
 weight_decay = load_experiment("weight_decay")
 
@@ -68,7 +68,7 @@ def test_compare_finds_the_crossover():
 
 
 def test_quick_pod_reports_each_config(tmp_path):
-    pod = run_experiment("weight_decay", tmp_path, "--scale", "pod", "--quick")["pod"]
+    pod = run_pod_experiment("weight_decay", tmp_path)["pod"]
     assert set(pod["runs"]) == set(weight_decay.RUNS)
     for name, report in pod["runs"].items():
         assert report["parameters"]["total_non_embedding"] > 0, name

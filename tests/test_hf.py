@@ -194,3 +194,16 @@ def test_what_to_hf_cannot_write(tmp_path):
     with pytest.raises(CheckpointError, match="dtype"):
         to_hf(model, tmp_path / "b", dtype="float16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # nothing half-written
+
+
+def test_moonlight_config_round_trips(tmp_path):
+    """Moonlight-16B-A3B's config (the preset) written as config.json and read back:
+    the same model, with the latent norms' eps DeepseekV3 uses."""
+    from muonjax.models import preset
+    from muonjax.models.hf import config_to_hf
+
+    moonlight = preset("moonlight-16b-a3b")
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(moonlight, "bfloat16")))
+    read = hf_config(tmp_path)
+    assert read == moonlight.replace(dtype="float32", remat=False)
+    assert read.rms_norm_eps == 1e-5 and read.routed_scaling_factor == 2.446

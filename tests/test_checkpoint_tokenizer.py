@@ -198,3 +198,16 @@ def test_bad_tiktoken_model(moonshot_dir):
     (moonshot_dir / "tiktoken.model").write_text("YQ== 0\nnot-base64! 1\n")
     with pytest.raises(ValueError, match="line 2"):
         CheckpointTokenizer(moonshot_dir)
+
+
+def test_a_tokenizer_json_alone_is_saved_as_a_checkpoints(hf_dir, tmp_path):
+    """With no tokenizer_config.json to copy, save writes one: a run folder's
+    tokenizer.json alone would read as a BPE the run trained itself."""
+    from muonjax.train.tokenizer import has_checkpoint_tokenizer
+
+    (hf_dir / "tokenizer_config.json").unlink()
+    out = tmp_path / "run"
+    out.mkdir()
+    CheckpointTokenizer(hf_dir).save(out)
+    assert has_checkpoint_tokenizer(out)
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]

@@ -289,7 +289,8 @@ class CheckpointTokenizer:
         names = {k: v for k, v in self._names.items() if v is not None}
         for name in (self.model_file, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE):
             source = self.directory / name
-            if name == TOKENIZER_CONFIG_FILE and names:
+            if name == TOKENIZER_CONFIG_FILE and (names or not source.is_file()):
+                # always one: it marks a run directory's tokenizer.json as a checkpoint's
                 data = json.dumps({**self._config, **names}, indent=2, ensure_ascii=False)
                 data = data.encode("utf-8")
             elif source.is_file():

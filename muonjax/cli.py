@@ -325,9 +325,8 @@ def _generate(args) -> int:
     if tokenizer is None:
         raise ConfigError(f"--run {args.run}: it ships no tokenizer to read --prompt with")
     prompts = tokenizer.encode(args.prompt)
-    bos = getattr(tokenizer, "bos_id", None)
-    if getattr(tokenizer, "add_bos", False) and bos is not None:
-        prompts = [[bos, *p] for p in prompts]
+    if tokenizer.add_bos and tokenizer.bos_id is not None:
+        prompts = [[tokenizer.bos_id, *p] for p in prompts]
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("--prompt: an empty prompt has nothing to continue")
     try:

@@ -116,6 +116,10 @@ def test_finetune_a_checkpoint_with_muon_on_a_mesh(hf_dir, tmp_path, capsys):
         (["convert", "--to-hf", "{tmp}", "--out", "{tmp}/r", "--data", "x"], "go with --from-hf"),
         (["generate", "--run", "{tmp}", "--prompt", "x"], "no config.json there"),
         (
+            ["generate", "--run", "{run}", "--prompt", "x", "--step", "7"],
+            "no checkpoint 7 (there: 0)",
+        ),
+        (
             ["train", "--init-from", "{hf}", "--tokenizer", "byte", "--out", "{tmp}/t"],
             "brings its tokenizer",
         ),
@@ -125,8 +129,8 @@ def test_finetune_a_checkpoint_with_muon_on_a_mesh(hf_dir, tmp_path, capsys):
         ),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(hf_dir, tmp_path, capsys, args, match):
-    args = [a.format(tmp=tmp_path, hf=hf_dir) for a in args]
+def test_bad_input_is_one_line_and_exit_2(hf_dir, converted, tmp_path, capsys, args, match):
+    args = [a.format(tmp=tmp_path, hf=hf_dir, run=converted) for a in args]
     before = sorted(tmp_path.rglob("*"))
     assert main(args) == 2
     err = capsys.readouterr().err

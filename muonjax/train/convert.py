@@ -55,6 +55,8 @@ def load_model(path, *, step: int | None = None, flag: str = "--run"):
     wanted = {"params": jax.tree.map(on_device, params), "rest": jax.tree.map(on_device, rest)}
     restored = restore_arrays(path, step, wanted, flag)
     model = nnx.merge(graphdef, restored["params"], restored["rest"])
+    if train.tokenizer == "bpe" and not (path / BPE_FILE).is_file():  # else it would train one
+        raise ConfigError(f"{flag} {path}: its BPE tokenizer {path / BPE_FILE} is missing")
     try:
         tokenizer = tokenizer_for_run(train.tokenizer, path, [], train.bpe_vocab_size)
     except ValueError as e:

@@ -196,6 +196,10 @@ def restore_arrays(path: pathlib.Path, step: int, wanted: dict, flag: str) -> di
     manager = ocp.CheckpointManager(
         _checkpoints(path).absolute(), options=ocp.CheckpointManagerOptions(create=False)
     )
+    if step not in manager.all_steps():
+        have = ", ".join(map(str, manager.all_steps())) or "none"
+        manager.close()
+        raise ConfigError(f"{flag} {path}: no checkpoint {step} (there: {have})")
     try:
         return manager.restore(
             step,

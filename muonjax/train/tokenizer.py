@@ -22,6 +22,7 @@ END_BYTE = 0xFF
 class ByteTokenizer:
     vocab_size = 256
     end_id = END_BYTE
+    bos_id, add_bos = None, False
 
     def save(self, path: pathlib.Path) -> None:
         """Nothing to save: bytes are bytes."""
@@ -35,6 +36,8 @@ class ByteTokenizer:
 
 class BPETokenizer:
     """Byte-level BPE from the `tokenizers` library."""
+
+    bos_id, add_bos = None, False
 
     def __init__(self, tokenizer):
         self._tokenizer = tokenizer

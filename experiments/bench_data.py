@@ -17,6 +17,9 @@
    step needs: the device check's (results/device_check/results.json, when
    there) and this machine's own step (its first device) for the `small`
    shape. Margin = pipeline / step; below 1 the step would wait for data.
+4. Verifying shards (muonjax/train/integrity.py: every record read once, the
+   sha256 and token ids checked), in this process: token bytes per second on
+   the 10x corpus's shards (--quick: the small corpus's), the median of 3.
 
 Writes results/bench_data/results.json.
 """
@@ -124,6 +127,21 @@ def local_step_rate(preset: str, batch: int, seq: int, steps: int) -> float:
     return batch * seq / statistics.median(times)
 
 
+def verify_rate(shards: str, repeats: int) -> dict:
+    """Seconds to verify the shards folder whole (median of `repeats`), and its token bytes."""
+    from muonjax.train.integrity import token_bytes, verify_shards
+    from muonjax.train.shards import read_manifest
+
+    manifest = read_manifest(shards)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        verify_shards(shards, manifest, range(manifest["vocab_size"]))
+        times.append(time.perf_counter() - started)
+    seconds, size = statistics.median(times), token_bytes(manifest)
+    return {"token_bytes": size, "seconds": seconds, "mb_per_s": size / 1e6 / seconds}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small corpus, for the test suite")
@@ -183,6 +201,11 @@ def main(argv=None) -> int:
             print(f"start-up x10: text {s['text']['seconds']:.2f} s "
                   f"{s['text']['peak_rss_mib']:.0f} MiB, shards {s['shards']['seconds']:.2f} s "
                   f"{s['shards']['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
+        verified = tmp / ("shards" if args.quick else "shards_x10")
+        results["verify"] = verify_rate(str(verified), 1 if args.quick else 3)
+        v = results["verify"]
+        print(f"verify: {v['token_bytes'] / 1e6:.0f} MB of tokens in {v['seconds']:.2f} s, "
+              f"{v['mb_per_s']:.0f} MB/s", flush=True)  # fmt: skip
         device = ROOT / "results" / "device_check" / "results.json"
         device_steps = json.loads(device.read_text())["train_step"] if device.exists() else {}
         kind = json.loads(device.read_text())["device_kind"] if device.exists() else None

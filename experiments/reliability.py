@@ -1,7 +1,7 @@
 """Reliability: how `muonjax train` recovers from failures, by real subprocess trials.
 
-    python experiments/reliability.py            # 12 kill -9 + 12 signal trials + bad inputs, ~12 min
-    python experiments/reliability.py --quick    # 2 + 2 trials of 12 steps (dense model) + bad inputs
+    python experiments/reliability.py            # 12 kill -9 + 12 signal trials, bad and untrusted inputs
+    python experiments/reliability.py --quick    # 2 + 2 trials of 12 steps (dense model), bad inputs, 6 untrusted
 
 One run (the default `tiny` model on the CPU, 20 files of the standard library,
 batch 4 x 32, a checkpoint every 5 of 40 steps) is trained straight through once:
@@ -19,6 +19,10 @@ the reference. Then, each into a fresh --out:
   apply: passed when nothing was written.
 - bad_inputs: invocations that must exit 2 within 60 s with one stderr line and
   no traceback, writing nothing (run in an empty folder, --out inside it).
+- untrusted: hostile and damaged shards, Hugging Face checkpoints, model
+  configs and generation requests, and signals during tokenize, convert and a
+  slow set-up (experiments/untrusted.py): each trial's command, exit code,
+  stderr, what it left and its peak RSS.
 
 Moments, from --seed: trials 0, 2, 3, 5, ... draw a delay from the start of the
 process up to 1.1x the reference's wall time (start-up, training, saves); trials
@@ -48,6 +52,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
+import untrusted  # noqa: E402
 
 NAME = "reliability"
 CMD = [sys.executable, "-m", "muonjax", "train", "--no-progress"]
@@ -61,7 +66,7 @@ FINAL_EVERY = 3  # trials 1, 4, 7, ... are aimed at the final flush
 BAD_INPUTS = [
     "--seed 4294967296", "--seed -1", "--mesh data=\u00b2", "--mesh data=2,data=4",
     "--learning-rate inf", "--learning-rate nan", "--weight-decay inf", "--eval-batches 0",
-    "--cpu-devices 100000", "--out gs://bucket/run", "--steps 0",
+    "--cpu-devices 100000", "--out gs://bucket/run", "--steps -1",
     "--batch-size 3 --cpu-devices 2", "--data /nonexistent", "--resume", "--frobnicate",
     "--model '{bad json'", "--model-config /nonexistent.json",
 ]  # fmt: skip
@@ -231,7 +236,7 @@ def trial(i, kind, sig, command, out, steps, reference, rng, tmp) -> dict:
         if record["hung"]:
             failures.append(f"no exit {EXIT_TIMEOUT_S} s after {sig.name}")
         if code == EXIT_PREEMPTED:
-            said = len(lines) == 1 and " received" in lines[0] and ": stopped " in lines[0]
+            said = len(lines) == 1 and " received" in lines[0] and ": stopped" in lines[0]
             after = said and "stopped after step " in lines[0]  # else before training: no save
             stopped = lines[0].split("after step ")[1].split()[0] if after else None
             if not said:
@@ -275,7 +280,26 @@ def bad_input(case: str, base: list[str], tmp: pathlib.Path) -> dict:
             and not traceback}  # fmt: skip
 
 
-def summarize(kill9: list, signals: list, bad: list) -> dict:
+def untrusted_trials(args, tmp: pathlib.Path) -> list[dict]:
+    """The untrusted-input trials chosen by --untrusted (--quick: untrusted.QUICK)."""
+    names = args.untrusted
+    if names is None:
+        names = untrusted.QUICK if args.quick else [t.name for t in untrusted.TRIALS]
+    chosen = [t for t in untrusted.TRIALS if t.name in names]
+    if not chosen:
+        return []
+    fixtures = untrusted.make_fixtures(tmp / "fixtures", tmp / "corpus")
+    records = []
+    for trial in chosen:
+        r = untrusted.run_trial(trial, fixtures, tmp / "untrusted")
+        records.append(r)
+        print(f"untrusted {r['surface']:22s} {r['name']:36s} exit {r['exit_code']!s:7s} "
+              f"{r['peak_rss_mib']:6.0f} MiB "
+              f"{'ok' if r['passed'] else 'FAILED: ' + '; '.join(r['failures'])}", flush=True)  # fmt: skip
+    return records
+
+
+def summarize(kill9: list, signals: list, bad: list, hostile: list) -> dict:
     def by(records, key):
         values = sorted({str(r[key]) for r in records})
         return {v: {"passed": sum(r["passed"] for r in records if str(r[key]) == v),
@@ -287,7 +311,12 @@ def summarize(kill9: list, signals: list, bad: list) -> dict:
         "signal": {"handled": sum(r["passed"] for r in signals), "trials": len(signals),
                    "by_signal": by(signals, "signal"), "by_phase": by(signals, "phase")},
         "bad_inputs": {"passed": sum(r["passed"] for r in bad), "tried": len(bad)},
-        "all_passed": all(r["passed"] for r in kill9 + signals + bad),
+        "untrusted": {"passed": sum(r["passed"] for r in hostile), "tried": len(hostile),
+                      "by_expect": by(hostile, "expect"),
+                      "hung": sum(r["hung"] for r in hostile),
+                      "tracebacks": sum(r["traceback"] for r in hostile),
+                      "peak_rss_mib": max((r["peak_rss_mib"] for r in hostile), default=None)},
+        "all_passed": all(r["passed"] for r in kill9 + signals + bad + hostile),
     }  # fmt: skip
 
 
@@ -297,6 +326,12 @@ def main(argv=None) -> int:
     parser.add_argument("--trials-kill9", type=int, help="default 12 (--quick: 2)")
     parser.add_argument("--trials-signal", type=int, help="default 12 (--quick: 2)")
     parser.add_argument("--bad-inputs", type=int, help="the first N bad inputs (default all)")
+    parser.add_argument(
+        "--untrusted",
+        nargs="*",
+        metavar="NAME",
+        help="these untrusted-input trials (default: all; --quick: a few; none given: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="of the trials' moments")
     parser.add_argument("--out-dir", "--out", dest="out", help="default results/reliability")
     args = parser.parse_args(argv)
@@ -334,7 +369,8 @@ def main(argv=None) -> int:
         for r in bad:
             print(f"bad    {shlex.join(r['args']):36s} exit {r['exit_code']} "
                   f"{r['stderr_lines']} stderr line(s) {'ok' if r['passed'] else 'FAILED'}")  # fmt: skip
-    s = summarize(records["kill9"], records["signal"], bad)
+        hostile = untrusted_trials(args, tmp)
+    s = summarize(records["kill9"], records["signal"], bad, hostile)
     by_signal = ", ".join(
         f"{k} {v['passed']}/{v['trials']}" for k, v in s["signal"]["by_signal"].items()
     )
@@ -343,6 +379,7 @@ def main(argv=None) -> int:
     )
     print(f"signal:     {s['signal']['handled']}/{s['signal']['trials']} handled ({by_signal})")
     print(f"bad inputs: {s['bad_inputs']['passed']}/{s['bad_inputs']['tried']} exit 2 cleanly")
+    print(f"untrusted:  {s['untrusted']['passed']}/{s['untrusted']['tried']} as expected")
     versions = {
         p: importlib.metadata.version(p) for p in ("jax", "orbax-checkpoint", "tensorboardX")
     }
@@ -359,6 +396,7 @@ def main(argv=None) -> int:
         "quick": args.quick, "config": config, "versions": versions, "summary": s,
         "reference": {k: reference[k] for k in ("wall_s", "flush_s", "stderr")},
         "kill9": records["kill9"], "signal": records["signal"], "bad_inputs": bad,
+        "untrusted": hostile,
         "wall_time_s": time.monotonic() - started})  # fmt: skip
     print(f"wrote {path}")
     return 0

@@ -34,6 +34,7 @@ try:  # the core install (`pip install muonjax`) is the optimizer alone: main() 
     from muonjax.parallel.mesh import MeshError, parse_mesh
     from muonjax.train.config import (
         CONFIG_FILE,
+        EXIT_PREEMPTED,
         MAX_CPU_DEVICES,
         ConfigError,
         TrainConfig,
@@ -52,7 +53,6 @@ else:
 EXIT_DIVERGED = 1  # too many non-finite steps in a row: see --resume-from
 EXIT_USAGE = 2
 EXIT_IO = 74  # sysexits' EX_IOERR: the run's files could not be written (disk full)
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal, checkpointed, relaunch
 EXIT_INTERRUPTED = 130  # SIGINT before training set up its handler: nothing to save yet
 
 
@@ -69,8 +69,8 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
         "or AdamW. Outputs in --out: config.json, metrics.jsonl, tensorboard/, checkpoints/. "
         f"Exit codes: 0 done, {EXIT_DIVERGED} stopped by divergence (see --resume-from), "
         f"{EXIT_USAGE} bad input, {EXIT_IO} its files could not be written (disk full), "
-        f"{EXIT_PREEMPTED} stopped by SIGTERM/SIGINT after checkpointing (relaunch with --resume "
-        "or --resume-if-exists).",
+        f"{EXIT_PREEMPTED} stopped by SIGTERM/SIGINT after checkpointing, or at once while it "
+        "set up, with nothing to save (relaunch with --resume or --resume-if-exists).",
     )
     add_arguments(p)
     resume = p.add_mutually_exclusive_group()
@@ -96,8 +96,8 @@ def _train_parser(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="on resume, skip the next N training batches (those that diverged); recorded in "
-        "config.json's history",
+        help="on resume, skip the next N training batches (those that diverged), at most one "
+        "pass over the training data; recorded in config.json's history",
     )
     _distributed_flags(p)
     return p
@@ -207,7 +207,10 @@ def _tokenize_parser(subparsers) -> argparse.ArgumentParser:
         description="Read and tokenize a corpus once, as `muonjax train` would (the same "
         "split, tokenizer and order), and write its training and validation token streams as "
         "ArrayRecord shards with a manifest.json (and the BPE's tokenizer.json) in --out. "
-        "`muonjax train --data DIR` then reads only the windows each process trains on.",
+        "`muonjax train --data DIR` then reads only the windows each process trains on, "
+        "after verifying the shards against the manifest. --out is written whole or not at "
+        f"all. Exit codes: 0 done, {EXIT_USAGE} bad input, {EXIT_IO} the shards could not be "
+        "written (disk full), 130 / 143 stopped by SIGINT / SIGTERM (nothing written).",
     )
     add_arguments(p, fields=TOKENIZE_FIELDS)
     p.add_argument("--out", required=True, help="the folder to write; must not exist")
@@ -221,14 +224,17 @@ def _tokenize_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _tokenize(args) -> int:
+    from muonjax.train.preemption import ends_at_once
     from muonjax.train.shards import write_shards
 
     config = TrainConfig(**given_fields(args))
-    try:
-        manifest = write_shards(config, args.out, shard_tokens=args.shard_tokens)
-    except WriteFailed as e:
-        print(e, file=sys.stderr)
-        return EXIT_IO
+    _check_out_writable(args.out)  # before the work: a dangling link fails only at the rename
+    with ends_at_once("muonjax tokenize", args.out):
+        try:
+            manifest = write_shards(config, args.out, shard_tokens=args.shard_tokens)
+        except WriteFailed as e:
+            print(e, file=sys.stderr)
+            return EXIT_IO
     splits = manifest["splits"]
     print(json.dumps({"out": args.out, **{s: splits[s]["tokens"] for s in splits}}))
     return 0
@@ -241,8 +247,14 @@ def _convert_parser(subparsers) -> argparse.ArgumentParser:
         description="--from-hf DIR --out RUN: a run directory whose step-0 checkpoint holds the "
         "checkpoint's weights (with a fresh optimizer state, and its tokenizer), which train "
         "--resume / --init-from and generate accept. --to-hf RUN --out DIR: the run's newest "
-        "checkpoint (or --step) as config.json + safetensors shards + index that transformers' "
-        "DeepseekV3ForCausalLM loads, with the run's tokenizer files.",
+        "checkpoint that restores (or --step) as config.json + safetensors shards + index that "
+        "transformers' DeepseekV3ForCausalLM loads, with the run's tokenizer files; the run is "
+        "only read (it may be training): a newer checkpoint that does not restore is named in a "
+        "warning line and left as it is. --out is written whole or not at all: into a partial "
+        "folder next to it, renamed when complete, removed on an error or a signal (one a kill "
+        "-9 leaves is removed by the next convert to that --out). Exit codes: 0 done, "
+        f"{EXIT_USAGE} bad input, {EXIT_IO} --out could not be written, 130 / 143 stopped by "
+        "SIGINT / SIGTERM (nothing written).",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-hf", metavar="DIR", help="a Hugging Face checkpoint directory")
@@ -275,72 +287,104 @@ def _convert(args) -> int:
         raise ConfigError("--step goes with --to-hf (a Hugging Face checkpoint has one)")
     if args.to_hf and (args.optimizer or args.data):
         raise ConfigError("--optimizer and --data go with --from-hf (they set up the run)")
-    from muonjax.train.convert import hf_to_run_config, run_to_hf
+    from muonjax.train.convert import hf_to_run_config, record_out, run_to_hf, written_whole
 
-    if args.to_hf:
-        try:
-            written = run_to_hf(args.to_hf, out, dtype=args.dtype, step=args.step)
-        except OSError as e:  # disk full, say: to_hf has removed what it had written
-            print(f"muonjax convert: writing {out} failed: {e}", file=sys.stderr)
-            return EXIT_IO
-        print(json.dumps({"out": str(written), "dtype": args.dtype}))
-        return 0
-    flags = {"optimizer": args.optimizer, "data": tuple(args.data or ())}
-    flags = {k: v for k, v in flags.items() if v}
-    config = hf_to_run_config(args.from_hf, out, **flags)
-    from muonjax.train.loop import Preempted, run
-
+    if args.from_hf:  # the checkpoint and flags checked before anything is written
+        flags = {"optimizer": args.optimizer, "data": tuple(args.data or ())}
+        config = hf_to_run_config(args.from_hf, out, **{k: v for k, v in flags.items() if v})
     try:
-        run(config)
-    except (Preempted, WriteFailed) as e:
-        print(f"muonjax convert: {e}", file=sys.stderr)
-        return EXIT_PREEMPTED if isinstance(e, Preempted) else EXIT_IO
-    print(json.dumps({"out": str(out), "step": 0}))
+        # into a partial folder, renamed to --out when complete; removed on an error
+        # or a signal (which ends the process at once)
+        with written_whole(out) as work:
+            if args.to_hf:
+                warn = lambda line: print(line, file=sys.stderr)
+                run_to_hf(args.to_hf, work, dtype=args.dtype, step=args.step, log=warn)
+            else:
+                from muonjax.train.loop import run
+
+                named = lambda line: print(line.replace(str(work), str(out)))  # --out, not work
+                run(config.replace(out=str(work)), log=named)
+                record_out(work, out)
+    except (WriteFailed, OSError) as e:  # disk full, say: nothing was kept
+        print(f"muonjax convert: writing {out} failed: {e}", file=sys.stderr)
+        return EXIT_IO
+    print(json.dumps({"out": str(out), **({"dtype": args.dtype} if args.to_hf else {"step": 0})}))
     return 0
 
 
 def _generate_parser(subparsers) -> argparse.ArgumentParser:
+    from muonjax.models.generate import DEFAULT_MAX_LEN, MAX_SEED
+
     p = subparsers.add_parser(
         "generate",
         help="continue prompts with a run's (or a Hugging Face checkpoint's) model",
-        description="Load the newest checkpoint of a run (or --step), or a Hugging Face "
-        "checkpoint directory, and continue each --prompt with a KV cache (MLA caches its "
-        "compressed latent). Prints one JSON line per prompt.",
+        description="Load the newest checkpoint of a run that restores (or --step), or a "
+        "Hugging Face checkpoint directory, and continue each --prompt with a KV cache (MLA "
+        "caches its compressed latent). Prints one JSON line per prompt. Reads the run only "
+        "(it may be training): a newer checkpoint that does not restore is named in a warning "
+        "line and left as it is.",
     )
     p.add_argument("--run", required=True, help="a run directory or a Hugging Face checkpoint")
     p.add_argument("--prompt", action="append", required=True, help="text; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="at least 1 (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default), or more")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED}")
     p.add_argument("--step", type=int, help="this checkpoint of the run, not the newest")
+    p.add_argument(
+        "--max-len",
+        type=int,
+        help="the longest prompt (in tokens) + --max-new-tokens allowed (default: a Hugging "
+        f"Face checkpoint's max_position_embeddings, else {DEFAULT_MAX_LEN}); the KV cache and "
+        "the prefill it needs must also fit in the device's memory, checked before compiling",
+    )
     return p
 
 
 def _generate(args) -> int:
-    from muonjax.models import generate
-    from muonjax.train.convert import load_model
+    import jax
 
-    model, tokenizer = load_model(args.run, step=args.step)
-    if tokenizer is None:
-        raise ConfigError(f"--run {args.run}: it ships no tokenizer to read --prompt with")
-    prompts = tokenizer.encode(args.prompt)
-    if tokenizer.add_bos and tokenizer.bos_id is not None:
-        prompts = [[tokenizer.bos_id, *p] for p in prompts]
-    if any(len(p) == 0 for p in prompts):
-        raise ConfigError("--prompt: an empty prompt has nothing to continue")
-    try:
-        outputs = generate(
-            model,
-            [[int(t) for t in p] for p in prompts],
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            eos_id=tokenizer.end_id,
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    from muonjax.models.generate import generate, sampling_errors
+    from muonjax.train.convert import (
+        check_generation,
+        encode_prompts,
+        load_model,
+        load_tokenizer,
+        model_source,
+    )
+    from muonjax.train.preemption import ends_at_once
+
+    flag = lambda name: f"--{name.replace('_', '-')} "
+    errors = sampling_errors(args.max_new_tokens, args.temperature, args.top_p, args.seed, flag)
+    if errors:  # before anything is read
+        raise ConfigError("Cannot generate: " + "; ".join(errors))
+    source = model_source(args.run)
+    tokenizer = load_tokenizer(source)
+    prompts = encode_prompts(tokenizer, args.prompt, source)
+    max_len = source.max_len if args.max_len is None else args.max_len
+    check_generation(source, prompts, args.max_new_tokens, max_len, flag)  # before loading
+    with ends_at_once("muonjax generate"):
+        model = load_model(source, step=args.step, log=lambda line: print(line, file=sys.stderr))
+        try:
+            outputs = generate(
+                model,
+                prompts,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                eos_id=tokenizer.end_id,
+                max_len=max_len,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        except jax.errors.JaxRuntimeError as e:
+            if not str(e).startswith("RESOURCE_EXHAUSTED"):
+                raise
+            raise ConfigError(
+                f"generating does not fit in the device's memory ({str(e).splitlines()[0][:300]}):"
+                " lower --max-new-tokens, the prompts' length or their number"
+            ) from None
     for text, ids in zip(args.prompt, outputs):
         line = {"prompt": text, "completion": tokenizer.decode(ids), "tokens": len(ids)}
         print(json.dumps(line, ensure_ascii=False))

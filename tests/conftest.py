@@ -103,3 +103,52 @@ def run_pod_experiment(name: str, out: pathlib.Path) -> dict:
     results.json."""
     assert load_experiment(name).main(["--scale", "pod", "--quick", "--out", str(out)]) == 0
     return json.loads((out / "results.json").read_text())
+
+
+# `muonjax ARGS` in a process whose MODULE.HOOK first touches READY, then blocks in the
+# open() of the FIFO: a read that blocks in C, where no Python signal handler runs
+_BLOCKED = """
+import importlib, sys
+from muonjax.cli import main
+module, hook, ready, fifo = sys.argv[1:5]
+module = importlib.import_module(module)
+real = getattr(module, hook)
+def blocked(*args, **kwargs):
+    open(ready, "w").close()
+    open(fifo).read()
+    return real(*args, **kwargs)
+setattr(module, hook, blocked)
+sys.exit(main(sys.argv[5:]))
+"""
+
+
+def signal_while_blocked(tmp_path, module: str, hook: str, signum, args, *, before=None):
+    """`muonjax ARGS` blocked in C at MODULE.HOOK (muonjax.train.loop's `build`, say)
+    and sent `signum` there (after `before()`, given, checks the process as it
+    stands): its exit code and stderr's lines. A process the signal does not end
+    within 60 s fails the test (the hang that the watcher thread of
+    muonjax.train.preemption prevents)."""
+    import signal as signals
+    import time
+
+    ready, fifo = tmp_path / f"ready-{hook}", tmp_path / f"fifo-{hook}"
+    os.mkfifo(fifo)
+    command = [sys.executable, "-c", _BLOCKED, module, hook, ready, fifo, *map(str, args)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not ready.exists():
+        time.sleep(0.05)
+    assert ready.exists(), proc.communicate()[1]
+    time.sleep(0.2)  # into the open()
+    if before is not None:
+        before()
+    proc.send_signal(signum)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"{signals.Signals(signum).name} did not end it") from None
+    ready.unlink()
+    fifo.unlink()
+    return proc.returncode, [line for line in stderr.splitlines() if line.strip()]

@@ -79,6 +79,10 @@ def text_dir(tmp_path):
         ),
         (["--learning-rate", "inf"], "--learning-rate must be positive and finite, got inf"),
         (["--model-config", "no/such.json"], "--model-config no/such.json: No such file"),
+        # issue 23: a ZeroDivisionError traceback; absurd values of a valid type
+        (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
+        (["--model", "kv_lora_rank=0"], "kv_lora_rank=0"),
+        (["--model", "kv_lora_rank=-4"], "kv_lora_rank=-4"),
     ],
 )
 def test_bad_flags(tmp_path, args, match):

@@ -113,6 +113,7 @@ def test_model_vocabulary_is_the_tokenizers_or_larger():
             "experts_per_token=99 (valid: 1..n_routed_experts=8)",
         ),
         (["--model", "d_model"], "--model expects KEY=VALUE,..., got 'd_model'"),
+        (["--model", "kv_lora_rank=0"], "--model: Invalid ModelConfig: kv_lora_rank=0 (must be"),
         (["--learning-rate", "inf"], "--learning-rate must be positive and finite, got inf"),
         (["--weight-decay", "nan"], "--weight-decay must be >= 0 and finite, got nan"),
         (["--momentum", "1.5"], "--momentum must be in [0, 1], got 1.5"),

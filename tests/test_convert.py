@@ -71,6 +71,19 @@ def test_convert_to_a_run_and_back_is_exact(hf_dir, corpus, converted, tmp_path)
         assert (back / name).read_bytes() == (hf_dir / name).read_bytes()
 
 
+def test_a_converted_run_is_written_whole_and_resumes_where_it_was_renamed(converted, capsys):
+    """convert --from-hf trains its 0 steps in a partial folder next to --out, then
+    renames it: nothing else is left there, config.json names --out, and `train
+    --out OUT --resume` continues the renamed run (generate reads it: below)."""
+    assert [p.name for p in converted.parent.iterdir()] == [converted.name]
+    assert json.loads((converted / "config.json").read_text())["train"]["out"] == str(converted)
+    run = converted.parent / "resumed"  # a copy: the other tests read step 0
+    shutil.copytree(converted, run)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "1", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["steps"] == 1
+    shutil.rmtree(run)
+
+
 def test_generate_from_a_run_or_a_checkpoint(hf_dir, converted, capsys):
     prompts = ["def main():", "import os\nimport"]
     args = ["--max-new-tokens", "5", *[a for p in prompts for a in ("--prompt", p)]]

@@ -1,6 +1,6 @@
 """experiments/reliability.py at its smallest: the reference run, one kill -9
-trial, one SIGTERM trial, one bad input; results.json's structure, and every
-trial passed. (A signal in the final flush: tests/test_preemption.py.)"""
+trial, one SIGTERM trial, one bad input, two untrusted inputs; results.json's
+structure, and every trial passed. (A signal in the final flush: tests/test_preemption.py.)"""
 
 from conftest import run_experiment
 
@@ -10,7 +10,8 @@ TRIAL_KEYS = {"trial", "signal", "trigger", "delay_s", "phase", "exit_code", "hu
 
 def test_smallest_run_records_every_trial_and_each_passes(tmp_path):
     results = run_experiment("reliability", tmp_path, "--quick", "--trials-kill9", "1",
-                             "--trials-signal", "1", "--bad-inputs", "1")  # fmt: skip
+                             "--trials-signal", "1", "--bad-inputs", "1",
+                             "--untrusted", "index ../ file", "shard bytes changed")  # fmt: skip
     assert results["quick"] is True
     assert {"jax", "orbax-checkpoint"} <= set(results["versions"])
     config = results["config"]
@@ -27,6 +28,11 @@ def test_smallest_run_records_every_trial_and_each_passes(tmp_path):
     assert len(bad) == 1
     for b in bad:
         assert (b["exit_code"], b["stderr_lines"], b["wrote"], b["passed"]) == (2, 1, [], True), b
+    hostile = results["untrusted"]
+    assert [t["name"] for t in hostile] == ["shard bytes changed", "index ../ file"]
+    for t in hostile:
+        assert (t["exit_code"], t["stderr_lines"], t["left"], t["passed"]) == (2, 1, [], True), t
+        assert t["peak_rss_mib"] > 0 and t["command"][0] == "muonjax"
     summary = results["summary"]
     assert summary["kill9"] == {
         "identical": 1,
@@ -36,4 +42,5 @@ def test_smallest_run_records_every_trial_and_each_passes(tmp_path):
     assert (summary["signal"]["handled"], summary["signal"]["trials"]) == (1, 1)
     assert summary["signal"]["by_signal"] == {"SIGTERM": {"passed": 1, "trials": 1}}
     assert summary["bad_inputs"] == {"passed": 1, "tried": 1}
+    assert (summary["untrusted"]["passed"], summary["untrusted"]["hung"]) == (2, 0)
     assert summary["all_passed"]

@@ -280,6 +280,44 @@ def test_bad_config_is_a_clear_error():
         ModelConfig(moe_dispatch="onehot")
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"kv_lora_rank": 0}, "kv_lora_rank=0 (must be positive)"),
+        ({"qk_nope_head_dim": -1}, "qk_nope_head_dim=-1 (must be positive)"),
+        ({"v_head_dim": 0}, "v_head_dim=0 (must be positive)"),
+        ({"moe_intermediate_size": 0}, "moe_intermediate_size=0 (must be positive)"),
+        ({"n_routed_experts": 0}, "n_routed_experts=0 (must be positive)"),
+        ({"n_shared_experts": -1}, "n_shared_experts=-1 (must be >= 0)"),
+        ({"qk_rope_head_dim": 0}, "qk_rope_head_dim=0 (must be >= 2)"),
+        ({"qk_rope_head_dim": 7}, "qk_rope_head_dim=7 (must be even)"),
+        ({"n_layers": "2"}, "n_layers='2' (must be an integer)"),
+        ({"d_model": 64.0}, "d_model=64.0 (must be an integer)"),
+        ({"vocab_size": True}, "vocab_size=True (must be an integer)"),
+        ({"q_lora_rank": 0}, "q_lora_rank=0 (must be None or a positive integer)"),
+        ({"rope_theta": 0.0}, "rope_theta=0.0 (must be positive and finite)"),
+        ({"rms_norm_eps": float("inf")}, "rms_norm_eps=inf (must be positive and finite)"),
+        ({"routed_scaling_factor": "2"}, "routed_scaling_factor='2' (must be positive and"),
+        ({"init_std": -0.02}, "init_std=-0.02 (must be >= 0 and finite)"),
+        ({"aux_loss_coef": float("nan")}, "aux_loss_coef=nan (must be >= 0 and finite)"),
+        ({"remat": 1}, "remat=1 (must be true or false)"),
+        ({"dtype": "float16"}, "dtype='float16' (valid: float32, bfloat16)"),
+    ],
+)
+def test_every_field_has_its_type_and_range(changes, message):
+    with pytest.raises(ValueError) as error:
+        ModelConfig(**changes)
+    assert message in str(error.value)
+
+
+def test_config_problems_are_collected_and_ints_are_floats():
+    with pytest.raises(ValueError) as error:
+        ModelConfig(kv_lora_rank=0, n_layers="2", experts_per_token=99, rope_theta=-1)
+    for name in ("kv_lora_rank=0", "n_layers='2'", "experts_per_token=99", "rope_theta=-1"):
+        assert name in str(error.value)
+    assert ModelConfig(rope_theta=10000, init_std=0).rope_theta == 10000
+
+
 @pytest.mark.parametrize("attention", ["mla", "mha"])
 def test_flops_per_token_matches_xla_count(attention):
     # one dense layer: XLA's cost analysis counts a scan body once, so only a

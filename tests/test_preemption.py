@@ -1,5 +1,7 @@
 """Preemption: SIGTERM / SIGINT finish the step, checkpoint, exit 75; --resume
-(or --resume-if-exists, the same command relaunched) continues bit-identically."""
+(or --resume-if-exists, the same command relaunched) continues bit-identically.
+While the run sets up (until its first step is done) a signal ends it at once,
+exit 75, with nothing to save, even where the process is blocked in C."""
 
 import os
 import signal
@@ -9,7 +11,7 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
-from conftest import DENSE
+from conftest import DENSE, signal_while_blocked
 
 from muonjax.cli import EXIT_PREEMPTED
 from muonjax.train import read_metrics
@@ -128,3 +130,49 @@ def test_sigint_while_the_last_files_are_flushed_finishes_the_run(tmp_path):
     assert _losses(out) == _losses(tmp_path / "whole")
     for a, b in zip(_state(out, 6), _state(tmp_path / "whole", 6), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_signal_while_the_run_sets_up_ends_it_at_once(tmp_path):
+    """Fresh: blocked before anything is written (building the program), SIGTERM
+    exits 75 with one line, leaves no trace, and the same command starts the run.
+    Resumed: blocked after set-up (config.json written, before the batches),
+    SIGINT exits 75 with one line naming the step and the command that
+    continues, which does."""
+    data = _corpus(tmp_path / "corpus")
+    args = ["--data", data, "--model", DENSE, "--steps", "2", "--batch-size", "4", "--seq-len", "32",
+            "--warmup-steps", "1"]  # fmt: skip
+    out = tmp_path / "run"
+    command = ["--out", str(out), "--resume-if-exists", *args]
+    code, lines = signal_while_blocked(
+        tmp_path,
+        "muonjax.train.loop",
+        "build",
+        signal.SIGTERM,
+        ["train", "--no-progress", *command],
+    )
+    assert code == EXIT_PREEMPTED, lines
+    assert lines == [
+        "muonjax train: SIGTERM received while the run set up: stopped, nothing to save; run "
+        "the same command again with --resume-if-exists"
+    ]
+    assert not out.exists()  # the run lock's file and the folder it made are gone
+    again = subprocess.run([*CMD, *command], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resumed" not in again.stdout and _losses(out)[-1][0] == 2
+
+    longer = ["--out", str(out), "--resume", "--steps", "4"]
+    code, lines = signal_while_blocked(
+        tmp_path,
+        "muonjax.train.loop",
+        "_train_batches",
+        signal.SIGINT,
+        ["train", "--no-progress", *longer],
+    )
+    assert code == EXIT_PREEMPTED, lines
+    assert lines == [
+        "muonjax train: SIGINT received while the run set up: stopped before step 3 of 4, "
+        f"nothing to save; continue with: muonjax train --out {out} --resume"
+    ]
+    again = subprocess.run([*CMD, *longer], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from step 2" in again.stdout and _losses(out)[-1][0] == 4

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 ATTENTION_KINDS = ("mla", "mha")
 DISPATCH_METHODS = ("auto", "blocks", "ragged_dot")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class InvalidModelConfig(ValueError):
+    """A ModelConfig with bad fields; `problems` lists (field, "field=value (why)")."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("Invalid ModelConfig: " + "; ".join(text for _, text in problems) + ".")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,6 +27,9 @@ class ModelConfig:
     SwiGLU experts of width `moe_intermediate_size` (top `experts_per_token`
     by sigmoid score plus a selection-only bias) and `n_shared_experts` shared
     experts fused into one SwiGLU of width n_shared * moe_intermediate_size.
+
+    Every field's type and range is checked on construction: InvalidModelConfig
+    (a ValueError) names each bad field.
     """
 
     vocab_size: int = 256
@@ -50,31 +63,10 @@ class ModelConfig:
     remat: bool = False  # recompute each layer in the backward pass instead of storing it
 
     def __post_init__(self):
-        errors = []
-        if self.attention not in ATTENTION_KINDS:
-            errors.append(f"attention={self.attention!r} (valid: {', '.join(ATTENTION_KINDS)})")
-        if self.moe_dispatch not in DISPATCH_METHODS:
-            errors.append(
-                f"moe_dispatch={self.moe_dispatch!r} (valid: {', '.join(DISPATCH_METHODS)})"
-            )
-        if not 0 <= self.first_k_dense <= self.n_layers:
-            errors.append(
-                f"first_k_dense={self.first_k_dense} (valid: 0..n_layers={self.n_layers})"
-            )
-        if not 1 <= self.experts_per_token <= self.n_routed_experts:
-            errors.append(
-                f"experts_per_token={self.experts_per_token} "
-                f"(valid: 1..n_routed_experts={self.n_routed_experts})"
-            )
-        if self.qk_rope_head_dim % 2:
-            errors.append(f"qk_rope_head_dim={self.qk_rope_head_dim} (must be even)")
-        if self.attention == "mha" and self.head_dim % 2:
-            errors.append(f"head_dim={self.head_dim} (must be even for rotary embeddings)")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "intermediate_size"):
-            if getattr(self, name) < 1:
-                errors.append(f"{name}={getattr(self, name)} (must be positive)")
-        if errors:
-            raise ValueError("Invalid ModelConfig: " + "; ".join(errors) + ".")
+        problems = _field_problems(self)
+        problems += _relation_problems(self, {name for name, _ in problems})
+        if problems:
+            raise InvalidModelConfig(problems)
 
     @property
     def n_moe_layers(self) -> int:
@@ -88,6 +80,97 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Each field's rule: ints and their least valid value (every dimension >= 1), floats
+# that must be > 0 or >= 0, bools, and strings with their choices.
+_MIN_INT = {
+    "vocab_size": 1,
+    "d_model": 1,
+    "n_layers": 1,
+    "first_k_dense": 0,
+    "intermediate_size": 1,
+    "n_heads": 1,
+    "head_dim": 1,
+    "kv_lora_rank": 1,
+    "qk_nope_head_dim": 1,
+    "qk_rope_head_dim": 2,
+    "v_head_dim": 1,
+    "n_routed_experts": 1,
+    "experts_per_token": 1,
+    "moe_intermediate_size": 1,
+    "n_shared_experts": 0,
+}
+_POSITIVE_FLOATS = ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "latent_norm_eps")
+_NONNEGATIVE_FLOATS = ("aux_loss_coef", "init_std")
+_BOOLS = ("norm_topk_prob", "remat")
+_CHOICES = {
+    "attention": ATTENTION_KINDS,
+    "moe_dispatch": DISPATCH_METHODS,
+    "dtype": COMPUTE_DTYPES,
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _field_problems(c: ModelConfig) -> list[tuple[str, str]]:
+    """Each field's type and range on its own: (field, "field=value (why)")."""
+    problems = []
+    for name, least in _MIN_INT.items():
+        value = getattr(c, name)
+        if not _is_int(value):
+            problems.append((name, f"{name}={value!r} (must be an integer)"))
+        elif value < least:
+            need = "positive" if least == 1 else f">= {least}"
+            problems.append((name, f"{name}={value} (must be {need})"))
+    if c.q_lora_rank is not None and not (_is_int(c.q_lora_rank) and c.q_lora_rank >= 1):
+        problems.append(
+            ("q_lora_rank", f"q_lora_rank={c.q_lora_rank!r} (must be None or a positive integer)")
+        )
+    for name in _POSITIVE_FLOATS + _NONNEGATIVE_FLOATS:
+        value = getattr(c, name)
+        positive = name in _POSITIVE_FLOATS
+        if not _is_number(value) or (value <= 0 if positive else value < 0):
+            need = "positive" if positive else ">= 0"
+            problems.append((name, f"{name}={value!r} (must be {need} and finite)"))
+    for name in _BOOLS:
+        if not isinstance(getattr(c, name), bool):
+            problems.append((name, f"{name}={getattr(c, name)!r} (must be true or false)"))
+    for name, choices in _CHOICES.items():
+        if getattr(c, name) not in choices:
+            problems.append((name, f"{name}={getattr(c, name)!r} (valid: {', '.join(choices)})"))
+    return problems
+
+
+def _relation_problems(c: ModelConfig, bad: set[str]) -> list[tuple[str, str]]:
+    """Rules between fields, among those whose own values are valid (`bad`: the others)."""
+    fine = lambda *names: not bad.intersection(names)
+    problems = []
+    if fine("first_k_dense", "n_layers") and c.first_k_dense > c.n_layers:
+        problems.append(
+            ("first_k_dense", f"first_k_dense={c.first_k_dense} (valid: 0..n_layers={c.n_layers})")
+        )
+    if fine("experts_per_token", "n_routed_experts") and c.experts_per_token > c.n_routed_experts:
+        problems.append(
+            (
+                "experts_per_token",
+                f"experts_per_token={c.experts_per_token} "
+                f"(valid: 1..n_routed_experts={c.n_routed_experts})",
+            )
+        )
+    if fine("qk_rope_head_dim") and c.qk_rope_head_dim % 2:
+        problems.append(
+            ("qk_rope_head_dim", f"qk_rope_head_dim={c.qk_rope_head_dim} (must be even)")
+        )
+    if fine("attention", "head_dim") and c.attention == "mha" and c.head_dim % 2:
+        problems.append(("head_dim", f"head_dim={c.head_dim} (must be even for rotary embeddings)"))
+    return problems
 
 
 PRESETS = {

@@ -5,6 +5,7 @@ temperature + nucleus (top-p) sampling."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -12,7 +13,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from muonjax.models.config import ModelConfig
+from muonjax.models.counts import param_counts
+from muonjax.models.memory import GIB, PARAM_BYTES, TooLarge, devices_bytes
 from muonjax.models.transformer import Transformer, init_cache
+
+# The longest prompt + new tokens by default. muonjax's rotary model has no
+# position limit, but the KV cache and the prefill's attention grow with the
+# length (the latter with its square): a Hugging Face checkpoint's own
+# max_position_embeddings replaces it (`muonjax generate`), as can max_len.
+DEFAULT_MAX_LEN = 8192
+# the seeds of generate and train (grain's shuffle takes [0, 2**32); jax.random.key any of those)
+MAX_SEED = 2**32 - 1
 
 
 def sample(logits_BV, key, temperature: float, top_p: float):
@@ -69,6 +81,7 @@ def generate(
     seed: int = 0,
     use_cache: bool = True,
     eos_id: int | None = None,
+    max_len: int = DEFAULT_MAX_LEN,
 ) -> list[list[int]]:
     """Continues each prompt (token ids) by up to max_new_tokens ids; a row
     stops after it emits eos_id (kept as its last id), the others go on.
@@ -79,9 +92,16 @@ def generate(
     step feeds one token per row; every row gets what its prompt alone would.
     use_cache=False recomputes the whole sequence so far with the training
     forward pass at every step (the baseline the cache is measured against).
+
+    Bounded before anything is compiled: the longest prompt + max_new_tokens
+    must be at most `max_len`, and the KV cache and the prefill must fit in the
+    memory of the devices the model is on (TooLarge, a ValueError, otherwise).
     """
-    _check(model, prompts, max_new_tokens, temperature, top_p, eos_id)
+    _check(model, prompts, max_new_tokens, temperature, top_p, seed, eos_id, max_len)
     graphdef, state = nnx.split(model)
+    devices = list({d for leaf in jax.tree.leaves(state) for d in leaf.devices()})
+    longest = max(map(len, prompts))
+    check_generation_fits(model.config, devices, len(prompts), longest, max_new_tokens)
     static = dict(graphdef=graphdef, temperature=float(temperature), top_p=float(top_p))
     key = jax.random.key(seed)
     lengths = np.array([len(p) for p in prompts])
@@ -121,7 +141,7 @@ def generate(
     return out
 
 
-def _check(model, prompts, max_new_tokens, temperature, top_p, eos_id) -> None:
+def _check(model, prompts, max_new_tokens, temperature, top_p, seed, eos_id, max_len) -> None:
     """Raises one ValueError naming every bad argument and what would be valid."""
     vocab = model.config.vocab_size
     errors = []
@@ -132,13 +152,83 @@ def _check(model, prompts, max_new_tokens, temperature, top_p, eos_id) -> None:
             errors.append(f"prompts[{i}] is empty (valid: at least one token id)")
         elif min(p) < 0 or max(p) >= vocab:
             errors.append(f"prompts[{i}] has ids outside 0..{vocab - 1}")
-    if max_new_tokens < 1:
-        errors.append(f"max_new_tokens={max_new_tokens} (valid: 1 or more)")
-    if temperature < 0:
-        errors.append(f"temperature={temperature} (valid: 0 for greedy, or positive)")
-    if not 0 < top_p <= 1:
-        errors.append(f"top_p={top_p} (valid: 0 < top_p <= 1)")
+    errors += sampling_errors(max_new_tokens, temperature, top_p, seed)
     if eos_id is not None and not 0 <= eos_id < vocab:
         errors.append(f"eos_id={eos_id} (valid: None or 0..{vocab - 1})")
+    if not errors:
+        errors += length_errors([len(p) for p in prompts], max_new_tokens, max_len)
     if errors:
         raise ValueError("Cannot generate: " + "; ".join(errors) + ".")
+
+
+def _argument(name: str) -> str:
+    return f"{name}="
+
+
+def sampling_errors(max_new_tokens, temperature, top_p, seed, spell=_argument) -> list[str]:
+    """What is wrong with these settings, one phrase each naming the value and what
+    is valid; `spell(name)` is how a value is introduced (the CLI's: its flag)."""
+    errors = []
+    if not (isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 1):
+        errors.append(f"{spell('max_new_tokens')}{max_new_tokens} (valid: 1 or more)")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        errors.append(f"{spell('temperature')}{temperature} (valid: 0 for greedy, or positive)")
+    if not 0 < top_p <= 1:  # NaN too: no comparison with it holds
+        errors.append(f"{spell('top_p')}{top_p} (valid: more than 0, at most 1)")
+    if not (isinstance(seed, (int, np.integer)) and 0 <= seed <= MAX_SEED):
+        errors.append(f"{spell('seed')}{seed} (valid: 0 to {MAX_SEED})")
+    return errors
+
+
+def length_errors(lengths, max_new_tokens: int, max_len: int, spell=_argument) -> list[str]:
+    """The longest prompt + max_new_tokens against max_len, in words (none if it fits)."""
+    if max_len < 1:
+        return [f"{spell('max_len')}{max_len} (valid: 1 or more)"]
+    longest = max(lengths, default=0)
+    if longest + max_new_tokens <= max_len:
+        return []
+    return [
+        f"the longest prompt ({longest:,} token{'s' if longest != 1 else ''}) + "
+        f"{spell('max_new_tokens')}{max_new_tokens} "
+        f"= {longest + max_new_tokens:,} tokens, more than the maximum length "
+        f"{spell('max_len')}{max_len}"
+    ]
+
+
+def generation_bytes(config: ModelConfig, batch: int, prompt_len: int, max_new_tokens: int) -> int:
+    """What generating holds beyond the parameters, from shapes alone (a lower
+    bound): the KV cache (init_cache's arrays) and the prefill's largest arrays,
+    one layer's attention logits and probabilities (float32, batch x heads x
+    prompt x cache slots) and the logits of every prompt position (float32)."""
+    slots = prompt_len + max_new_tokens - 1
+    cache = jax.eval_shape(lambda: init_cache(config, batch, slots))
+    cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+    attention = 2 * batch * config.n_heads * prompt_len * slots * 4
+    logits = batch * prompt_len * config.vocab_size * 4
+    return cache_bytes + attention + logits
+
+
+def check_generation_fits(
+    config: ModelConfig,
+    devices,
+    batch: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    *,
+    with_params: bool = False,
+) -> None:
+    """TooLarge unless generating fits in `devices`' memory: the KV cache and the
+    prefill (generation_bytes), and with `with_params` the parameters too (a
+    check before the model is loaded)."""
+    need = generation_bytes(config, batch, prompt_len, max_new_tokens)
+    if with_params:
+        need += param_counts(config)["total"] * PARAM_BYTES
+    have = devices_bytes(devices)
+    if need > have:
+        what = " and the parameters" if with_params else ""
+        raise TooLarge(
+            f"generating {batch} x ({prompt_len:,} prompt + {max_new_tokens:,} new) tokens needs "
+            f"at least {need / GIB:,.1f} GiB (the KV cache and the prefill's attention{what}), "
+            f"more than the {have / GIB:,.1f} GiB the devices can hold: lower the number of new "
+            "tokens, the prompts' length or their number"
+        )

@@ -9,6 +9,27 @@ read it. Two conventions differ from muonjax's and are converted here:
   in kv_a_proj_with_mqa, interleaved in pairs (x0, x1), (x2, x3), ...; muonjax
   rotates halves (the even features, then the odd ones). With
   `rope_interleave` (DeepseekV3's default) those columns are permuted.
+
+A checkpoint from a hub is untrusted input: what `from_hf` reads is checked
+before any work or memory depends on it.
+
+- Files: the index names its files by plain name (no `/`, `\\`, `.`, `..` or
+  NUL), so nothing outside the folder is read on its word. A symlink in the
+  folder is followed wherever it points: the folder's owner made it, not the
+  index (the Hugging Face cache links snapshots/<rev>/<file> to
+  ../../blobs/<hash>). Every file, after symlinks, must be a regular file (a
+  FIFO would block forever, a device never end); config.json and the index
+  are at most MAX_JSON_BYTES.
+- config.json: every value's type and range (ModelConfig's checks, named by
+  their config.json keys), then the model's float32 parameters against the
+  target devices' memory, before any per-layer or per-tensor work.
+- safetensors: the header length within the file (checked here, before
+  safetensors reads the header), then safetensors' own checks (a JSON header,
+  tensors that tile the data exactly: no gap, overlap or out-of-range offset);
+  each tensor's dtype, from the header before any data is read, must be one
+  of LOADABLE_DTYPES (exact in float32).
+
+Each failure is one CheckpointError naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -21,15 +42,18 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError, safe_open
 
-from muonjax.models.config import ModelConfig
+from muonjax.files import NotRegularFile, is_plain_name, regular_file_size, written_whole
+from muonjax.models.config import InvalidModelConfig, ModelConfig
 from muonjax.models.counts import abstract_model
+from muonjax.models.memory import TooLarge, check_fits
 from muonjax.models.transformer import Transformer
 
 CONFIG_FILE = "config.json"
@@ -38,10 +62,16 @@ INDEX_FILE = "model.safetensors.index.json"
 MODEL_TYPE = "deepseek_v3"
 DEEPSEEK_LATENT_NORM_EPS = 1e-6  # DeepseekV3's q_a_layernorm / kv_a_layernorm
 DTYPES = ("float32", "bfloat16")
+LOADABLE_DTYPES = ("F32", "BF16", "F16")  # safetensors' names; each converts to float32 exactly
+MAX_JSON_BYTES = 64 << 20  # config.json and the index; real ones are kilobytes
 
 
 class CheckpointError(ValueError):
     """A checkpoint muonjax cannot read, or a model it cannot write as one."""
+
+
+class CheckpointTooLarge(CheckpointError, TooLarge):
+    """A checkpoint's model that cannot fit in the devices' memory."""
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -84,23 +114,84 @@ _REQUIRED = {
 }
 
 
+# config.json keys read besides _SAME's, which are integers (or null: DeepseekV3's
+# default) -> their least valid value.
+_OTHER_INTS = {
+    "first_k_dense_replace": 0,
+    "n_shared_experts": 0,
+    "n_group": 1,
+    "topk_group": 1,
+    "num_key_value_heads": 1,
+}
+# ModelConfig field -> its config.json key, to name a bad value as the file does.
+_HF_KEY = {field: key for key, field in _SAME.items()} | {"first_k_dense": "first_k_dense_replace"}
+
+
 def hf_config(directory) -> ModelConfig:
     """The ModelConfig of the checkpoint in `directory` (its config.json);
     CheckpointError for what muonjax's model cannot express."""
-    hf = _read_json(pathlib.Path(directory) / CONFIG_FILE)
-    where = f"{pathlib.Path(directory) / CONFIG_FILE}"
-    # transformers 5 writes rotary settings as rope_parameters, 4 (Moonlight's) as
-    # rope_theta and rope_scaling.
-    rope = hf.get("rope_parameters") or {}
-    if "rope_theta" in rope:
-        hf = {**hf, "rope_theta": rope["rope_theta"]}
-    if rope.get("rope_type", "default") != "default":
-        hf = {**hf, "rope_scaling": rope}
+    where = pathlib.Path(directory) / CONFIG_FILE
+    hf = _read_json(where)
     if hf.get("model_type") != MODEL_TYPE:
         raise CheckpointError(
             f"{where}: model_type {hf.get('model_type')!r}; muonjax reads {MODEL_TYPE!r} "
             "(DeepseekV3ForCausalLM, the format of Moonlight and DeepSeek-V3)"
         )
+    bad = _bad_types(hf)
+    if bad:
+        raise CheckpointError(f"{where}: " + "; ".join(bad))
+    hf = _rope_settings(hf)
+    problems = _inexpressible(hf)
+    if problems:
+        raise CheckpointError(f"{where}: muonjax cannot express " + "; ".join(problems))
+    missing = [key for key in _SAME if key not in hf and key != "aux_loss_alpha"]
+    if missing:
+        raise CheckpointError(f"{where}: missing {', '.join(missing)}")
+    fields = {field: hf[key] for key, field in _SAME.items() if key in hf}
+    first_k_dense = hf.get("first_k_dense_replace", 0)
+    if isinstance(fields["n_layers"], int):  # else ModelConfig names it
+        first_k_dense = min(first_k_dense, fields["n_layers"])  # more: every layer dense
+    try:
+        return ModelConfig(
+            **fields,
+            attention="mla",
+            first_k_dense=first_k_dense,
+            n_shared_experts=hf.get("n_shared_experts") or 0,
+            latent_norm_eps=DEEPSEEK_LATENT_NORM_EPS,
+        )
+    except InvalidModelConfig as e:
+        named = [_HF_KEY.get(field, field) + text.removeprefix(field) for field, text in e.problems]
+        raise CheckpointError(f"{where}: " + "; ".join(named)) from None
+
+
+def _bad_types(hf: dict) -> list[str]:
+    """The values hf_config reads itself that have the wrong JSON type or range
+    (ModelConfig checks the fields it is given)."""
+    bad = [
+        f"{key}={hf[key]!r} (must be an integer >= {least})"
+        for key, least in _OTHER_INTS.items()
+        if hf.get(key) is not None and not (type(hf[key]) is int and hf[key] >= least)
+    ]  # type(...) is int: true and false are no integers here
+    if hf.get("rope_parameters") is not None and not isinstance(hf["rope_parameters"], dict):
+        bad.append(f"rope_parameters={hf['rope_parameters']!r} (must be an object or null)")
+    if not isinstance(hf.get("rope_interleave", True), bool):
+        bad.append(f"rope_interleave={hf['rope_interleave']!r} (must be true or false)")
+    return bad
+
+
+def _rope_settings(hf: dict) -> dict:
+    """`hf` with rope_theta and rope_scaling where transformers 4 (Moonlight's)
+    writes them; transformers 5 writes both as rope_parameters."""
+    rope = hf.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        hf = {**hf, "rope_theta": rope["rope_theta"]}
+    if rope.get("rope_type", "default") != "default":
+        hf = {**hf, "rope_scaling": rope}
+    return hf
+
+
+def _inexpressible(hf: dict) -> list[str]:
+    """The settings of config.json that muonjax's model cannot express."""
     problems = [
         f"{key}={hf[key]!r} ({meaning}; muonjax has {value!r})"
         for key, (value, meaning) in _REQUIRED.items()
@@ -115,23 +206,7 @@ def hf_config(directory) -> ModelConfig:
     heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
     if kv_heads is not None and kv_heads != heads:
         problems.append(f"num_key_value_heads={kv_heads} (MLA has one per attention head)")
-    if problems:
-        raise CheckpointError(f"{where}: muonjax cannot express " + "; ".join(problems))
-    missing = [key for key in _SAME if key not in hf and key != "aux_loss_alpha"]
-    if missing:
-        raise CheckpointError(f"{where}: missing {', '.join(missing)}")
-    fields = {field: hf[key] for key, field in _SAME.items() if key in hf}
-    n_layers = fields["n_layers"]
-    try:
-        return ModelConfig(
-            **fields,
-            attention="mla",
-            first_k_dense=min(hf.get("first_k_dense_replace", 0), n_layers),
-            n_shared_experts=hf.get("n_shared_experts") or 0,
-            latent_norm_eps=DEEPSEEK_LATENT_NORM_EPS,
-        )
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: {e}") from None
+    return problems
 
 
 def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict:
@@ -193,40 +268,41 @@ _ATTENTION = {  # muonjax (module, param) -> (HF name, kind)
 _PROJ = ("gate", "up", "down")
 
 
-def _entries(config: ModelConfig) -> list[_Entry]:
-    """Every tensor of the checkpoint, in transformers' order."""
+def _entries(config: ModelConfig) -> Iterator[_Entry]:
+    """Every tensor of the checkpoint, in transformers' order, one at a time."""
     c = config
     query = ["q_proj"] if c.q_lora_rank is None else ["q_a_proj", "q_a_norm", "q_b_proj"]
     attention = [(m, p) for (m, p) in _ATTENTION if m in query or not m.startswith("q")]
-    entries = [_Entry("model.embed_tokens.weight", ("embed", "embedding"), (), "copy")]
+    yield _Entry("model.embed_tokens.weight", ("embed", "embedding"), (), "copy")
     for i in range(c.n_layers):
         moe = i >= c.first_k_dense
         stack, j = ("moe_layers", i - c.first_k_dense) if moe else ("dense_layers", i)
-        prefix = f"model.layers.{i}."
 
-        def add(name, leaf, kind, index=(j,), prefix=prefix, stack=stack):
-            entries.append(_Entry(prefix + name, (stack, *leaf), index, kind))
+        def entry(name, leaf, kind, index=(j,), prefix=f"model.layers.{i}.", stack=stack):
+            return _Entry(prefix + name, (stack, *leaf), index, kind)
 
         for module, param in attention:
             name, kind = _ATTENTION[module, param]
-            add(name, ("attn", module, param), kind)
+            yield entry(name, ("attn", module, param), kind)
         if moe:
             for e in range(c.n_routed_experts):
                 for p in _PROJ:
-                    add(f"mlp.experts.{e}.{p}_proj.weight", ("moe", "experts", p), "t", (j, e))
-            add("mlp.gate.weight", ("moe", "router", "kernel"), "t")
-            add("mlp.gate.e_score_correction_bias", ("moe", "router", "bias"), "copy")
+                    name = f"mlp.experts.{e}.{p}_proj.weight"
+                    yield entry(name, ("moe", "experts", p), "t", (j, e))
+            yield entry("mlp.gate.weight", ("moe", "router", "kernel"), "t")
+            yield entry("mlp.gate.e_score_correction_bias", ("moe", "router", "bias"), "copy")
             if c.n_shared_experts:
                 for p in _PROJ:
-                    add(f"mlp.shared_experts.{p}_proj.weight", ("moe", "shared", p, "kernel"), "t")
+                    yield entry(
+                        f"mlp.shared_experts.{p}_proj.weight", ("moe", "shared", p, "kernel"), "t"
+                    )
         else:
             for p in _PROJ:
-                add(f"mlp.{p}_proj.weight", ("mlp", p, "kernel"), "t")
-        add("input_layernorm.weight", ("attn_norm", "scale"), "copy")
-        add("post_attention_layernorm.weight", ("mlp_norm", "scale"), "copy")
-    entries.append(_Entry("model.norm.weight", ("final_norm", "scale"), (), "copy"))
-    entries.append(_Entry("lm_head.weight", ("lm_head", "kernel"), (), "t"))
-    return entries
+                yield entry(f"mlp.{p}_proj.weight", ("mlp", p, "kernel"), "t")
+        yield entry("input_layernorm.weight", ("attn_norm", "scale"), "copy")
+        yield entry("post_attention_layernorm.weight", ("mlp_norm", "scale"), "copy")
+    yield _Entry("model.norm.weight", ("final_norm", "scale"), (), "copy")
+    yield _Entry("lm_head.weight", ("lm_head", "kernel"), (), "t")
 
 
 def _rope_order(n: int) -> np.ndarray:
@@ -271,38 +347,45 @@ def _to_hf(array: np.ndarray, kind: str, columns) -> np.ndarray:
 
 
 class _Files:
-    """The checkpoint's tensors by name, each file opened lazily and closed by `close`."""
+    """The checkpoint's tensors by name: every file checked and its header read
+    up front (`file_of`, `header`: name -> (dtype, shape)), each file opened
+    lazily for reading and closed by `close`."""
 
     def __init__(self, directory: pathlib.Path):
-        from safetensors import safe_open
-
-        self._open_file = lambda path: safe_open(path, framework="numpy")
-        index = directory / INDEX_FILE
-        if index.exists():
-            weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: no weight_map")
-            self.file_of = {name: directory / file for name, file in weight_map.items()}
-        elif (directory / SINGLE_FILE).exists():
-            with self._open_file(directory / SINGLE_FILE) as f:
-                self.file_of = dict.fromkeys(f.keys(), directory / SINGLE_FILE)
+        index, single = directory / INDEX_FILE, directory / SINGLE_FILE
+        if os.path.lexists(index):
+            names_in = _weight_map(index)
+        elif os.path.lexists(single):
+            names_in = {single: None}
         else:
             raise CheckpointError(f"{directory}: neither {INDEX_FILE} nor {SINGLE_FILE} is there")
+        self.file_of, self.header = {}, {}
+        for path, names in names_in.items():
+            header = _read_header(path, names)
+            self.file_of |= dict.fromkeys(header, path)
+            self.header |= header
+        unloadable = [f"{n} ({d})" for n, (d, _) in self.header.items() if d not in LOADABLE_DTYPES]
+        if unloadable:
+            raise CheckpointError(
+                f"{directory}: tensors of a type muonjax does not load: {_listed(unloadable)} "
+                f"(loadable: {', '.join(LOADABLE_DTYPES)}, each exact in float32)"
+            )
         self._open = {}
 
-    def _handle(self, name: str):
-        path = self.file_of[name]
+    def _handle(self, path: pathlib.Path):
         if path not in self._open:
-            if not path.exists():
-                raise CheckpointError(f"{path} (holding {name}) is missing")
-            self._open[path] = self._open_file(path).__enter__()
+            self._open[path] = safe_open(path, framework="numpy").__enter__()
         return self._open[path]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self.header[name][1]
 
     def read(self, name: str) -> np.ndarray:
-        return self._handle(name).get_tensor(name)
+        path = self.file_of[name]
+        try:
+            return self._handle(path).get_tensor(name)
+        except (SafetensorError, OSError) as e:  # changed since its header was read
+            raise CheckpointError(f"{path}: cannot read {name} ({e})") from None
 
     def close(self) -> None:
         """Unmaps every file, so pages read so far stop counting as this process's memory."""
@@ -311,13 +394,65 @@ class _Files:
         self._open = {}
 
 
+def _weight_map(index: pathlib.Path) -> dict[pathlib.Path, list[str]]:
+    """The files of a sharded checkpoint and the tensors its index puts in each;
+    CheckpointError for a file named other than by a plain name in the folder."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no weight_map")
+    outside = [f"{name}: {file!r}" for name, file in weight_map.items() if not is_plain_name(file)]
+    if outside:
+        raise CheckpointError(
+            f"{index}: weight_map names files that are not plain file names in "
+            f"{index.parent}: {_listed(outside)}"
+        )
+    names_in = {}
+    for name, file in weight_map.items():
+        names_in.setdefault(index.parent / file, []).append(name)
+    return names_in
+
+
+def _read_header(path: pathlib.Path, names: list[str] | None) -> dict[str, tuple]:
+    """name -> (dtype, shape) of `names` (None: every tensor) in the safetensors
+    file `path`, from its header alone; CheckpointError for a damaged file or one
+    that lacks a name."""
+    size = _regular_file_size(path)
+    if size < 8:
+        raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, no header)")
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+    if length > size - 8:  # refused here, whatever safetensors' version would allocate
+        raise CheckpointError(
+            f"{path}: not a safetensors file (header length {length:,} is past the end of "
+            f"its {size:,} bytes)"
+        )
+    try:
+        with safe_open(path, framework="numpy") as f:
+            present = set(f.keys())
+            names = sorted(present) if names is None else names
+            lacking = [name for name in names if name not in present]
+            if lacking:
+                raise CheckpointError(
+                    f"{path} lacks {_listed(lacking)}, which {INDEX_FILE} says it holds"
+                )
+            slices = {name: f.get_slice(name) for name in names}
+            return {n: (s.get_dtype(), tuple(s.get_shape())) for n, s in slices.items()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+
 def _expected_shape(entry: _Entry, leaf_shape) -> tuple[int, ...]:
     shape = tuple(leaf_shape[len(entry.index) :])
     return shape if entry.kind == "copy" else shape[::-1]
 
 
 def from_hf(
-    directory, *, dtype: str | None = None, config: ModelConfig | None = None, shardings=None
+    directory,
+    *,
+    dtype: str | None = None,
+    config: ModelConfig | None = None,
+    shardings=None,
+    check_memory: bool = True,
 ) -> Transformer:
     """The Transformer of a Hugging Face DeepseekV3 checkpoint (config.json and
     safetensors, one file or sharded with an index).
@@ -331,7 +466,12 @@ def from_hf(
     one device. Each device's block is read from the memory-mapped files as it
     is placed, a stack of layers one layer at a time, so host memory beyond the
     model itself stays near one layer's block of one parameter, whatever the
-    checkpoint's size. Parameters are float32.
+    checkpoint's size. Parameters are float32. `check_memory`: first refuse
+    (CheckpointTooLarge) a model whose float32 parameters cannot fit in the
+    memory of the devices they go to.
+
+    The checkpoint is untrusted input: see the module's docstring for what is
+    checked; each failure is a CheckpointError.
     """
     directory = pathlib.Path(directory)
     saved = hf_config(directory)
@@ -339,6 +479,8 @@ def from_hf(
     if dtype is not None:
         config = config.replace(dtype=dtype)
     _check_same_shapes(config, saved, directory)
+    if check_memory:
+        _check_fits(config, shardings, directory)
     interleaved = _read_json(directory / CONFIG_FILE).get("rope_interleave", True)
     graphdef, state = nnx.split(abstract_model(config))
     leaves = {_names(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
@@ -347,12 +489,9 @@ def from_hf(
         placement = dict.fromkeys(leaves, device)
     else:
         placement = {_names(path): s for path, s in jax.tree_util.tree_leaves_with_path(shardings)}
-    by_leaf: dict[tuple, dict[tuple, _Entry]] = {}
-    for entry in _entries(config):
-        by_leaf.setdefault(entry.leaf, {})[entry.index] = entry
     files = _Files(directory)
+    by_leaf = _tensor_table(config, files, leaves, directory)
     try:
-        _check_tensors(files, by_leaf, leaves, directory, config.n_layers)
         arrays = {}
         for leaf, entries in by_leaf.items():
             kinds = {e.kind for e in entries.values()}
@@ -422,6 +561,43 @@ def _set_layer(stack, layer, i):
     return jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0)
 
 
+def _check_fits(config: ModelConfig, shardings, directory) -> None:
+    """CheckpointTooLarge unless the model's float32 parameters fit in the memory
+    of the devices `shardings` place them on (default: the first device)."""
+    if shardings is None:
+        devices = [jax.devices()[0]]
+    else:
+        devices = {d for s in jax.tree.leaves(shardings) for d in s.device_set}
+        devices = sorted(devices, key=lambda d: d.id)
+    if jax.process_count() > 1:  # another host's memory is not ours to read: a run's hosts
+        mine = [d for d in devices if d.process_index == jax.process_index()]  # are alike
+        devices = mine * jax.process_count()
+    try:
+        check_fits(config, devices, what=f"{directory}: the model")
+    except TooLarge as e:
+        raise CheckpointTooLarge(str(e)) from None
+
+
+def _tensor_table(config: ModelConfig, files: _Files, leaves, directory) -> dict:
+    """The model's tensors by leaf, then index, checked against the checkpoint's.
+    Built only as far as the checkpoint has tensors: a model that needs more
+    (10^9 small layers, say) is refused without a step per tensor it needs."""
+    entries = _entries(config)
+    table = list(itertools.islice(entries, len(files.file_of) + 1))
+    if next(entries, None) is not None:
+        missing = [e.name for e in table if e.name not in files.file_of]  # one at least
+        raise CheckpointError(
+            f"{directory}: tensors do not fit the model: missing: {', '.join(missing[:3])} and "
+            f"more (it needs over {len(table):,} tensors; the checkpoint has "
+            f"{len(files.file_of):,})"
+        )
+    by_leaf: dict[tuple, dict[tuple, _Entry]] = {}
+    for entry in table:
+        by_leaf.setdefault(entry.leaf, {})[entry.index] = entry
+    _check_tensors(files, by_leaf, leaves, directory, config.n_layers)
+    return by_leaf
+
+
 def _check_same_shapes(config: ModelConfig, saved: ModelConfig, directory) -> None:
     free = {"dtype", "remat", "moe_dispatch", "aux_loss_coef", "init_std"}
     differ = [
@@ -454,11 +630,11 @@ def _check_tensors(files: _Files, by_leaf, leaves, directory, n_layers: int) -> 
         for name, shape in wanted.items()
         if name in files.file_of and files.shape(name) != shape
     ]
-    problems = []
-    for what, names in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            problems.append(f"{what}: {', '.join(names[:3])}{more}")
+    problems = [
+        f"{what}: {_listed(names)}"
+        for what, names in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong))
+        if names
+    ]
     if problems:
         raise CheckpointError(f"{directory}: tensors do not fit the model: " + "; ".join(problems))
 
@@ -500,36 +676,41 @@ def to_hf(
     for leaf in leaves.values():
         if not leaf.is_fully_addressable:
             raise CheckpointError("to_hf needs every parameter on this process (run it on one)")
-    entries = _entries(config)
+    entries = list(_entries(config))
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
     sizes = [
         math.prod(_expected_shape(e, leaves[e.leaf].shape)) * np_dtype.itemsize for e in entries
     ]
     shards = _plan_shards(sizes, max_shard_bytes)
     columns = {kind: _columns(config, kind, True) for kind in ("copy", "t", "q", "kv")}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        weight_map = {}
-        for k, members in enumerate(shards):
-            file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for i in members:
-                e = entries[i]
-                value = np.asarray(leaves[e.leaf][e.index] if e.index else leaves[e.leaf])
-                tensors[e.name] = _to_hf(value, e.kind, columns[e.kind]).astype(np_dtype)
-                weight_map[e.name] = file
-            _save_safetensors(tensors, tmp / file)
-        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-        _write_json(tmp / INDEX_FILE, index)
-        _write_json(tmp / CONFIG_FILE, hf_json)
-        for name, source in (extra_files or {}).items():
-            shutil.copyfile(source, tmp / name)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with written_whole(directory) as tmp:
+            tmp.mkdir()
+            _write_checkpoint(tmp, entries, leaves, shards, sizes, np_dtype, columns)
+            _write_json(tmp / CONFIG_FILE, hf_json)
+            for name, source in (extra_files or {}).items():
+                shutil.copyfile(source, tmp / name)
+    except FileExistsError:
+        raise CheckpointError(
+            f"{directory} was created meanwhile; to_hf writes a new one"
+        ) from None
     return directory
+
+
+def _write_checkpoint(folder, entries, leaves, shards, sizes, np_dtype, columns) -> None:
+    """The tensors, `shards` of `entries` a file, and their index, written into `folder`."""
+    weight_map = {}
+    for k, members in enumerate(shards):
+        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for i in members:
+            e = entries[i]
+            value = np.asarray(leaves[e.leaf][e.index] if e.index else leaves[e.leaf])
+            tensors[e.name] = _to_hf(value, e.kind, columns[e.kind]).astype(np_dtype)
+            weight_map[e.name] = file
+        _save_safetensors(tensors, folder / file)
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    _write_json(folder / INDEX_FILE, index)
 
 
 def _plan_shards(sizes: list[int], limit: int) -> list[list[int]]:
@@ -559,15 +740,32 @@ def _names(path) -> tuple[str, ...]:
 
 
 def _read_json(path: pathlib.Path) -> dict:
+    """The JSON object in `path`, a regular file of at most MAX_JSON_BYTES."""
+    size = _regular_file_size(path)
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: {size:,} bytes, more than a checkpoint's JSON can be")
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found (a Hugging Face checkpoint has one)") from None
-    except (OSError, ValueError) as e:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(MAX_JSON_BYTES + 1))  # bounded: /proc files say 0 bytes
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: [[[[...
         raise CheckpointError(f"{path}: cannot read it ({e})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return data
+
+
+def _regular_file_size(path: pathlib.Path) -> int:
+    """files.regular_file_size as a CheckpointError."""
+    try:
+        return regular_file_size(path)
+    except NotRegularFile as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _listed(names: list[str]) -> str:
+    """The first three of `names`, and how many more."""
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
@@ -576,13 +774,13 @@ def _write_json(path: pathlib.Path, data: dict) -> None:
 
 def is_hf_checkpoint(directory) -> bool:
     """Whether `directory` looks like a Hugging Face checkpoint (config.json with a
-    model_type, and safetensors)."""
+    model_type, and safetensors). A config.json that cannot be read safely (a FIFO,
+    say) beside safetensors counts as one, for `from_hf` to refuse by name."""
     directory = pathlib.Path(directory)
-    if not (directory / CONFIG_FILE).is_file():
+    has_weights = any(os.path.lexists(directory / f) for f in (INDEX_FILE, SINGLE_FILE))
+    if not (has_weights and os.path.lexists(directory / CONFIG_FILE)):
         return False
     try:
-        model_type = json.loads((directory / CONFIG_FILE).read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return False
-    has_weights = (directory / INDEX_FILE).exists() or (directory / SINGLE_FILE).exists()
-    return bool(model_type) and has_weights
+        return bool(_read_json(directory / CONFIG_FILE).get("model_type"))
+    except CheckpointError:
+        return True

@@ -12,7 +12,8 @@ warning line, and the run resumes from the newest one that restores. A skipped
 checkpoint is never deleted: it is renamed to `STEP.damaged-TIMESTAMP` next to
 the others, so that the resumed run can save that step number again, and so that
 orbax's retention (max_to_keep) never removes it. If none restores, nothing is
-renamed and ConfigError says so.
+renamed and ConfigError says so. Reading a run (generate, convert) follows the
+same rule (restore_newest) without renaming anything.
 
 A save that fails (disk full, an I/O error) raises WriteFailed, at the save or
 at the first `check()` after the background write failed: one line naming the
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import logging
 import os
 import pathlib
@@ -45,7 +47,7 @@ class Checkpointer:
         # create=False: the first save makes the folder, so that a run killed while it
         # sets up leaves no `checkpoints/` in an --out it has not yet written config.json to.
         # _quiet_orbax: a damaged step folder, restore_latest says it in one line.
-        _quiet_failed_writes.install()
+        _quiet_echoes.install()
         with _quiet_orbax():
             self._manager = ocp.CheckpointManager(
                 directory.absolute(),
@@ -133,37 +135,25 @@ class Checkpointer:
         directory holds no checkpoint at all. Newer ones that do not restore are
         skipped with one warning line each through `log`, and set aside (renamed
         `STEP.damaged-TIMESTAMP`, never deleted); ConfigError if none restores."""
-        steps = sorted(set(self._manager.all_steps()) | set(self._step_folders()), reverse=True)
-        if not steps:
-            return None
-        skipped = []
-        for step in steps:
-            try:
-                with _quiet_orbax():
-                    state, meta = self._restore_checked(step, abstract_state)
-            except Exception as e:  # noqa: BLE001 -- any failure to read it: orbax, tensorstore, files
-                skipped.append((step, _short(e)))
-                continue
-            with _quiet_orbax():
-                names = self._set_aside([s for s, _ in skipped], "damaged")
-            for (bad, reason), name in zip(skipped, names, strict=True):
-                log(
-                    f"warning: checkpoint {bad} in {self._directory} does not restore "
-                    f"({reason}); kept as {name}, resuming from {step}"
-                )
-            return step, state, meta
-        newest, reason = skipped[0]
-        raise ConfigError(
-            f"--resume: no checkpoint in {self._directory} restores (tried steps "
-            f"{', '.join(str(s) for s, _ in skipped)}; step {newest}: {reason})"
+        found = restore_newest(
+            self._directory,
+            # folders orbax does not list (an empty `70/`) too: set aside, so that a
+            # resumed run does not meet them again when it saves that step
+            lambda: set(self._manager.all_steps()) | set(step_folders(self._directory)),
+            lambda step: self._restore_checked(step, abstract_state),
+            "--resume",
         )
-
-    def _step_folders(self) -> list[int]:
-        """Steps that have a folder, complete or not (an empty `70/` is one too):
-        a resumed run must not meet them again when it saves that step."""
-        if not self._directory.is_dir():
-            return []
-        return [int(p.name) for p in self._directory.iterdir() if p.is_dir() and p.name.isdigit()]
+        if found is None:
+            return None
+        step, (state, meta), damaged = found
+        with _quiet_orbax():
+            names = self._set_aside([s for s, _ in damaged], "damaged")
+        for (bad, reason), name in zip(damaged, names, strict=True):
+            log(
+                f"warning: checkpoint {bad} in {self._directory} does not restore "
+                f"({reason}); kept as {name}, resuming from {step}"
+            )
+        return step, state, meta
 
     def _restore_checked(self, step: int, abstract_state):
         folder = self._directory / str(step)
@@ -179,17 +169,16 @@ class Checkpointer:
         """(step, state, meta) of checkpoint `step` (ConfigError if there is none or
         it does not restore); the newer ones are set aside, renamed
         `STEP.abandoned-TIMESTAMP`, so that the run goes on from `step`."""
-        steps = sorted(set(self._manager.all_steps()) | set(self._step_folders()))
+        steps = sorted(set(self._manager.all_steps()) | set(step_folders(self._directory)))
         if step not in steps:
             have = ", ".join(map(str, steps)) or "none"
             raise ConfigError(
                 f"--resume-from {step}: no checkpoint {step} in {self._directory} (there: {have})"
             )
-        try:
-            with _quiet_orbax():
-                state, meta = self._restore_checked(step, abstract_state)
-        except Exception as e:  # noqa: BLE001 -- as in restore_latest
-            raise ConfigError(f"--resume-from {step}: it does not restore ({_short(e)})") from None
+        restored, failure = attempt_restore(self._restore_checked, step, abstract_state)
+        if failure is not None:
+            raise ConfigError(f"--resume-from {step}: it does not restore ({failure})")
+        state, meta = restored
         newer = [s for s in steps if s > step]
         with _quiet_orbax():
             names = self._set_aside(newer, "abandoned")
@@ -276,47 +265,140 @@ def _reason(error: BaseException) -> str:
     return _short(error)
 
 
-class _QuietFailedWrites:
-    """From the first Checkpointer on, for the rest of the process: a failed
-    background write also makes tensorstore's callbacks meet orbax's closed event
-    loop ("Event loop is closed", through sys.unraisablehook, dozens of
-    tracebacks), and asyncio log the write tasks' exceptions as never retrieved,
-    some when they are garbage-collected at exit. The failure itself reaches the
-    Checkpointer, which reports it in one line; these echoes of it are dropped,
-    anything else passes."""
+class _QuietOrbaxEchoes:
+    """From the first Checkpointer or checkpoint read on, for the rest of the
+    process: orbax's failures echo after they are reported. A failed background
+    write makes tensorstore's callbacks meet orbax's closed event loop ("Event
+    loop is closed", through sys.unraisablehook, dozens of tracebacks), and asyncio
+    log the write tasks' exceptions as never retrieved, some when they are
+    garbage-collected at exit. A failed read (a damaged checkpoint) leaves orbax's
+    other reads of it pending in a closed loop: when they are collected, each
+    raises again from its coroutine's close (a traceback with a whole TensorStore
+    spec, up to thousands of lines). The failure itself is reported in one line
+    (WriteFailed, or the warning of restore_newest); these echoes of it are
+    dropped, anything else passes."""
 
     def __init__(self):
         self._previous = None
 
     def install(self) -> None:
-        if self._previous is None:
+        """Idempotent; installs again where something else (a test runner) has set
+        sys.unraisablehook since."""
+        if sys.unraisablehook != self._unraisable:
             self._previous = sys.unraisablehook
             sys.unraisablehook = self._unraisable
-            logging.getLogger("asyncio").addFilter(self._never_retrieved)
+        logging.getLogger("asyncio").addFilter(self._about_orbax_tasks)
 
     def _unraisable(self, info) -> None:
         closed = isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(
             info.exc_value
         )
-        if not (closed or _is_write_failure(repr(info.object))):
+        if not (closed or _from_orbax(info.object)):
             self._previous(info)
 
     @staticmethod
-    def _never_retrieved(record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        return not ("exception was never retrieved" in message and _is_write_failure(message))
+    def _about_orbax_tasks(record: logging.LogRecord) -> bool:
+        # "Task exception was never retrieved" / "Task was destroyed but it is pending!",
+        # followed by the task, whose coroutine names its file
+        return not _mentions_orbax(record.getMessage())
 
 
-def _is_write_failure(text: str) -> bool:
-    return any(mark in text for mark in ("orbax", "tensorstore", "OCDBT", "os_error_code"))
+def _from_orbax(thing) -> bool:
+    """Whether `thing` (an unraisable's object) is orbax's or tensorstore's: its
+    repr says so, or it is a coroutine defined in their files."""
+    code = getattr(thing, "cr_code", None)
+    return _mentions_orbax(repr(thing)) or (code is not None and _mentions_orbax(code.co_filename))
 
 
-_quiet_failed_writes = _QuietFailedWrites()
+def _mentions_orbax(text: str) -> bool:
+    text = text.lower()  # "TensorStore details", "OCDBT database"
+    return any(mark in text for mark in ("orbax", "tensorstore", "ocdbt", "os_error_code"))
 
 
-def _short(error: Exception) -> str:
-    """The exception's type and the first line of its message, at most ~160 characters."""
-    lines = str(error).strip().splitlines()
+_quiet_echoes = _QuietOrbaxEchoes()
+
+# Times the steps are listed again when the one being read is deleted meanwhile.
+RELISTS = 3
+
+
+def step_folders(directory: pathlib.Path) -> list[int]:
+    """Steps that have a folder in `directory`, complete or not (an empty `70/` is
+    one too; orbax's temporary folders and set-aside ones are not)."""
+    try:
+        entries = list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [int(p.name) for p in entries if p.name.isdigit() and p.is_dir()]
+
+
+def attempt_restore(restore, *args) -> tuple[object, str | None]:
+    """(restore(*args), None), or (None, why it failed in short): any error while reading
+    counts (orbax, tensorstore, the files). orbax's warnings are off meanwhile, and
+    after a failure its reads left pending are collected at once, while their
+    echoes are dropped (at exit sys.unraisablehook may be gone already)."""
+    _quiet_echoes.install()
+    try:
+        with _quiet_orbax():
+            return restore(*args), None
+    except Exception as e:  # noqa: BLE001 -- any failure to read it: orbax, tensorstore, files
+        if "RESOURCE_EXHAUSTED" in str(e).split("\n", 1)[0]:
+            raise  # out of memory: the checkpoint is not damaged, never set it aside
+        failure = _read_failure(e)
+    gc.collect()  # here, not in the except block: the error holds the pending reads' frames
+    return None, failure
+
+
+def _read_failure(error: Exception) -> str:
+    """Why a read failed, in short: orbax wraps tensorstore's error ("OUT_OF_RANGE:
+    Error reading ...: Requested byte range [a, b) is not valid for value of size
+    n") in one that names the array's index and dumps a TensorStore spec: the
+    cause says it, less the checkpoint's path (the caller names it)."""
+    cause = error.__cause__
+    if str(error).startswith("Encountered error while reading") and cause is not None:
+        return _short(cause, re.sub(r' in OCDBT database at local file "[^"]*"', "", str(cause)))
+    return _short(error)
+
+
+def restore_newest(directory: pathlib.Path, list_steps, restore, flag: str):
+    """(step, restore(step), damaged) for the newest of `list_steps()` (steps of the
+    checkpoints in `directory`) that restores, None if there is none at all.
+    damaged: [(step, why)] of the newer ones, still there, that do not restore,
+    newest first; nothing is renamed or deleted here. A step whose folder is gone
+    when its read fails was deleted meanwhile (a run that is training keeps only
+    its newest checkpoints): the steps are listed again, at most RELISTS times.
+    ConfigError (naming `flag`) if none restores."""
+    failures: dict[int, str] = {}
+    for _ in range(1 + RELISTS):
+        vanished = False
+        for step in sorted(set(list_steps()) - failures.keys(), reverse=True):
+            restored, failure = attempt_restore(restore, step)
+            if failure is None:
+                damaged = [
+                    (s, why)
+                    for s, why in sorted(failures.items(), reverse=True)
+                    if s > step and (directory / str(s)).exists()
+                ]
+                return step, restored, damaged
+            if not (directory / str(step)).exists():
+                vanished = True
+                break
+            failures[step] = failure
+        if not vanished:
+            break
+    if not failures:
+        return None
+    newest = max(failures)
+    raise ConfigError(
+        f"{flag}: no checkpoint in {directory} restores (tried steps "
+        f"{', '.join(str(s) for s in sorted(failures, reverse=True))}; step {newest}: "
+        f"{failures[newest]})"
+    )
+
+
+def _short(error: Exception, message: str | None = None) -> str:
+    """The exception's type and the first line of its message (or of `message`), at
+    most ~160 characters."""
+    lines = (str(error) if message is None else message).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
     return text if len(text) <= 160 else text[:157] + "..."
 

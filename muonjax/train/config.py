@@ -12,22 +12,23 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import types
 import typing
 
-from muonjax.models.config import DISPATCH_METHODS, PRESETS, ModelConfig
+from muonjax.files import NotRegularFile, regular_file_size
+from muonjax.models.config import COMPUTE_DTYPES, DISPATCH_METHODS, PRESETS, ModelConfig
+from muonjax.models.generate import MAX_SEED
 from muonjax.optim import UPDATE_SCALE_RULES
 from muonjax.train.optimizers import NS_COEFFS, NS_DTYPES, OPTIMIZERS, SCHEDULES
 
 # in each run's directory
 CONFIG_FILE = "config.json"  # {"train": TrainConfig, "model": ModelConfig, "data": ..., ...}
 CHECKPOINT_DIR = "checkpoints"  # orbax, one folder per step
+MAX_CONFIG_BYTES = 2**26  # a run's config.json is a few KiB; read whole, so bounded
 TOKENIZERS = ("byte", "bpe", "checkpoint")
 DATA_FORMATS = ("text", "sft-jsonl")
-DTYPES = ("float32", "bfloat16")
-# grain's shuffle takes a seed in [0, 2**32); nnx.Rngs takes any of those
-MAX_SEED = 2**32 - 1
 # simulated CPU devices: each is a thread pool of XLA's; far more than any real
 # mesh to simulate, and far fewer than the count at which start-up never ends
 MAX_CPU_DEVICES = 4096
@@ -49,6 +50,7 @@ RESUMABLE = frozenset(
         "grad_accum",  # the same global batch, summed in float32: a memory knob
         "remat",  # recomputes, changes no value
         "moe_dispatch",  # how experts are computed: the same values, to rounding (as mesh)
+        "memory_check",  # a check before set-up: changes nothing computed
     }
 )
 # Where the run and its inputs are: a resumed run compares what they hold (the
@@ -65,6 +67,10 @@ RECOVERY = frozenset({"learning_rate", "decay_steps", "qk_clip"})
 # of their own. The vocabulary is the tokenizer's unless --model sets a larger one
 # (a checkpoint's padded vocabulary).
 _NOT_MODEL_OVERRIDES = frozenset({"dtype", "remat", "moe_dispatch"})
+
+
+# sysexits' EX_TEMPFAIL: a run stopped by a signal, with nothing lost; relaunch it (the CLI's code)
+EXIT_PREEMPTED = 75
 
 
 class ConfigError(ValueError):
@@ -112,7 +118,7 @@ class TrainConfig:
     dtype: str | None = _field(
         None,
         "activations and matmuls (parameters and optimizer state stay float32); default: the preset's",
-        choices=DTYPES,
+        choices=COMPUTE_DTYPES,
     )
     remat: bool | None = _field(
         None,
@@ -240,6 +246,12 @@ class TrainConfig:
     zero1: bool = _field(
         True, "partition the optimizer state over the data axis (ZeRO-1; --no-zero1 replicates it)"
     )
+    memory_check: bool = _field(
+        True,
+        "before building the model, refuse it when its parameters, gradients and optimizer "
+        "moments (float32) cannot fit in the devices' memory together (accelerator memory, or "
+        "the host's available memory for CPU devices); --no-memory-check tries anyway",
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "data", tuple(self.data))
@@ -312,8 +324,8 @@ class TrainConfig:
                 f"{_flag(name)} must be in [0, 1], got {value}",
                 name,
             )
-        check(
-            self.batch_size % self.grad_accum == 0,
+        check(  # --grad-accum below 1 is refused above, on its own
+            self.grad_accum < 1 or self.batch_size % self.grad_accum == 0,
             f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}",
         )
         check(
@@ -580,12 +592,18 @@ def read_run_config(out: pathlib.Path, flag: str = "--resume") -> dict:
     """The config.json of the run in `out` (its "train", "model", "data", ...
     objects), or a ConfigError that names `flag` and the file."""
     path = pathlib.Path(out) / CONFIG_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise ConfigError(
             f"{flag} {out}: no {CONFIG_FILE} there; it is not a muonjax train run's --out"
-        ) from None
+        )
+    try:
+        size = regular_file_size(path)  # a FIFO would block the read forever
+    except NotRegularFile as e:
+        raise ConfigError(f"{flag}: {e}") from None
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{flag}: {path} has {size:,} bytes, more than a run's config.json")
+    try:
+        data = json.loads(path.read_text())
     except OSError as e:
         raise ConfigError(f"{flag}: cannot read {path}: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

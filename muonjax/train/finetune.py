@@ -16,6 +16,7 @@ from flax import nnx
 
 from muonjax.models import ModelConfig
 from muonjax.models.hf import CheckpointError, from_hf, hf_config, is_hf_checkpoint
+from muonjax.train import checkpoint
 from muonjax.train.config import CHECKPOINT_DIR, ConfigError, TrainConfig, read_run_config
 from muonjax.train.step import TrainState
 from muonjax.train.tokenizer import BPE_FILE
@@ -178,7 +179,7 @@ def initial_state(source: Source, program, keep_optimizer: bool, model_config):
     wanted = {"params": abstract.params, "rest": abstract.rest}
     if keep_optimizer:
         wanted["opt_state"] = abstract.opt_state
-    restored = restore_arrays(source.path, source.step, wanted, "--init-from")
+    _, restored = read_arrays(source.path, wanted, "--init-from", step=source.step)
     opt_state = fresh.opt_state
     if keep_optimizer:
         opt_state = jax.tree_util.tree_map_with_path(
@@ -189,35 +190,67 @@ def initial_state(source: Source, program, keep_optimizer: bool, model_config):
     return fresh._replace(params=restored["params"], rest=restored["rest"], opt_state=opt_state)
 
 
-def restore_arrays(path: pathlib.Path, step: int, wanted: dict, flag: str) -> dict:
-    """The arrays `wanted` ({"params": ..., "rest": ..., ...} of ShapeDtypeStructs
-    with shardings) restored from the run `path`'s checkpoint `step`, straight
-    into those shardings; a ConfigError if they do not fit."""
-    manager = ocp.CheckpointManager(
-        _checkpoints(path).absolute(), options=ocp.CheckpointManagerOptions(create=False)
+def read_arrays(
+    path: pathlib.Path, wanted: dict, flag: str, *, step: int | None = None, log=print
+) -> tuple[int, dict]:
+    """(step, arrays): the arrays `wanted` ({"params": ..., "rest": ..., ...} of
+    ShapeDtypeStructs with shardings) restored from the run `path`'s checkpoint
+    `step`, straight into those shardings; without `step`, from its newest
+    checkpoint that restores (checkpoint.restore_newest: each newer one that does
+    not is named in one warning line through `log`, and left as it is). Reads
+    only, so a run that is training may be read. ConfigError if there is no such
+    checkpoint or it does not restore."""
+    directory = _checkpoints(path).absolute()
+    if step is None:
+        return _read_newest(path, directory, wanted, flag, log)
+    if step not in checkpoint.step_folders(directory):
+        raise ConfigError(f"{flag} {path}: no checkpoint {step} (there: {_steps_there(directory)})")
+    arrays, failure = checkpoint.attempt_restore(_reader(wanted, directory), step)
+    if failure is None:
+        return step, arrays
+    if not (directory / str(step)).exists():
+        raise ConfigError(
+            f"{flag} {path}: checkpoint {step} was deleted while it was read (a run that "
+            f"trains keeps only its newest checkpoints; there now: {_steps_there(directory)})"
+        )
+    raise ConfigError(f"{flag} {path}: checkpoint {step} does not restore ({failure})")
+
+
+def _read_newest(path, directory, wanted, flag, log) -> tuple[int, dict]:
+    """read_arrays without a step: the newest checkpoint that restores."""
+    found = checkpoint.restore_newest(
+        directory, lambda: checkpoint.step_folders(directory), _reader(wanted, directory), flag
     )
-    if step not in manager.all_steps():
-        have = ", ".join(map(str, manager.all_steps())) or "none"
-        manager.close()
-        raise ConfigError(f"{flag} {path}: no checkpoint {step} (there: {have})")
-    try:
-        return manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
+    if found is None:
+        raise ConfigError(f"{flag} {path}: no complete checkpoint yet")
+    step, arrays, damaged = found
+    for bad, why in damaged:
+        log(
+            f"warning: checkpoint {bad} in {directory} does not restore ({why}); "
+            f"read {step} instead, left the run as it is"
+        )
+    return step, arrays
+
+
+def _reader(wanted: dict, directory: pathlib.Path):
+    """step -> the arrays `wanted` of that checkpoint's train state (any error raised)."""
+
+    def read(step: int) -> dict:
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(
+                directory / str(step) / "state",
+                args=ocp.args.PyTreeRestore(
                     item=wanted,
                     restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
                     partial_restore=True,
-                )
-            ),
-        ).state
-    except (ValueError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"{flag} {path}: checkpoint {step} does not fit this run ({first})"
-        ) from None
-    finally:
-        manager.close()
+                ),
+            )
+
+    return read
+
+
+def _steps_there(directory: pathlib.Path) -> str:
+    return ", ".join(map(str, sorted(checkpoint.step_folders(directory)))) or "none"
 
 
 def _hf_initial_state(source: Source, program, model_config):

@@ -14,11 +14,13 @@ import jax
 import numpy as np
 
 from muonjax.models import flops_per_token, param_counts, svd_entropy_by_group
+from muonjax.models.memory import TooLarge, check_fits
 from muonjax.parallel.mesh import describe, make_mesh, parse_mesh
 from muonjax.train import checkpoint, finetune, pipeline
 from muonjax.train.config import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    EXIT_PREEMPTED,
     ConfigError,
     TrainConfig,
     WriteFailed,
@@ -31,6 +33,12 @@ from muonjax.train.metrics import METRICS_FILE, MetricsWriter, read_metrics
 from muonjax.train.preemption import StopOnSignal
 from muonjax.train.program import build, check_batch
 from muonjax.train.step import param_groups
+
+# float32 copies of the parameters that training holds at least: the parameters, their
+# gradients and the optimizer's moments (Muon's momentum; AdamW's two). The muon recipe's
+# AdamW group has two, but one for every parameter keeps it a lower bound: a model that
+# fits is never refused.
+MOMENT_COPIES = {"muon": 1, "adamw": 2}
 
 
 class TrainingStopped(RuntimeError):
@@ -139,6 +147,8 @@ class _Run:
 def _set_up(
     config: TrainConfig, resume: bool, resume_from: int | None, skip_batches: int, log
 ) -> _Run:
+    """The run set up (see _Run): everything checked first, then built and
+    restored, then config.json and the tokenizer written."""
     out = pathlib.Path(config.out)
     saved = _saved_config(out, resume)
     mesh = make_mesh(parse_mesh(config.mesh))
@@ -154,16 +164,13 @@ def _set_up(
     elif config.decay_steps is None and config.steps:  # fixed now, so that a longer --resume
         # keeps the schedule; a --steps 0 run (set up and saved, no schedule) leaves it open
         config = config.replace(decay_steps=max(config.steps, config.warmup_steps))
-    if target is not None and target > config.steps:
-        raise ConfigError(
-            f"--resume: {out} is at step {target} already, past --steps {config.steps}; "
-            f"pass --steps {target} or more"
-        )
+    ckpt = checkpoint.Checkpointer(out / CHECKPOINT_DIR, config.keep_checkpoints)
+    _check_start(config, data, ckpt, resume_from, target, skip_batches)
     model_config = config.model_config(vocab_size=data.tokenizer.vocab_size)
     if source is not None:
         finetune.check_model(source, model_config)
+    _check_memory(config, model_config, mesh)
     program = build(config, model_config, mesh)
-    ckpt = checkpoint.Checkpointer(out / CHECKPOINT_DIR, config.keep_checkpoints)
     if resume_from is not None:
         restored = ckpt.restore_step(resume_from, program.abstract(), log)
     else:
@@ -178,30 +185,8 @@ def _set_up(
         )
     else:
         state, data_state = program.init(), None
-    counts = param_counts(model_config)
-    run_config = {
-        "train": config.to_json(),
-        "model": dataclasses.asdict(model_config),
-        "parameters": {
-            **counts,
-            **{f"{g}_group": n for g, n in param_groups(program.shapes.params).items()},
-        },
-        "data": data.description,
-        "environment": {
-            "jax": jax.__version__,
-            "python": platform.python_version(),
-            "devices": jax.device_count(),
-            "processes": jax.process_count(),
-            "mesh": describe(mesh),
-            "platform": jax.default_backend(),
-        },
-        "history": [
-            *(saved or {}).get("history", []),
-            _start_record(config, saved, int(state.step), skip_batches),
-        ],
-    }
-    if config.init_from:
-        run_config["init_from"] = source.describe() if source else saved.get("init_from")
+    run_config = _run_config(config, model_config, program, data, saved, source)
+    run_config["history"].append(_start_record(config, saved, int(state.step), skip_batches))
     if lead:  # everything checked (a restore may have set checkpoints aside): now files
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -210,6 +195,7 @@ def _set_up(
             data.tokenizer.save(out)
         except OSError as e:
             raise WriteFailed(f"writing {out / CONFIG_FILE} failed: {e}") from e
+    counts = run_config["parameters"]
     log(
         f"{out}: parameters {counts['total']:,} total, {counts['active']:,} active, "
         f"{counts['total_non_embedding']:,} non-embedding"
@@ -222,6 +208,80 @@ def _set_up(
     elif resume:
         log(f"{out}: no complete checkpoint yet; starting again from step 0")
     return _Run(config, out, data, program, model_config, lead, ckpt, state, data_state)
+
+
+def _check_start(
+    config: TrainConfig,
+    data: RunData,
+    ckpt: checkpoint.Checkpointer,
+    resume_from: int | None,
+    target: int | None,
+    skip_batches: int,
+) -> None:
+    """What this start asks for, checked before anything is built: the step it
+    resumes from (`target`) within --steps, and --skip-batches within one pass
+    over the training data."""
+    if resume_from is not None and resume_from not in ckpt.all_steps():
+        target = None  # no such checkpoint: restore_step says so, naming the ones there
+    if target is not None and target > config.steps:
+        raise ConfigError(
+            f"--resume: {config.out} is at step {target} already, past --steps {config.steps}; "
+            f"pass --steps {target} or more"
+        )
+    most = pipeline.batches_per_pass(data.train_tokens, config.seq_len, config.batch_size)
+    if skip_batches > most:
+        raise ConfigError(
+            f"--skip-batches {skip_batches} is more than one pass over the training data: "
+            f"at most {most} (batches of {config.batch_size} x {config.seq_len + 1} tokens)"
+        )
+
+
+def _check_memory(config: TrainConfig, model_config, mesh: jax.sharding.Mesh) -> None:
+    """ConfigError, before anything is built, when the parameters, gradients and
+    optimizer moments (MOMENT_COPIES) cannot fit in the devices' memory together."""
+    if not config.memory_check:
+        return
+    devices = list(mesh.devices.flat)
+    if jax.process_count() > 1:  # another host's memory is not ours to read: the hosts of a
+        devices = jax.local_devices() * jax.process_count()  # run are alike
+    copies = 2 + MOMENT_COPIES[config.optimizer]
+    what = (
+        f"training the model with --optimizer {config.optimizer} (its parameters, gradients "
+        "and optimizer moments)"
+    )
+    try:
+        check_fits(model_config, devices, copies=copies, what=what)
+    except TooLarge as e:
+        raise ConfigError(
+            f"{e}; choose a smaller model (--preset, --model), or pass --no-memory-check to "
+            "try anyway"
+        ) from None
+
+
+def _run_config(config, model_config, program, data: RunData, saved, source) -> dict:
+    """config.json's content: the resolved run, its parameter counts, data and
+    environment, and the history of the starts before this one."""
+    run_config = {
+        "train": config.to_json(),
+        "model": dataclasses.asdict(model_config),
+        "parameters": {
+            **param_counts(model_config),
+            **{f"{g}_group": n for g, n in param_groups(program.shapes.params).items()},
+        },
+        "data": data.description,
+        "environment": {
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "mesh": describe(program.mesh),
+            "platform": jax.default_backend(),
+        },
+        "history": list((saved or {}).get("history", [])),
+    }
+    if config.init_from:
+        run_config["init_from"] = source.describe() if source else saved.get("init_from")
+    return run_config
 
 
 def run(
@@ -243,34 +303,142 @@ def run(
 
     Holds the run lock of `config.out` throughout (one writer per run
     directory), and handles SIGTERM / SIGINT from set-up to the last file
-    closed. Raises ConfigError for bad input (nothing written), TrainingStopped
-    when it diverges, Preempted on SIGTERM / SIGINT (after a checkpoint of the
-    current step), WriteFailed when its files cannot be written (disk full).
+    closed: until its first step is done a signal ends the process at once
+    (exit 75, nothing to save: see _SetUpWindow), after it the run stops after
+    its current step. Raises ConfigError for bad input (nothing written), also
+    for a model or batch that does not fit the devices (found before anything is
+    written, or by XLA in set-up or the first step: config.json may be written
+    then), TrainingStopped when it diverges, Preempted on SIGTERM / SIGINT
+    (after a checkpoint of the current step), WriteFailed when its files cannot
+    be written (disk full).
     """
     if skip_batches < 0:
         raise ConfigError(f"--skip-batches must be >= 0, got {skip_batches}")
     if resume_from is not None and resume_from < 0:
         raise ConfigError(f"--resume-from must be a step >= 0, got {resume_from}")
     resume = resume or resume_from is not None or skip_batches > 0
-    with StopOnSignal() as signals, RunLock(config.out, jax.process_index(), log):
-        return _run(config, resume, resume_from, skip_batches, signals, log)
+    with StopOnSignal() as signals, RunLock(config.out, jax.process_index(), log) as lock:
+        with _SetUpWindow(signals, lock, resume) as window:
+            return _run(config, resume, resume_from, skip_batches, signals, window, log)
 
 
-def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
-    started = time.perf_counter()
-    r = _set_up(config, resume, resume_from, skip_batches, log)
-    config, program, out, ckpt, state = r.config, r.program, r.out, r.ckpt, r.state
-    process, processes = jax.process_index(), jax.process_count()
+class _SetUpWindow:
+    """From the start of set-up to the end of the first step, while the run has
+    nothing to save: SIGTERM / SIGINT end the process at once (one line, exit 75),
+    also in the middle of an XLA compilation or a restore, so that compiling a
+    large model never outlasts a preemption's grace period; and XLA's
+    RESOURCE_EXHAUSTED is bad input (the model or batch does not fit the
+    devices), a ConfigError. What the window writes is written whole or not at
+    all (config.json, the tokenizer and the trimmed metrics.jsonl are renamed
+    into place, as are the checkpoints a restore sets aside; a TensorBoard file
+    cut short reads up to the cut, and a metrics.abandoned-*.jsonl cut short is
+    written again by the relaunch, before metrics.jsonl is trimmed), and the run
+    lock dies with the process (the clean-up removes it), so an exit at any
+    moment loses nothing.
+
+    Multi-host: a process exits where it gets the signal. Schedulers signal
+    every host; a process that got none stops at its next collective, whose
+    peers have gone."""
+
+    def __init__(self, signals: StopOnSignal, lock: RunLock, resume: bool):
+        self._command = signals.command
+        again = "" if resume else " with --resume-if-exists"  # config.json may be written already
+        line = lambda name: (
+            f"{name} received while the run set up: stopped, nothing to save; run the same "
+            f"command again{again}"
+        )
+        self._block = signals.at_once(
+            self._message(line), code=EXIT_PREEMPTED, cleanup=lock.release
+        )
+        self.open = True
+
+    def after_set_up(self, line) -> None:
+        """Set-up is done: `line(signal name)` is what a signal prints from here."""
+        self._block.message = self._message(line)
+
+    def _message(self, line):
+        """`line` as an at_once message, prefixed with the command."""
+        return lambda name: f"{self._command}: {line(name)}"
+
+    def close(self) -> None:
+        self._block.close()
+        self.open = False
+
+    def __enter__(self) -> _SetUpWindow:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        was_open = self.open
+        self.close()
+        if was_open and isinstance(error, jax.errors.JaxRuntimeError):
+            if str(error).startswith("RESOURCE_EXHAUSTED"):
+                raise ConfigError(_does_not_fit(error)) from None
+
+
+def _does_not_fit(error: Exception) -> str:
+    """ConfigError's words for XLA's RESOURCE_EXHAUSTED: what ran out, and what to lower."""
+    first = str(error).splitlines()[0][:300]
+    return (
+        f"the run does not fit in the devices' memory ({first}): lower --batch-size, raise "
+        "--grad-accum (smaller micro-batches), turn on --remat, or choose a smaller model "
+        "(--grad-accum and --remat may change on --resume)"
+    )
+
+
+def _stopped_in_set_up(name: str, start: int, config: TrainConfig, resume_from, skip_batches):
+    """The line of a run that signal `name` stopped after its set-up, before it trained."""
+    flags = f"--resume-from {resume_from}" if resume_from is not None else "--resume"
+    if skip_batches:
+        flags += f" --skip-batches {skip_batches}"
+    return (
+        f"{name} received while the run set up: stopped before step {start + 1} of "
+        f"{config.steps}, nothing to save; continue with: muonjax train --out "
+        f"{pathlib.Path(config.out)} {flags}"
+    )
+
+
+def _train_batches(r: _Run, skip_batches: int, log):
+    """The training batches from where the run resumes (the checkpoint's data
+    state), past the next `skip_batches`."""
+    config = r.config
     batches = pipeline.train_batches(
-        r.data.train_tokens, config.seq_len, config.batch_size, config.seed, process, processes
+        r.data.train_tokens,
+        config.seq_len,
+        config.batch_size,
+        config.seed,
+        jax.process_index(),
+        jax.process_count(),
     )
     if r.data_state is not None:
         batches.set_state(r.data_state)
-    start = int(state.step)
-    for _ in range(skip_batches):
-        next(batches)
     if skip_batches:
-        log(f"{out}: skipped {skip_batches} training batches after step {start}")
+        pipeline.skip(batches, skip_batches)
+        log(f"{r.out}: skipped {skip_batches} training batches after step {int(r.state.step)}")
+    return batches
+
+
+def _metrics_writer(r: _Run, start: int, resume: bool, resume_from) -> MetricsWriter | None:
+    """The lead process's metrics.jsonl and TensorBoard writer (trimmed to `start` on resume)."""
+    if not r.lead:
+        return None
+    set_aside = None
+    if resume_from is not None:  # the lines after it are another branch of the run
+        set_aside = f"metrics.abandoned-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
+    try:
+        return MetricsWriter(r.out, resume_step=start if resume else None, set_aside=set_aside)
+    except OSError as e:
+        raise WriteFailed(f"writing {r.out} failed ({e}); {r.ckpt.last_complete()}") from e
+
+
+def _run(config, resume, resume_from, skip_batches, signals, window, log) -> Summary:
+    """run()'s body, inside its signal handlers, run lock and set-up window."""
+    started = time.perf_counter()
+    r = _set_up(config, resume, resume_from, skip_batches, log)
+    config, program, out, ckpt, state = r.config, r.program, r.out, r.ckpt, r.state
+    start = int(state.step)
+    stopped = lambda name: _stopped_in_set_up(name, start, config, resume_from, skip_batches)
+    window.after_set_up(stopped)
+    batches = _train_batches(r, skip_batches, log)
     meta = {"config": config.to_json(), "data_fingerprint": r.data.description["fingerprint"]}
     save = lambda step: ckpt.save(step, state, {**meta, "step": step, "data": batches.get_state()})
     to_device = lambda rows: jax.make_array_from_process_local_data(program.batch, rows)
@@ -281,19 +449,11 @@ def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
             config.seq_len,
             config.batch_size,
             config.eval_batches,
-            process,
-            processes,
+            jax.process_index(),
+            jax.process_count(),
         )
     ]
-    writer = None
-    if r.lead:
-        set_aside = None
-        if resume_from is not None:  # the lines after it are another branch of the run
-            set_aside = f"metrics.abandoned-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
-        try:
-            writer = MetricsWriter(out, resume_step=start if resume else None, set_aside=set_aside)
-        except OSError as e:
-            raise WriteFailed(f"writing {out} failed ({e}); {ckpt.last_complete()}") from e
+    writer = _metrics_writer(r, start, resume, resume_from)
     bar = _progress(config, start, enabled=r.lead and config.progress)
     last = _last_logged(out) if r.lead and start == config.steps else {}
     last = {"loss": last.get("loss"), "eval_loss": last.get("eval_loss")}
@@ -307,17 +467,15 @@ def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
     done = start
     failing = False
     try:
-        if start < config.steps and signals.stop_requested():  # during set-up: nothing trained
-            raise Preempted(
-                f"{_signal_name(signals)} received while the run set up: stopped before step "
-                f"{start + 1} of {config.steps}, nothing to save; continue with: muonjax train "
-                f"--out {out} --resume"
-            )
+        if start < config.steps and signals.stop_requested():  # just before the window opened
+            raise Preempted(stopped(_signal_name(signals)))
         for step in range(start, config.steps):
             state, metrics = program.step(state, to_device(next(batches)))
             done = step + 1
             nonfinite = int(state.nonfinite)  # waits for the step
+            window.close()  # from the first step done on, a signal stops after a step, saved
             ckpt.check()  # a background save that failed stops the run here
+            _check_data(r.data, done)
             if clock is None:  # time from the end of the first (compiling) step on
                 clock, timed_steps = time.perf_counter(), 0
             else:
@@ -363,6 +521,7 @@ def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
         if config.steps == 0 and ckpt.latest_step() is None:  # the run as set up: step 0
             save(0)
         ckpt.wait()
+        _check_data(r.data, done, wait=True)  # exit 0 means the data was verified
     except OSError as e:  # metrics.jsonl or TensorBoard's events: the disk is full, say
         failing = True
         raise WriteFailed(f"writing {out} failed ({e}); {ckpt.last_complete()}") from e
@@ -383,6 +542,18 @@ def _run(config, resume, resume_from, skip_batches, signals, log) -> Summary:
         skipped_steps=int(state.skipped),
         metrics_path=str(out / METRICS_FILE),
     )
+
+
+def _check_data(data: RunData, done: int, *, wait: bool = False) -> None:
+    """The shards' verification, where it runs while the run trains (a large
+    folder): its failure stops the run (`wait`: waits for it to finish)."""
+    try:
+        data.check(wait=wait)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{e}; stopped after step {done}: this start's steps, and the checkpoints it "
+            "saved, trained on those shards"
+        ) from None
 
 
 def _diverged(config: TrainConfig, done: int, nonfinite: int, saved: list[int]) -> str:

@@ -60,6 +60,19 @@ def train_batches(
     return iter(mine.batch(rows, drop_remainder=True).to_iter_dataset(READ_OPTIONS))
 
 
+def batches_per_pass(tokens, seq_len: int, batch_size: int) -> int:
+    """Global batches in one pass over `tokens`: train_batches' windows, batch_size
+    at a time (a batch that straddles two passes is not counted)."""
+    return len(TokenWindows(tokens, seq_len)) // batch_size
+
+
+def skip(batches: grain.DatasetIterator, n: int) -> None:
+    """Moves a train_batches iterator past its next n batches without reading
+    them: its state is the index of the batch it gives next."""
+    state = batches.get_state()
+    batches.set_state({**state, "next_index": state["next_index"] + n})
+
+
 def eval_batches(
     tokens: np.ndarray,
     seq_len: int,

@@ -62,9 +62,7 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, path: pathlib.Path) -> BPETokenizer:
-        from tokenizers import Tokenizer
-
-        return cls(Tokenizer.from_file(str(path)))
+        return cls(_tokenizer_file(path))
 
     def save(self, path: pathlib.Path) -> None:
         """Writes <path>/tokenizer.json whole or not at all (a temporary file, renamed)."""
@@ -98,8 +96,9 @@ def tokenizer_for_run(
                 return CheckpointTokenizer(folder)
         where = f"--init-from {source}" if source is not None else "no --init-from"
         raise ValueError(
-            f"--tokenizer checkpoint: {where} holds no {BPE_FILE} or {TIKTOKEN_FILE} "
-            "(it takes the tokenizer of the checkpoint a run starts from)"
+            f"--tokenizer checkpoint: {where} holds neither {BPE_FILE} with "
+            f"{TOKENIZER_CONFIG_FILE} nor {TIKTOKEN_FILE} (it takes the tokenizer of the "
+            "checkpoint a run starts from)"
         )
     for folder in (out, source):
         if folder is not None and (folder / BPE_FILE).exists():
@@ -150,6 +149,20 @@ MOONSHOT_PATTERN = "|".join(
 )
 # Moonshot's tokenizer reserves this many special ids right after the BPE ranks.
 MOONSHOT_NUM_SPECIAL = 256
+
+
+def _tokenizer_file(path: pathlib.Path):
+    """The `tokenizers` Tokenizer saved in `path`; ValueError naming the file if it
+    does not load (the library raises a plain Exception for a damaged file)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 -- see above
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"{path} is not a tokenizer the tokenizers library loads ({reason})"
+        ) from None
 
 
 def _read_json(path: pathlib.Path) -> dict:
@@ -216,10 +229,8 @@ class CheckpointTokenizer:
         self._config = _read_json(self.directory / TOKENIZER_CONFIG_FILE)
         self._tokenizer = self._encoding = None
         if (self.directory / BPE_FILE).is_file():
-            from tokenizers import Tokenizer
-
             self.model_file = BPE_FILE
-            self._tokenizer = Tokenizer.from_file(str(self.directory / BPE_FILE))
+            self._tokenizer = _tokenizer_file(self.directory / BPE_FILE)
             self._tokenizer.encode_special_tokens = True  # special tokens' text is text
             vocab = self._tokenizer.get_vocab(with_added_tokens=True)
             self.vocab_size = max(vocab.values()) + 1

@@ -158,6 +158,10 @@ def _set_up(
     target = resume_from if resume_from is not None else latest
     # a fine-tune starts from its source, unless it resumes from a checkpoint of its own
     source = finetune.load_source(config) if config.init_from and target is None else None
+    # before the data is read (a BPE or the shards' check take seconds): the model less
+    # the vocabulary the tokenizer will set, a lower bound; checked again once it is known
+    vocab = config.model.get("vocab_size", 1)
+    _check_memory(config, config.model_config().replace(vocab_size=vocab), mesh)
     data = load_data(config, out, source.path if source else None)
     if saved is not None:
         config = _resumed_config(config, saved, data.description, log)

@@ -3,9 +3,9 @@ read once, its layout, the split's sha256 and every token id checked.
 
 A folder of up to VERIFY_AT_START_BYTES token bytes is verified before training
 starts; a larger one in a background thread while the run trains (reading
-costs 2-4 s per GB on a 2-core CPU, which would make start-up grow with the
-data), and the run stops at the step after a check fails, and waits for the
-check before it reports success.
+costs about 2.6 s per GB on a 2-core CPU, experiments/bench_data.py, which
+would make start-up grow with the data): the run stops at the step after a
+check fails, and waits for the check before it reports success.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from muonjax.train.config import ConfigError
 from muonjax.train.shards import SPLITS, check_regular
 
 VERIFY_RECORDS = 256  # records read per call while verifying: at most 4 MiB
-VERIFY_AT_START_BYTES = 2**30  # ~2-4 s here; beyond, in the background
+VERIFY_AT_START_BYTES = 2**30  # ~3 s here; beyond, in the background
 
 
 class Verification:

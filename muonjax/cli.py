@@ -345,6 +345,7 @@ def _generate(args) -> int:
     import jax
 
     from muonjax.models.generate import generate, sampling_errors
+    from muonjax.models.memory import is_out_of_memory
     from muonjax.train.convert import (
         check_generation,
         encode_prompts,
@@ -379,7 +380,7 @@ def _generate(args) -> int:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         except jax.errors.JaxRuntimeError as e:
-            if not str(e).startswith("RESOURCE_EXHAUSTED"):
+            if not is_out_of_memory(e):
                 raise
             raise ConfigError(
                 f"generating does not fit in the device's memory ({str(e).splitlines()[0][:300]}):"

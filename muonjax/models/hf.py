@@ -567,11 +567,7 @@ def _check_fits(config: ModelConfig, shardings, directory) -> None:
     if shardings is None:
         devices = [jax.devices()[0]]
     else:
-        devices = {d for s in jax.tree.leaves(shardings) for d in s.device_set}
-        devices = sorted(devices, key=lambda d: d.id)
-    if jax.process_count() > 1:  # another host's memory is not ours to read: a run's hosts
-        mine = [d for d in devices if d.process_index == jax.process_index()]  # are alike
-        devices = mine * jax.process_count()
+        devices = list({d for s in jax.tree.leaves(shardings) for d in s.device_set})
     try:
         check_fits(config, devices, what=f"{directory}: the model")
     except TooLarge as e:

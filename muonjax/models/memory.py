@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import resource
 
+import jax
+
 from muonjax.models.config import ModelConfig
 from muonjax.models.counts import param_counts
 
@@ -17,6 +19,13 @@ GIB = 2**30
 
 class TooLarge(ValueError):
     """The model cannot fit in the devices' memory."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is XLA's RESOURCE_EXHAUSTED: a device ran out of memory."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and str(error).startswith(
+        "RESOURCE_EXHAUSTED"
+    )
 
 
 def host_available_bytes() -> int:
@@ -47,15 +56,21 @@ def host_available_bytes() -> int:
 
 def devices_bytes(devices) -> int:
     """What `devices` can hold together: each accelerator's own memory
-    (memory_stats' bytes_limit); CPU devices share the host's, counted once."""
+    (memory_stats' bytes_limit); CPU devices share their host's, counted once a
+    host. Only this process's devices can be read: on several hosts, the others'
+    are taken to be alike (a run's hosts are)."""
+    devices = list(devices)
+    mine = [d for d in devices if d.process_index == jax.process_index()]
     total, host = 0, False
-    for device in devices:
+    for device in mine:
         stats = device.memory_stats() if device.platform != "cpu" else None
         if stats and "bytes_limit" in stats:
             total += int(stats["bytes_limit"])
         else:
             host = True
-    return total + (host_available_bytes() if host else 0)
+    hosts = len({d.process_index for d in devices})
+    scale = len(devices) / len(mine) if mine else 0
+    return int(total * scale) + (host_available_bytes() * hosts if host else 0)
 
 
 def check_fits(config: ModelConfig, devices, *, copies: int = 1, what: str = "the model") -> int:

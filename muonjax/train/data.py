@@ -40,8 +40,12 @@ class RunData:
 
     def check(self, *, wait: bool = False) -> None:
         """ConfigError once the shards' verification has failed (`wait`: until it is done)."""
-        if self.verification is not None:
-            self.verification.wait() if wait else self.verification.check()
+        if self.verification is None:
+            return
+        if wait:
+            self.verification.wait()
+        else:
+            self.verification.check()
 
 
 def tokenize(config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None = None):

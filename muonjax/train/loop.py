@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from muonjax.models import flops_per_token, param_counts, svd_entropy_by_group
-from muonjax.models.memory import TooLarge, check_fits
+from muonjax.models.memory import TooLarge, check_fits, is_out_of_memory
 from muonjax.parallel.mesh import describe, make_mesh, parse_mesh
 from muonjax.train import checkpoint, finetune, pipeline
 from muonjax.train.config import (
@@ -245,16 +245,13 @@ def _check_memory(config: TrainConfig, model_config, mesh: jax.sharding.Mesh) ->
     optimizer moments (MOMENT_COPIES) cannot fit in the devices' memory together."""
     if not config.memory_check:
         return
-    devices = list(mesh.devices.flat)
-    if jax.process_count() > 1:  # another host's memory is not ours to read: the hosts of a
-        devices = jax.local_devices() * jax.process_count()  # run are alike
     copies = 2 + MOMENT_COPIES[config.optimizer]
     what = (
         f"training the model with --optimizer {config.optimizer} (its parameters, gradients "
         "and optimizer moments)"
     )
     try:
-        check_fits(model_config, devices, copies=copies, what=what)
+        check_fits(model_config, list(mesh.devices.flat), copies=copies, what=what)
     except TooLarge as e:
         raise ConfigError(
             f"{e}; choose a smaller model (--preset, --model), or pass --no-memory-check to "
@@ -354,7 +351,6 @@ class _SetUpWindow:
         self._block = signals.at_once(
             self._message(line), code=EXIT_PREEMPTED, cleanup=lock.release
         )
-        self.open = True
 
     def after_set_up(self, line) -> None:
         """Set-up is done: `line(signal name)` is what a signal prints from here."""
@@ -366,17 +362,15 @@ class _SetUpWindow:
 
     def close(self) -> None:
         self._block.close()
-        self.open = False
 
     def __enter__(self) -> _SetUpWindow:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        was_open = self.open
+        was_open = self._block.open
         self.close()
-        if was_open and isinstance(error, jax.errors.JaxRuntimeError):
-            if str(error).startswith("RESOURCE_EXHAUSTED"):
-                raise ConfigError(_does_not_fit(error)) from None
+        if was_open and is_out_of_memory(error):
+            raise ConfigError(_does_not_fit(error)) from None
 
 
 def _does_not_fit(error: Exception) -> str:

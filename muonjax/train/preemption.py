@@ -33,8 +33,12 @@ class _Block:
     def __init__(self, owner: StopOnSignal, message: str, code: int | None, cleanup):
         self.owner, self.message, self.code, self.cleanup = owner, message, code, cleanup
 
+    @property
+    def open(self) -> bool:
+        return self in self.owner._blocks
+
     def close(self) -> None:
-        if self in self.owner._blocks:
+        if self.open:
             self.owner._blocks.remove(self)
 
     def __enter__(self):

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test
+.PHONY: demo test test-fast
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,3 +18,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n auto
+
+# The edit-test loop: the tests not marked slow (those that train through the
+# trainer or the CLI, start processes, run an experiment, or take seconds alone).
+test-fast: $(STAMP)
+	$(PY) -m pytest -n auto -m "not slow"

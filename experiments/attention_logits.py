@@ -427,7 +427,7 @@ def run_pod(args) -> dict:
     from muonjax.models import flops_per_token, param_counts
     from muonjax.parallel.mesh import make_mesh, parse_mesh
     from muonjax.train import TrainConfig
-    from muonjax.train.inspect import inspect
+    from muonjax.train.costs import step_costs
 
     sizes = parse_mesh(args.mesh)
     mesh = make_mesh(sizes)
@@ -446,7 +446,7 @@ def run_pod(args) -> dict:
         )
         model = config.model_config()
         t = time.perf_counter()
-        inspected = {**inspect(config, mesh), "inspect_s": time.perf_counter() - t}
+        inspected = {**step_costs(config, mesh), "inspect_s": time.perf_counter() - t}
         print(f"{label}: inspected in {inspected['inspect_s']:.0f} s", flush=True)
         per_token = flops_per_token(model, config.seq_len)
         tokens = config.steps * config.batch_size * config.seq_len

@@ -87,14 +87,18 @@ def report_pod(out: str | pathlib.Path, paper: dict, quick: bool, pod: dict, tab
 
 
 def params_at(run_dir: str | pathlib.Path, step: int | None = None) -> dict:
-    """The parameters of a run's checkpoint at `step` (default: the newest), as
-    a nested dict of NumPy arrays."""
-    import orbax.checkpoint as ocp
+    """The parameters of a run's checkpoint at `step` (default: the newest
+    complete one), as a nested dict of NumPy arrays (checkpoint.read_state)."""
+    from muonjax.train.checkpoint import read_state
 
-    checkpoints = pathlib.Path(run_dir).absolute() / "checkpoints"
-    if step is None:
-        step = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    return ocp.StandardCheckpointer().restore(checkpoints / str(step) / "state")["params"]
+    return read_state(pathlib.Path(run_dir), step)["params"]
+
+
+def checkpoint_steps(run_dir: str | pathlib.Path) -> list[int]:
+    """The steps of a run's checkpoint folders, oldest first (checkpoint.step_folders)."""
+    from muonjax.train.checkpoint import run_checkpoints, step_folders
+
+    return sorted(step_folders(run_checkpoints(pathlib.Path(run_dir))))
 
 
 def matrix_group(path: tuple[str, ...]) -> str | None:

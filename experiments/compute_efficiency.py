@@ -471,7 +471,7 @@ def pod_configs(quick: bool, data_parallel: int, mesh: str) -> dict:
 def run_pod(args) -> dict:
     from muonjax.models import flops_per_token, param_counts
     from muonjax.parallel.mesh import make_mesh, parse_mesh
-    from muonjax.train.inspect import inspect
+    from muonjax.train.costs import step_costs
 
     sizes = parse_mesh(args.mesh)
     mesh = make_mesh(sizes)
@@ -482,7 +482,7 @@ def run_pod(args) -> dict:
     ).items():
         model = config.model_config()
         t = time.perf_counter()
-        inspected = inspect(config, mesh)
+        inspected = step_costs(config, mesh)
         counts = param_counts(model)
         tokens = config.steps * config.batch_size * config.seq_len
         per_token = flops_per_token(model, config.seq_len)

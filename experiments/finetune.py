@@ -399,14 +399,14 @@ def pod_configs(quick: bool, mesh: str) -> dict:
 def run_pod(args) -> dict:
     from muonjax.models import flops_per_token, param_counts
     from muonjax.parallel.mesh import make_mesh, parse_mesh
-    from muonjax.train.inspect import inspect
+    from muonjax.train.costs import step_costs
 
     mesh = make_mesh(parse_mesh(args.mesh))
     started = time.perf_counter()
     report = {}
     for name, config in pod_configs(args.quick, args.mesh).items():
         model = config.model_config()
-        inspected = inspect(config, mesh)
+        inspected = step_costs(config, mesh)
         tokens = config.steps * config.batch_size * config.seq_len
         per_token = flops_per_token(model, config.seq_len)
         report[name] = {

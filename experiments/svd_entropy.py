@@ -151,11 +151,7 @@ def train_one(config, log) -> dict:
     spectra = [r for r in metrics if "svd_entropy_Router" in r]
     evals = [r for r in metrics if "eval_loss" in r]
     logs = [r for r in metrics if "loss" in r]
-    checkpoints = sorted(
-        int(p.name)
-        for p in (pathlib.Path(config.out) / "checkpoints").iterdir()
-        if p.name.isdigit()
-    )
+    checkpoints = common.checkpoint_steps(config.out)
     saved = json.loads((pathlib.Path(config.out) / "config.json").read_text())
     return {
         "svd_entropy": {
@@ -467,7 +463,8 @@ def entropy_metric(model_config, steps: int, every: int, step_flops: float) -> d
     from flax import nnx
 
     from muonjax.models import abstract_model
-    from muonjax.models.spectra import figure4_group, hidden_matrices, path_names
+    from muonjax.models.spectra import figure4_group, hidden_matrices
+    from muonjax.optim.paths import path_names
 
     params = nnx.state(abstract_model(model_config), nnx.Param)
     counts: dict[str, int] = {}
@@ -490,7 +487,7 @@ def run_pod(args) -> dict:
     from muonjax.models import flops_per_token, param_counts
     from muonjax.parallel.mesh import make_mesh, parse_mesh
     from muonjax.train import TrainConfig
-    from muonjax.train.inspect import inspect
+    from muonjax.train.costs import step_costs
 
     sizes = parse_mesh(args.mesh)
     mesh = make_mesh(sizes)
@@ -503,7 +500,7 @@ def run_pod(args) -> dict:
         )
         model = config.model_config()
         t = time.perf_counter()
-        inspected = inspect(config, mesh)
+        inspected = step_costs(config, mesh)
         print(f"{label}: inspected in {time.perf_counter() - t:.0f} s", flush=True)
         per_token = flops_per_token(model, config.seq_len)
         tokens = config.steps * config.batch_size * config.seq_len

@@ -370,7 +370,7 @@ def run_pod(args) -> dict:
     from muonjax.models import flops_per_token, param_counts
     from muonjax.parallel.mesh import make_mesh, parse_mesh
     from muonjax.train import TrainConfig
-    from muonjax.train.inspect import inspect
+    from muonjax.train.costs import step_costs
 
     sizes = parse_mesh(args.mesh)
     mesh = make_mesh(sizes)
@@ -392,7 +392,7 @@ def run_pod(args) -> dict:
         if key not in inspected:
             t = time.perf_counter()
             inspected[key] = {
-                **inspect(config, mesh),
+                **step_costs(config, mesh),
                 "inspected_setting": name,
                 "inspect_s": time.perf_counter() - t,
             }

@@ -177,11 +177,7 @@ def train_one(config, tokens_BL, log) -> dict:
     if tokens_BL is None:
         tokens_BL = validation_batch(config)
     layer_rms = layer_output_rms_fn(model_config)
-    checkpoints = sorted(
-        int(p.name)
-        for p in (pathlib.Path(config.out) / "checkpoints").iterdir()
-        if p.name.isdigit()
-    )
+    checkpoints = common.checkpoint_steps(config.out)
     per_layer = [layer_rms(common.params_at(config.out, s), tokens_BL) for s in checkpoints]
     return {
         "eval": {
@@ -495,7 +491,7 @@ def run_pod(args) -> dict:
     from muonjax.models import flops_per_token, param_counts
     from muonjax.parallel.mesh import make_mesh, parse_mesh
     from muonjax.train import TrainConfig
-    from muonjax.train.inspect import inspect
+    from muonjax.train.costs import step_costs
 
     sizes = parse_mesh(args.mesh)
     mesh = make_mesh(sizes)
@@ -511,7 +507,7 @@ def run_pod(args) -> dict:
         key = INSPECT_AS.get(name, name)
         if key not in cache:
             t = time.perf_counter()
-            cache[key] = {**inspect(configs[key], mesh), "inspect_s": time.perf_counter() - t}
+            cache[key] = {**step_costs(configs[key], mesh), "inspect_s": time.perf_counter() - t}
             print(f"{RUNS[key][0]}: inspected in {cache[key]['inspect_s']:.0f} s", flush=True)
         inspected = {**cache[key], "inspected_setting": key}
         per_token = flops_per_token(model, config.seq_len)

@@ -17,7 +17,6 @@ from muonjax.optim import (
     QKHeads,
     ScaleByMuonState,
     apply_qk_clip,
-    describe,
     moonlight,
     moonlight_labels,
     muon,
@@ -26,6 +25,7 @@ from muonjax.optim import (
     orthogonalize_spread,
     qk_clip,
     qk_clip_factors,
+    routing_table,
     scale_by_muon,
     scale_by_shape,
     weight_decay_mask,
@@ -44,7 +44,6 @@ __all__ = [
     "MatrixAxes",
     "ScaleByMuonState",
     "apply_qk_clip",
-    "describe",
     "moonlight",
     "moonlight_labels",
     "muon",
@@ -54,6 +53,7 @@ __all__ = [
     "orthogonalize_spread",
     "qk_clip",
     "qk_clip_factors",
+    "routing_table",
     "scale_by_muon",
     "scale_by_shape",
     "weight_decay_mask",
@@ -63,7 +63,7 @@ __all__ = [
 
 
 def __getattr__(name):
-    if name == "nnx_matrix_axes":  # flax only when asked for
+    if name == "nnx_matrix_axes":  # imported here: the optimizer alone installs without flax
         from muonjax.nnx_axes import nnx_matrix_axes
 
         return nnx_matrix_axes

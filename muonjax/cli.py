@@ -10,6 +10,8 @@ import pathlib
 import signal
 import sys
 
+import jax
+
 # The train extra's top-level modules, and the pip name of each where it differs.
 TRAIN_EXTRA = {
     "flax": "flax",
@@ -30,19 +32,18 @@ def _missing_train_package(error: ModuleNotFoundError) -> str | None:
 
 
 try:  # the core install (`pip install muonjax`) is the optimizer alone: main() says so
-    from muonjax.parallel.cluster import ClusterError
-    from muonjax.parallel.mesh import MeshError, parse_mesh
-    from muonjax.train.config import (
-        CONFIG_FILE,
-        EXIT_PREEMPTED,
-        MAX_CPU_DEVICES,
-        ConfigError,
-        TrainConfig,
-        WriteFailed,
-        add_arguments,
-        given_fields,
-        read_run_config,
-    )
+    from muonjax.models.generate import DEFAULT_MAX_LEN, MAX_SEED, generate, sampling_errors
+    from muonjax.models.memory import is_out_of_memory
+    from muonjax.parallel.cluster import ClusterError, start
+    from muonjax.parallel.mesh import MeshError, parse_mesh, run_mesh
+    from muonjax.train import convert
+    from muonjax.train.config import MAX_CPU_DEVICES, TOKENIZATION_FIELDS, TrainConfig
+    from muonjax.train.costs import step_costs
+    from muonjax.train.errors import EXIT_PREEMPTED, ConfigError, WriteFailed
+    from muonjax.train.flags import add_arguments, given_fields, resolve
+    from muonjax.train.loop import Preempted, TrainingStopped, run
+    from muonjax.train.preemption import ends_at_once
+    from muonjax.train.shards import SHARD_TOKENS, write_shards
 except ModuleNotFoundError as e:
     if _missing_train_package(e) is None:
         raise
@@ -136,15 +137,11 @@ def _env_int(name):
 
 def _start_jax(args, cpu_devices):
     """Settings that must precede the backend: device count, then the cluster."""
-    import jax
-
-    from muonjax.parallel.cluster import start
-
     if cpu_devices is not None:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
     joined = start(args.coordinator, args.num_processes, args.process_id)
     if joined is not None and joined.process_index == 0:
-        print(f"muonjax: {joined.describe()}", flush=True)
+        print(f"muonjax: {joined.summary_line()}", flush=True)
 
 
 INSPECT_DEFAULTS = {"preset": "small", "seq_len": 1024, "mesh": "data=8"}
@@ -173,16 +170,12 @@ def _inspect(args) -> int:
             f"--mesh {given.get('mesh')}: {math.prod(sizes.values())} devices; "
             f"inspect simulates at most {MAX_CPU_DEVICES}"
         )
-    import jax  # simulate the mesh's devices on the CPU, before the backend starts
-
+    # simulate the mesh's devices on the CPU, before the backend starts
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", math.prod(sizes.values()))
-    from muonjax.parallel.mesh import make_mesh
-    from muonjax.train.inspect import inspect
-
     batch = sizes["data"] * sizes["expert"] * given.get("grad_accum", 1)
     config = TrainConfig(**{**INSPECT_DEFAULTS, "batch_size": batch, **given})
-    report = inspect(config, make_mesh(sizes))
+    report = step_costs(config, run_mesh(config.mesh, config.batch_size, config.grad_accum))
     if args.json:
         print(json.dumps(report))
     else:
@@ -195,12 +188,7 @@ def _inspect(args) -> int:
     return 0
 
 
-TOKENIZE_FIELDS = ("data", "data_format", "tokenizer", "bpe_vocab_size", "validation_fraction")
-
-
 def _tokenize_parser(subparsers) -> argparse.ArgumentParser:
-    from muonjax.train.shards import SHARD_TOKENS
-
     p = subparsers.add_parser(
         "tokenize",
         help="tokenize a corpus once into ArrayRecord shards, for train --data DIR",
@@ -212,7 +200,7 @@ def _tokenize_parser(subparsers) -> argparse.ArgumentParser:
         f"all. Exit codes: 0 done, {EXIT_USAGE} bad input, {EXIT_IO} the shards could not be "
         "written (disk full), 130 / 143 stopped by SIGINT / SIGTERM (nothing written).",
     )
-    add_arguments(p, fields=TOKENIZE_FIELDS)
+    add_arguments(p, fields=("data", *TOKENIZATION_FIELDS))  # what makes the token streams
     p.add_argument("--out", required=True, help="the folder to write; must not exist")
     p.add_argument(
         "--shard-tokens",
@@ -224,9 +212,6 @@ def _tokenize_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _tokenize(args) -> int:
-    from muonjax.train.preemption import ends_at_once
-    from muonjax.train.shards import write_shards
-
     config = TrainConfig(**given_fields(args))
     _check_out_writable(args.out)  # before the work: a dangling link fails only at the rename
     with ends_at_once("muonjax tokenize", args.out):
@@ -287,24 +272,22 @@ def _convert(args) -> int:
         raise ConfigError("--step goes with --to-hf (a Hugging Face checkpoint has one)")
     if args.to_hf and (args.optimizer or args.data):
         raise ConfigError("--optimizer and --data go with --from-hf (they set up the run)")
-    from muonjax.train.convert import hf_to_run_config, record_out, run_to_hf, written_whole
-
     if args.from_hf:  # the checkpoint and flags checked before anything is written
         flags = {"optimizer": args.optimizer, "data": tuple(args.data or ())}
-        config = hf_to_run_config(args.from_hf, out, **{k: v for k, v in flags.items() if v})
+        config = convert.hf_to_run_config(
+            args.from_hf, out, **{k: v for k, v in flags.items() if v}
+        )
     try:
         # into a partial folder, renamed to --out when complete; removed on an error
         # or a signal (which ends the process at once)
-        with written_whole(out) as work:
+        with convert.written_whole(out) as work:
             if args.to_hf:
                 warn = lambda line: print(line, file=sys.stderr)
-                run_to_hf(args.to_hf, work, dtype=args.dtype, step=args.step, log=warn)
+                convert.run_to_hf(args.to_hf, work, dtype=args.dtype, step=args.step, log=warn)
             else:
-                from muonjax.train.loop import run
-
                 named = lambda line: print(line.replace(str(work), str(out)))  # --out, not work
                 run(config.replace(out=str(work)), log=named)
-                record_out(work, out)
+                convert.record_out(work, out)
     except (WriteFailed, OSError) as e:  # disk full, say: nothing was kept
         print(f"muonjax convert: writing {out} failed: {e}", file=sys.stderr)
         return EXIT_IO
@@ -313,8 +296,6 @@ def _convert(args) -> int:
 
 
 def _generate_parser(subparsers) -> argparse.ArgumentParser:
-    from muonjax.models.generate import DEFAULT_MAX_LEN, MAX_SEED
-
     p = subparsers.add_parser(
         "generate",
         help="continue prompts with a run's (or a Hugging Face checkpoint's) model",
@@ -342,30 +323,18 @@ def _generate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _generate(args) -> int:
-    import jax
-
-    from muonjax.models.generate import generate, sampling_errors
-    from muonjax.models.memory import is_out_of_memory
-    from muonjax.train.convert import (
-        check_generation,
-        encode_prompts,
-        load_model,
-        load_tokenizer,
-        model_source,
-    )
-    from muonjax.train.preemption import ends_at_once
-
     flag = lambda name: f"--{name.replace('_', '-')} "
     errors = sampling_errors(args.max_new_tokens, args.temperature, args.top_p, args.seed, flag)
     if errors:  # before anything is read
         raise ConfigError("Cannot generate: " + "; ".join(errors))
-    source = model_source(args.run)
-    tokenizer = load_tokenizer(source)
-    prompts = encode_prompts(tokenizer, args.prompt, source)
+    source = convert.model_source(args.run)
+    tokenizer = convert.load_tokenizer(source)
+    prompts = convert.encode_prompts(tokenizer, args.prompt, source)
     max_len = source.max_len if args.max_len is None else args.max_len
-    check_generation(source, prompts, args.max_new_tokens, max_len, flag)  # before loading
+    convert.check_generation(source, prompts, args.max_new_tokens, max_len, flag)  # before loading
     with ends_at_once("muonjax generate"):
-        model = load_model(source, step=args.step, log=lambda line: print(line, file=sys.stderr))
+        warn = lambda line: print(line, file=sys.stderr)
+        model = convert.load_model(source, step=args.step, log=warn)
         try:
             outputs = generate(
                 model,
@@ -401,24 +370,30 @@ def _human(x) -> str:
     return str(x)
 
 
-def _config_from_args(args) -> tuple[TrainConfig, bool]:
-    """The run's config, and whether to resume it: on --resume the saved config
-    with the flags given on top."""
-    given = given_fields(args)
-    saved_path = pathlib.Path(given.get("out", TrainConfig.out)) / CONFIG_FILE
-    resume = (
-        args.resume
-        or args.resume_from is not None
-        or args.skip_batches != 0
-        or (args.resume_if_exists and saved_path.exists())
+def _train(args) -> int:
+    """`muonjax train`: the run's config resolved from the flags (flags.resolve), checked
+    before JAX starts, then trained; its summary printed as one JSON line."""
+    resume = args.resume or args.resume_from is not None or args.skip_batches != 0
+    config, resume = resolve(
+        given_fields(args), resume=resume, resume_if_exists=args.resume_if_exists
     )
-    if resume and saved_path.exists():
-        saved = TrainConfig.from_json(read_run_config(saved_path.parent)["train"])
-        return saved.replace(**given), True
-    from muonjax.train.finetune import inherit_from_source
-    from muonjax.train.shards import inherit_from_shards
-
-    return TrainConfig(**inherit_from_shards(inherit_from_source(given))), resume
+    if config.mesh:  # its syntax, before JAX starts; its size is checked against the devices
+        parse_mesh(config.mesh)
+    _check_out_writable(config.out)
+    _start_jax(args, config.cpu_devices)
+    try:
+        summary = run(
+            config, resume=resume, resume_from=args.resume_from, skip_batches=args.skip_batches
+        )
+    except (TrainingStopped, Preempted, WriteFailed) as e:
+        print(f"muonjax train: {e}", file=sys.stderr)
+        codes = {TrainingStopped: EXIT_DIVERGED, Preempted: EXIT_PREEMPTED}
+        return codes.get(type(e), EXIT_IO)
+    finally:  # run() has saved what it had: a signal while the process exits changes nothing
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+    print(json.dumps(summary.to_json()))
+    return 0
 
 
 def _check_out_writable(out: str) -> None:
@@ -452,9 +427,7 @@ def _no_train_extra(package: str) -> int:
     return EXIT_USAGE
 
 
-def main(argv=None) -> int:
-    if _MISSING is not None:
-        return _no_train_extra(_MISSING)
+def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="muonjax",
         description="Muon for JAX: train and inspect MoE models, tokenize data, convert "
@@ -466,34 +439,26 @@ def main(argv=None) -> int:
     _tokenize_parser(subparsers)
     _convert_parser(subparsers)
     _generate_parser(subparsers)
+    return parser
+
+
+# each command's function: its parsed arguments -> the exit code
+COMMANDS = {
+    "train": _train,
+    "inspect": _inspect,
+    "tokenize": _tokenize,
+    "convert": _convert,
+    "generate": _generate,
+}
+
+
+def main(argv=None) -> int:
+    if _MISSING is not None:
+        return _no_train_extra(_MISSING)
+    parser = _parser()
     try:
         args = parser.parse_args(argv)
-        if args.command == "inspect":
-            return _inspect(args)
-        if args.command == "tokenize":
-            return _tokenize(args)
-        if args.command == "convert":
-            return _convert(args)
-        if args.command == "generate":
-            return _generate(args)
-        config, resume = _config_from_args(args)
-        if config.mesh:  # its syntax, before JAX starts; its size is checked against the devices
-            parse_mesh(config.mesh)
-        _check_out_writable(config.out)
-        _start_jax(args, config.cpu_devices)
-        from muonjax.train.loop import Preempted, TrainingStopped, run
-
-        try:
-            summary = run(
-                config, resume=resume, resume_from=args.resume_from, skip_batches=args.skip_batches
-            )
-        except (TrainingStopped, Preempted, WriteFailed) as e:
-            print(f"muonjax train: {e}", file=sys.stderr)
-            codes = {TrainingStopped: EXIT_DIVERGED, Preempted: EXIT_PREEMPTED}
-            return codes.get(type(e), EXIT_IO)
-        finally:  # run() has saved what it had: a signal while the process exits changes nothing
-            for s in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(s, signal.SIG_IGN)
+        return COMMANDS[args.command](args)
     except (ConfigError, MeshError, ClusterError) as e:
         print(f"muonjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -504,8 +469,6 @@ def main(argv=None) -> int:
         if _missing_train_package(e) is None:
             raise
         return _no_train_extra(_missing_train_package(e))
-    print(json.dumps(summary.to_json()))
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Any
 from flax import nnx
 
 from muonjax.optim.matrix_axes import MatrixAxes, MatrixAxesFn
-from muonjax.optim.recipes import _key_name
+from muonjax.optim.paths import path_names
 
 
 def _axes(rows: range, cols: range) -> MatrixAxes:
@@ -118,9 +118,6 @@ def nnx_matrix_axes(model: nnx.Module) -> MatrixAxesFn:
 
     def matrix_axes(path: Any, leaf: Any) -> MatrixAxes | None:
         del leaf
-        names = tuple(_key_name(k) for k in path)
-        if names and names[-1] == "value":  # nnx.State paths end in .value
-            names = names[:-1]
-        return table.get(names)
+        return table.get(path_names(path))
 
     return matrix_axes

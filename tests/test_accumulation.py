@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from muonjax.models import preset
-from muonjax.parallel import MeshError, make_mesh, parse_mesh
+from muonjax.parallel import MeshError, make_mesh, parse_mesh, run_mesh
 from muonjax.train import TrainConfig
 from muonjax.train.program import build
 from muonjax.train.step import init_state, loss_and_grads, split_targets
@@ -86,6 +86,7 @@ def _assert_same_run(run, ref, label):
         assert diff <= 2e-2 * scale, (label, step, diff, scale)
 
 
+@pytest.mark.slow
 def test_micro_batches_make_the_update_of_the_whole_batch_on_one_device_and_eight():
     # the gradient is summed before the optimizer sees it: one optimizer is enough
     ref = _run("muon", "data=1", 1)
@@ -95,13 +96,12 @@ def test_micro_batches_make_the_update_of_the_whole_batch_on_one_device_and_eigh
 
 
 def test_rows_per_device_must_divide_into_micro_batches():
-    mesh = make_mesh(parse_mesh("data=8"))
     with pytest.raises(
         MeshError,
         match=r"--batch-size 16 gives 2 rows per device over the data-parallel size 8 "
         r"\(data x expert\), which --grad-accum 4 does not divide: use a multiple of 32",
     ):
-        build(TrainConfig(batch_size=16, grad_accum=4, mesh="data=8"), TINY, mesh)
+        run_mesh("data=8", 16, 4)
 
 
 def test_split_targets_decodes_input_only_tokens():
@@ -175,6 +175,7 @@ def _peak_bytes(grad_accum, batch=64, seq_len=128):
     )
 
 
+@pytest.mark.slow
 def test_micro_batches_lower_peak_memory():
     whole, micro = _peak_bytes(1), _peak_bytes(4)
     assert micro < 0.5 * whole, (micro, whole)

@@ -14,8 +14,8 @@ from flax import nnx
 
 from muonjax.models import Transformer, preset
 from muonjax.parallel import make_mesh, parse_mesh
-from muonjax.train import TrainConfig, read_metrics
-from muonjax.train.config import ConfigError
+from muonjax.train import TrainConfig, config_from_args, read_metrics
+from muonjax.train.errors import ConfigError
 from muonjax.train.metrics import MetricsWriter
 from muonjax.train.program import build
 
@@ -141,6 +141,7 @@ def _reference(kind):
         ("mha", "data=8", 2),
     ],
 )
+@pytest.mark.slow
 def test_step_metrics_are_global_over_devices_and_micro_batches(kind, mesh_text, grad_accum):
     """The first step's metrics come from the initial parameters' forward pass
     over the whole batch: NumPy's on 1 device, on data=8 (pmax and psum of
@@ -184,7 +185,7 @@ def test_metrics_writer_writes_arrays_as_lists(tmp_path):
 
 
 def test_threshold_flag():
-    assert TrainConfig.from_args(["--large-logit-threshold", "5"]).large_logit_threshold == 5.0
+    assert config_from_args(["--large-logit-threshold", "5"]).large_logit_threshold == 5.0
     assert TrainConfig().large_logit_threshold == 100.0
     with pytest.raises(ConfigError, match="--large-logit-threshold"):
         TrainConfig(large_logit_threshold=math.inf)

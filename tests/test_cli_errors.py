@@ -17,6 +17,9 @@ from conftest import DENSE
 
 from muonjax.cli import main
 
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
+
 RUN = [sys.executable, "-m", "muonjax", "train", "--no-progress"]
 
 
@@ -236,7 +239,8 @@ def test_every_float_field_must_be_finite():
     import dataclasses
     import math
 
-    from muonjax.train.config import ConfigError, TrainConfig
+    from muonjax.train.config import TrainConfig
+    from muonjax.train.errors import ConfigError
 
     floats = [f.name for f in dataclasses.fields(TrainConfig) if "float" in str(f.type)]
     assert "large_logit_threshold" in floats and "validation_fraction" in floats

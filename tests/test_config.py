@@ -12,13 +12,13 @@ import pytest
 import muonjax
 from muonjax.models import PRESETS
 from muonjax.train import ConfigError, TrainConfig
-from muonjax.train.config import add_arguments
+from muonjax.train.flags import add_arguments, config_from_args
 from muonjax.train.optimizers import OPTIMIZERS, SCHEDULES, learning_rate_schedule, make_optimizer
 
 
 def test_from_args_takes_the_cli_words_and_defaults_come_from_the_fields():
-    assert TrainConfig.from_args([]) == TrainConfig()
-    config = TrainConfig.from_args(
+    assert config_from_args([]) == TrainConfig()
+    config = config_from_args(
         [
             "--preset",
             "small",
@@ -84,16 +84,16 @@ def test_model_config_file_and_overrides(tmp_path):
     saved = {"d_model": 96, "n_heads": 2, "vocab_size": 999, "dtype": "bfloat16", "remat": True,
              "moe_dispatch": "blocks"}  # fmt: skip
     path.write_text(json.dumps(saved))
-    config = TrainConfig.from_args(["--model-config", str(path), "--model", "n_heads=3"])
+    config = config_from_args(["--model-config", str(path), "--model", "n_heads=3"])
     assert config.model == {"d_model": 96, "n_heads": 3}  # the tokenizer sets vocab_size
 
 
 def test_model_vocabulary_is_the_tokenizers_or_larger():
     """A checkpoint's vocabulary may be padded past its tokenizer's ids; never smaller."""
     assert TrainConfig().model_config(vocab_size=300).vocab_size == 300
-    padded = TrainConfig.from_args(["--model", "vocab_size=512"])
+    padded = config_from_args(["--model", "vocab_size=512"])
     assert padded.model_config(vocab_size=300).vocab_size == 512
-    small = TrainConfig.from_args(["--model", "vocab_size=9"])
+    small = config_from_args(["--model", "vocab_size=9"])
     with pytest.raises(ConfigError, match="vocab_size=9 is smaller than the tokenizer's"):
         small.model_config(vocab_size=300)
 
@@ -131,7 +131,7 @@ def test_model_vocabulary_is_the_tokenizers_or_larger():
 )
 def test_bad_values_name_what_is_valid(args, match):
     with pytest.raises(ConfigError, match=None) as error:
-        TrainConfig.from_args(args)
+        config_from_args(args)
     assert match in str(error.value)
 
 

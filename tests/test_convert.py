@@ -16,6 +16,9 @@ from muonjax.models.hf import from_hf
 from muonjax.train.corpus import load_corpus
 from muonjax.train.tokenizer import CheckpointTokenizer
 
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
+
 FIXTURE = pathlib.Path(__file__).parent / "data" / "hf" / "deepseek_v3_tiny"
 
 

@@ -13,6 +13,9 @@ from conftest import tiny_run
 
 from muonjax.train import ConfigError, read_metrics, run
 
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
+
 QUIET = dict(log=lambda *_: None)
 
 

@@ -25,6 +25,9 @@ import pytest
 
 import muonjax.cli
 
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
+
 EXIT_IO = getattr(muonjax.cli, "EXIT_IO", 74)
 CMD = [sys.executable, "-m", "muonjax", "train", "--no-progress"]
 STEPS, EVERY = 40, 10

@@ -7,7 +7,11 @@ import json
 import math
 
 import numpy as np
+import pytest
 from conftest import load_experiment, run_experiment, run_pod_experiment
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 attention_logits = load_experiment("attention_logits")
 

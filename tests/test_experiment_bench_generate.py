@@ -5,7 +5,11 @@ parameters)."""
 
 import math
 
+import pytest
 from conftest import run_experiment
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 
 def test_quick_writes_results(tmp_path):

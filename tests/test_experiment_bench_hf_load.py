@@ -2,7 +2,11 @@
 several shards, loaded in fresh processes by from_hf and by reading it whole
 first, with their peak memory recorded."""
 
+import pytest
 from conftest import run_experiment
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 
 def test_quick_writes_results(tmp_path):

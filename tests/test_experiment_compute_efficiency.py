@@ -7,6 +7,9 @@ import math
 import pytest
 from conftest import load_experiment, run_experiment, run_pod_experiment
 
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
+
 ce = load_experiment("compute_efficiency")
 common = load_experiment("common")
 

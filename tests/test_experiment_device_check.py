@@ -2,7 +2,11 @@
 accelerator runs stays alive: every section runs without error and reports
 consistent numbers."""
 
+import pytest
 from conftest import run_experiment
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 
 def test_quick_device_check_runs_every_section(tmp_path):

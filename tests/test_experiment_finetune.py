@@ -10,6 +10,9 @@ ft = load_experiment("finetune")
 
 SOURCE = '''
 import functools
+import pytest
+
+pytestmark = pytest.mark.slow  # trains, starts processes or runs an experiment: not in make test-fast
 
 def no_docstring(x):
     return x

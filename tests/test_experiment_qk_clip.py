@@ -3,7 +3,11 @@ and with QK-Clip (whose tau the toy logits cross), their curves and summaries,
 the step-overhead measurement, results.json and the plot."""
 
 import numpy as np
+import pytest
 from conftest import load_experiment, run_experiment
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 qk_clip = load_experiment("qk_clip")
 

@@ -2,7 +2,11 @@
 trial, one SIGTERM trial, one bad input, two untrusted inputs; results.json's
 structure, and every trial passed. (A signal in the final flush: tests/test_preemption.py.)"""
 
+import pytest
 from conftest import run_experiment
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 TRIAL_KEYS = {"trial", "signal", "trigger", "delay_s", "phase", "exit_code", "hung", "stderr",
               "relaunches", "identical", "failures", "passed"}  # fmt: skip

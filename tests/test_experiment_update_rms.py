@@ -8,6 +8,9 @@ import math
 import pytest
 from conftest import load_experiment, run_experiment, run_pod_experiment
 
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
+
 update_rms = load_experiment("update_rms")
 
 

@@ -21,6 +21,9 @@ from muonjax.train.pipeline import TokenWindows, train_batches
 from muonjax.train.program import build
 from muonjax.train.tokenizer import BPETokenizer, ByteTokenizer, encode_examples, tokenizer_for_run
 
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
+
 QUIET = dict(log=lambda *_: None)
 # Same model, shapes and schedule in the source and the fine-tunes: one compiled
 # program. One MoE layer: router biases (`rest`) too, and a short compile.

@@ -66,12 +66,14 @@ def greedy_by_recomputation(model, prompt, steps):
     return tokens[len(prompt) :]
 
 
+@pytest.mark.slow
 def test_greedy_with_cache_equals_recomputation_per_prompt(model):
     batched = generate(model, PROMPTS, max_new_tokens=NEW)
     for prompt, row in zip(PROMPTS, batched):
         assert row == greedy_by_recomputation(model, prompt, NEW)
 
 
+@pytest.mark.slow
 def test_batch_rows_equal_each_prompt_alone():
     # the padding logic is the model's, not the attention kind's: MLA alone
     model = Transformer(CONFIGS["mla"], rngs=nnx.Rngs(3))
@@ -117,6 +119,7 @@ def test_cache_holds_latent_and_rotary_key_only():
     assert init_cache(c.replace(first_k_dense=3), 1, 4).moe is None
 
 
+@pytest.mark.slow
 def test_sampling_seed_top_p_and_eos():
     model = Transformer(CONFIGS["mla"], rngs=nnx.Rngs(3))
     draw = lambda **kw: generate(model, PROMPTS, max_new_tokens=NEW, temperature=1.0, **kw)

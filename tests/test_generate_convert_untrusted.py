@@ -33,8 +33,11 @@ from test_damaged_checkpoints import _array_file
 from test_damaged_checkpoints import _damage as _damage_one_file
 
 from muonjax.cli import main
-from muonjax.train import convert, finetune, run
+from muonjax.train import checkpoint, convert, run
 from muonjax.train.checkpoint import attempt_restore
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 # the module (muonjax.models exports its function `generate` under the same name)
 generate_module = importlib.import_module("muonjax.models.generate")
@@ -132,7 +135,7 @@ def test_running_out_of_device_memory_while_generating_is_one_line(stored, monke
     def exhausted(*args, **kwargs):
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 480.0G")
 
-    monkeypatch.setattr(generate_module, "generate", exhausted)
+    monkeypatch.setattr("muonjax.cli.generate", exhausted)
     code, _, err = _cli("generate", "--run", stored, *PROMPT)
     assert code == 2 and len(err) == 1, err
     assert "does not fit in the device's memory (RESOURCE_EXHAUSTED" in err[0]
@@ -249,10 +252,10 @@ def test_a_damaged_step_or_none_that_restores_is_one_line(copy, tmp_path):
 
 
 def _racing_reader(trained_on: int):
-    """finetune._reader whose first read of checkpoint 4 loses a race with the run
+    """checkpoint._reader whose first read of checkpoint 4 loses a race with the run
     that writes it: the run saved `trained_on` (4's content here) and its retention
     deleted 4, between the listing and the read."""
-    real = finetune._reader
+    real = checkpoint._reader
 
     def reader(wanted, directory):
         read = real(wanted, directory)
@@ -269,7 +272,7 @@ def _racing_reader(trained_on: int):
 
 def test_a_checkpoint_deleted_while_it_is_read_is_retried_with_the_newest(copy, monkeypatch):
     code, want, _ = _cli("generate", "--run", copy, *PROMPT)
-    monkeypatch.setattr(finetune, "_reader", _racing_reader(6))
+    monkeypatch.setattr(checkpoint, "_reader", _racing_reader(6))
     code, out, err = _cli("generate", "--run", copy, *PROMPT)
     assert code == 0 and err == [] and out == want  # 6, which holds 4's arrays
     (copy / "checkpoints" / "6").rename(copy / "checkpoints" / "4")

@@ -194,6 +194,7 @@ def test_balance_loss():
     assert float(balance_loss(scores, skewed, E)) == pytest.approx(2.0, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_expert_that_received_tokens():
     config = TINY.replace(n_layers=1, first_k_dense=0)
     model = Transformer(config, rngs=nnx.Rngs(10))
@@ -318,6 +319,7 @@ def test_config_problems_are_collected_and_ints_are_floats():
     assert ModelConfig(rope_theta=10000, init_std=0).rope_theta == 10000
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["mla", "mha"])
 def test_flops_per_token_matches_xla_count(attention):
     # one dense layer: XLA's cost analysis counts a scan body once, so only a
@@ -334,6 +336,7 @@ def test_flops_per_token_matches_xla_count(attention):
     assert counted == pytest.approx(flops_per_token(config, 128) * 4 * 128, rel=0.03)
 
 
+@pytest.mark.slow
 def test_remat_changes_memory_not_results():
     tokens = _tokens((2, 16), seed=14)
 

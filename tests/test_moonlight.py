@@ -71,6 +71,7 @@ def _flat(tree):
     return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+@pytest.mark.slow
 def test_each_group_gets_its_own_optimizer_with_shared_lr_and_wd():
     params = _params(0)
     grads = [_params(1 + t) for t in range(3)]

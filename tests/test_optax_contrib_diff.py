@@ -1,10 +1,13 @@
 """experiments/optax_contrib_diff.py end to end: the measured differences from
-optax.contrib.muon that the README's "Differences from optax.contrib.muon" cites."""
+optax.contrib.muon that docs/optimizer.md's "Differences from optax.contrib.muon" cites."""
 
 import json
 
 import pytest
 from conftest import load_experiment
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 optax_contrib_diff = load_experiment("optax_contrib_diff")
 

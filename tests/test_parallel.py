@@ -15,15 +15,15 @@ import pytest
 
 from muonjax.models import preset
 from muonjax.optim.distributed import spread_flops
-from muonjax.parallel import MeshError, Plan, make_mesh, parse_mesh
+from muonjax.parallel import MeshError, Plan, make_mesh, parse_mesh, run_mesh
 from muonjax.train import TrainConfig, read_metrics, run
 from muonjax.train.corpus import load_corpus
-from muonjax.train.inspect import (
-    inspect,
+from muonjax.train.costs import (
     muon_leaves,
     newton_schulz_total,
     optimizer_flops,
     shard_bytes,
+    step_costs,
 )
 from muonjax.train.program import build
 from muonjax.train.shards import write_shards
@@ -51,6 +51,7 @@ def _run_steps(config, mesh, batches):
     "optimizer, meshes",
     [("muon", MESHES), ("adamw", MESHES[-1:])],  # AdamW is elementwise: one mesh with every axis
 )
+@pytest.mark.slow
 def test_sharded_steps_equal_single_device_step(optimizer, meshes):
     config = TrainConfig(
         optimizer=optimizer, batch_size=8, seq_len=32, warmup_steps=0, learning_rate=1e-2
@@ -128,11 +129,7 @@ def test_bad_meshes_are_clear_errors():
     with pytest.raises(
         MeshError, match="--batch-size 12 is not divisible by the data-parallel size 8"
     ):
-        build(
-            TrainConfig(batch_size=12, mesh="data=4,expert=2"),
-            TINY,
-            make_mesh(parse_mesh("data=4,expert=2")),
-        )
+        run_mesh("data=4,expert=2", 12)
 
 
 def _abstract_params(config):
@@ -169,10 +166,11 @@ def test_cli_bad_mesh_exits_2(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_inspect_reports_per_device_costs():
     mesh = make_mesh(parse_mesh("data=8"))
     config = TrainConfig(batch_size=8, seq_len=64, mesh="data=8", model=MOE_LAYER)
-    reports = {opt: inspect(config.replace(optimizer=opt), mesh) for opt in ("muon", "adamw")}
+    reports = {opt: step_costs(config.replace(optimizer=opt), mesh) for opt in ("muon", "adamw")}
     for r in reports.values():
         for key in (
             "param_bytes",
@@ -230,6 +228,7 @@ def _free_slurm_port() -> int:
     raise RuntimeError("no free port for the simulated SLURM job")
 
 
+@pytest.mark.slow
 def test_two_processes_by_slurm_and_by_flags_agree_with_one(corpus, tmp_path):
     """`srun -n 2 muonjax train --data SHARDS ...` on one node, simulated: the
     SLURM variables JAX's cluster detection reads. Process 1 joins by them
@@ -304,6 +303,7 @@ def test_two_processes_by_slurm_and_by_flags_agree_with_one(corpus, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_restore_onto_a_smaller_mesh(corpus, tmp_path):
     base = dict(data=(corpus,), steps=6, decay_steps=6, warmup_steps=2, batch_size=8, seq_len=32, log_every=1,
                 eval_every=6, checkpoint_every=3, progress=False,
@@ -328,6 +328,7 @@ def test_restore_onto_a_smaller_mesh(corpus, tmp_path):
     assert jnp.isfinite(moved[-1])
 
 
+@pytest.mark.slow
 def test_inspect_cli_json():
     result = subprocess.run(
         [sys.executable, "-m", "muonjax", "inspect", "--preset", "tiny", "--mesh", "data=4,expert=2",

@@ -4,11 +4,15 @@ state in float32, and a loss close to float32's."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from muonjax.parallel.mesh import make_mesh, parse_mesh
 from muonjax.train import TrainConfig
 from muonjax.train.corpus import load_corpus
 from muonjax.train.program import build
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 
 def _train(dtype, batches):

@@ -11,11 +11,15 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from conftest import DENSE, signal_while_blocked
 
 from muonjax.cli import EXIT_PREEMPTED
 from muonjax.train import read_metrics
 from muonjax.train.corpus import load_corpus
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 CMD = [sys.executable, "-m", "muonjax", "train", "--no-progress"]
 

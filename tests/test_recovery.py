@@ -15,11 +15,14 @@ import pytest
 from conftest import tiny_run
 
 from muonjax.train import TrainConfig, TrainingStopped, read_metrics, run
-from muonjax.train.config import ConfigError
 from muonjax.train.corpus import load_corpus, split_texts
+from muonjax.train.errors import ConfigError
 from muonjax.train.optimizers import learning_rate_schedule
 from muonjax.train.pipeline import train_batches
 from muonjax.train.tokenizer import ByteTokenizer
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 QUIET = lambda *_: None  # noqa: E731
 

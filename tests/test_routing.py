@@ -1,4 +1,4 @@
-"""Routing: moonlight_labels' defaults and extensions, describe, and moonlight's optax manners
+"""Routing: moonlight_labels' defaults and extensions, routing_table, and moonlight's optax manners
 (tree_map_params, inject_hyperparams, AdamW moments in float32)."""
 
 import functools
@@ -14,8 +14,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import muonjax
-from muonjax.optim.describe import LeafInfo, describe
 from muonjax.optim.newton_schulz import newton_schulz_flops
+from muonjax.optim.routing_table import LeafInfo, routing_table
 
 D, V = 16, 40
 
@@ -151,7 +151,7 @@ def test_moonlight_with_extended_labels():
     assert not np.allclose(default["output"], ref)  # Muon's, by default
 
 
-# ---- describe ----------------------------------------------------------------------
+# ---- routing_table -------------------------------------------------------------------
 
 
 def _mixed():
@@ -174,8 +174,8 @@ def _qkv_axes(path, leaf):
     return None
 
 
-def test_describe_rows():
-    rows = describe(_mixed(), matrix_axes=_qkv_axes)
+def test_routing_table_rows():
+    rows = routing_table(_mixed(), matrix_axes=_qkv_axes)
     assert all(isinstance(r, LeafInfo) for r in rows)
     by_path = {r.path: r for r in rows}
     assert list(by_path) == [  # tree order
@@ -212,16 +212,16 @@ def test_describe_rows():
     assert by_path["wide"].dtype == "bfloat16" and by_path["gain"].dtype == "float32"
 
 
-def test_describe_rules_and_inputs():
+def test_routing_table_rules_and_inputs():
     params = _mixed()
-    rows = describe(params, matrix_axes=_qkv_axes)
+    rows = routing_table(params, matrix_axes=_qkv_axes)
     # the same from jax.eval_shape output, and from a labels tree
-    assert describe(jax.eval_shape(lambda: params), matrix_axes=_qkv_axes) == rows
+    assert routing_table(jax.eval_shape(lambda: params), matrix_axes=_qkv_axes) == rows
     labels = muonjax.moonlight_labels(params)
-    assert describe(params, labels=labels, matrix_axes=_qkv_axes) == rows
+    assert routing_table(params, labels=labels, matrix_axes=_qkv_axes) == rows
 
     def scales(**kw):
-        return {r.path: r.scale for r in describe(params, **kw) if r.group == "muon"}
+        return {r.path: r.scale for r in routing_table(params, **kw) if r.group == "muon"}
 
     assert scales(update_scale="hidden", hidden_size=64, rms_scale=0.3) == {
         p: pytest.approx(0.3 * 8.0)
@@ -235,14 +235,14 @@ def test_describe_rules_and_inputs():
     }
     assert set(scales(update_scale="update_norm").values()) == {"0.2/RMS(O)"}
     with pytest.raises(ValueError, match="hidden_size"):
-        describe(params, update_scale="hidden")
+        routing_table(params, update_scale="hidden")
     with pytest.raises(ValueError, match="valid rules"):
-        describe(params, update_scale="nope")
+        routing_table(params, update_scale="nope")
     with pytest.raises(ValueError, match=r"\['gain'\] has shape \(\)"):
-        describe(params, labels=lambda t: jax.tree.map(lambda _: "muon", t))
+        routing_table(params, labels=lambda t: jax.tree.map(lambda _: "muon", t))
 
     # extension, as moonlight takes it
-    extended = describe(
+    extended = routing_table(
         params, labels=functools.partial(muonjax.moonlight_labels, adamw_names=("wide",))
     )
     assert {r.path for r in extended if r.group == "muon"} == {
@@ -252,9 +252,9 @@ def test_describe_rules_and_inputs():
     }
 
 
-def test_describe_table_and_nnx_state():
+def test_routing_table_text_and_nnx_state():
     params = _mixed()
-    text = str(describe(params, matrix_axes=_qkv_axes))
+    text = str(routing_table(params, matrix_axes=_qkv_axes))
     lines = text.splitlines()
     assert lines[0].split() == [
         "path",
@@ -280,13 +280,13 @@ def test_describe_table_and_nnx_state():
     )
 
     model = nnx.Linear(D, 24, rngs=nnx.Rngs(0))
-    rows = describe(nnx.state(model, nnx.Param))
+    rows = routing_table(nnx.state(model, nnx.Param))
     assert [(r.path, r.group, r.matrix) for r in rows] == [
         ("bias", "adamw", None),
         ("kernel", "muon", (16, 24)),
     ]
     abstract = nnx.state(nnx.eval_shape(lambda: nnx.Linear(D, 24, rngs=nnx.Rngs(0))), nnx.Param)
-    assert describe(abstract) == rows
+    assert routing_table(abstract) == rows
 
 
 # ---- optax.tree_map_params -----------------------------------------------------------

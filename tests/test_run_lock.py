@@ -11,9 +11,12 @@ import time
 import pytest
 from conftest import DENSE
 
-from muonjax.train.config import ConfigError
+from muonjax.train.errors import ConfigError
 from muonjax.train.lock import LOCK_FILE, RunLock, is_lock_file, lock_name
 from muonjax.train.loop import _saved_config
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 TRAIN = [sys.executable, "-m", "muonjax", "train", "--no-progress"]
 SMALL = [

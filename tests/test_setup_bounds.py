@@ -19,6 +19,9 @@ from muonjax.parallel.mesh import make_mesh, parse_mesh
 from muonjax.train import TrainConfig, pipeline
 from muonjax.train.loop import _check_memory
 
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
+
 # a run of 8 x 32 on this process's 8 CPU devices, on the text of the `text` fixture
 SIZES = ["--batch-size", "8", "--seq-len", "32", "--validation-fraction", "0.1"]
 SMALL = ["--model", DENSE, *SIZES]

@@ -12,8 +12,8 @@ import pytest
 from conftest import tiny_run
 
 from muonjax.train import TrainConfig, read_metrics, run
-from muonjax.train.config import ConfigError
-from muonjax.train.data import tokenize
+from muonjax.train.corpus import tokenize
+from muonjax.train.errors import ConfigError
 from muonjax.train.pipeline import READ_OPTIONS, TokenWindows, eval_batches, train_batches
 from muonjax.train.shards import (
     MANIFEST,
@@ -106,6 +106,7 @@ def test_iterator_resumes_exactly_on_shards(shards):
         np.testing.assert_array_equal(next(again), want)
 
 
+@pytest.mark.slow
 def test_a_run_from_shards_equals_one_from_text_and_resumes_exactly(corpus, shards, tmp_path):
     quiet = lambda *_: None
     same = dict(steps=4, decay_steps=4, eval_every=4)  # the schedule of 4 steps, also at 2

@@ -23,9 +23,12 @@ from test_cli_errors import _assert_usage_error, _train
 
 from muonjax.cli import main
 from muonjax.train import TrainConfig
-from muonjax.train.config import ConfigError
 from muonjax.train.data import load_data
+from muonjax.train.errors import ConfigError
 from muonjax.train.shards import MANIFEST, RECORD_TOKENS, write_shards
+
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
 
 TOKENIZE = [sys.executable, "-m", "muonjax", "tokenize"]
 SMALL = ["--batch-size", "8", "--seq-len", "16", "--steps", "1", "--model", DENSE]
@@ -401,7 +404,7 @@ def _no_work(*args, **kwargs):
 
 def test_write_shards_refuses_a_dangling_link_before_the_work(corpora, tmp_path, monkeypatch):
     """The library's own check: os.rename would fail on the link only after the work."""
-    monkeypatch.setattr("muonjax.train.data.tokenize", _no_work)
+    monkeypatch.setattr("muonjax.train.shards.tokenize", _no_work)
     (tmp_path / "out").symlink_to(tmp_path / "nowhere")
     with pytest.raises(ConfigError, match="exists; muonjax tokenize writes a new folder"):
         write_shards(TrainConfig(data=(str(corpora["corpus_a"]),)), tmp_path / "out")
@@ -416,7 +419,7 @@ def test_write_shards_refuses_a_dangling_link_before_the_work(corpora, tmp_path,
     ],
 )
 def test_out_problems_are_found_before_the_work(corpora, tmp_path, monkeypatch, capsys, out, match):
-    monkeypatch.setattr("muonjax.train.data.tokenize", _no_work)
+    monkeypatch.setattr("muonjax.train.shards.tokenize", _no_work)
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     (tmp_path / "existing").mkdir()
     (tmp_path / "file").write_text("")

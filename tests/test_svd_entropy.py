@@ -17,8 +17,9 @@ from muonjax.models import (
     svd_entropy,
     svd_entropy_by_group,
 )
-from muonjax.models.spectra import figure4_group, hidden_matrices, matrix_group, path_names
-from muonjax.train import ConfigError, TrainConfig, read_metrics, run
+from muonjax.models.spectra import figure4_group, hidden_matrices, matrix_group
+from muonjax.optim.paths import path_names
+from muonjax.train import ConfigError, TrainConfig, config_from_args, read_metrics, run
 
 
 def reference(matrix) -> float:
@@ -90,6 +91,7 @@ def test_float64_in_float64():
         ({"attention": "mha"}, {"q_proj": "AttnQO", "k_proj": "AttnKV", "v_proj": "AttnKV"}),
     ],
 )
+@pytest.mark.slow
 def test_every_hidden_matrix_has_its_figure4_group(changes, groups):
     config = ModelConfig(n_layers=3, first_k_dense=1, **changes)
     params = nnx.state(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
@@ -135,6 +137,7 @@ def test_leaves_are_read_as_muon_reads_them():
     assert default.shape == (2, 8)  # without it: a stack of (2, 4) matrices
 
 
+@pytest.mark.slow
 def test_many_cpu_devices_do_not_deadlock():
     """jaxlib's batched CPU SVD waits on XLA's thread pool from inside it: the
     8 devices' programs, each with several SVDs, used to hang here for good."""
@@ -151,6 +154,7 @@ def test_many_cpu_devices_do_not_deadlock():
         assert jax.device_get(by_group(params)) == first
 
 
+@pytest.mark.slow
 def test_trainer_logs_svd_entropy_on_a_sharded_model(corpus, tmp_path):
     import orbax.checkpoint as ocp
 
@@ -175,6 +179,6 @@ def test_trainer_logs_svd_entropy_on_a_sharded_model(corpus, tmp_path):
 
 def test_svd_entropy_every_flag():
     assert TrainConfig().svd_entropy_every == 0  # off by default
-    assert TrainConfig.from_args(["--svd-entropy-every", "50"]).svd_entropy_every == 50
+    assert config_from_args(["--svd-entropy-every", "50"]).svd_entropy_every == 50
     with pytest.raises(ConfigError, match="--svd-entropy-every must be >= 0, got -1"):
-        TrainConfig.from_args(["--svd-entropy-every", "-1"])
+        config_from_args(["--svd-entropy-every", "-1"])

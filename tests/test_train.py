@@ -21,6 +21,9 @@ from muonjax.train.optimizers import learning_rate_schedule
 from muonjax.train.pipeline import eval_batches, train_batches
 from muonjax.train.tokenizer import tokenizer_for_run
 
+# trains, starts processes or runs an experiment: left out of make test-fast
+pytestmark = pytest.mark.slow
+
 DOCUMENTED_FIELDS = {
     "step",
     "loss",

@@ -1,5 +1,5 @@
 """ZeRO-1 for users' own models: state shardings over a named mesh axis, and
-the README's sharded-model example, run as written."""
+docs/optimizer.md's sharded-model example, run as written."""
 
 import pathlib
 import re
@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import muonjax
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+README = pathlib.Path(__file__).resolve().parent.parent / "docs" / "optimizer.md"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_state_shardings_split_every_moment_and_replicate_the_rest(mesh):
 
 
 def test_readme_sharded_model_example_runs_and_equals_one_device():
-    """The README's example as written, against the same step on one device."""
+    """docs/optimizer.md's example as written, against the same step on one device."""
     block = next(
         b
         for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)

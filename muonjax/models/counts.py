@@ -8,12 +8,12 @@ import jax
 from flax import nnx
 
 from muonjax.models.config import ModelConfig
+from muonjax.models.transformer import Transformer
+from muonjax.optim.paths import path_names
 
 
 def abstract_model(config: ModelConfig):
     """The model with ShapeDtypeStructs in place of arrays."""
-    from muonjax.models.transformer import Transformer
-
     return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
 
 
@@ -24,7 +24,7 @@ def param_counts(config: ModelConfig) -> dict[str, int]:
     total = active = embedding = 0
     routed_fraction = config.experts_per_token / config.n_routed_experts
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        names = path_names(path)
         size = math.prod(leaf.shape)
         total += size
         if names[0] in ("embed", "lm_head"):

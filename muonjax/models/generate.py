@@ -103,42 +103,77 @@ def generate(
     longest = max(map(len, prompts))
     check_generation_fits(model.config, devices, len(prompts), longest, max_new_tokens)
     static = dict(graphdef=graphdef, temperature=float(temperature), top_p=float(top_p))
+    decoder = (_CachedDecoder if use_cache else _RecomputingDecoder)(
+        state, prompts, max_new_tokens, static
+    )
     key = jax.random.key(seed)
-    lengths = np.array([len(p) for p in prompts])
-    B, P = len(prompts), int(lengths.max())
     out: list[list[int]] = [[] for _ in prompts]
-    done_B = np.zeros(B, bool)
-    if use_cache:
-        tokens_BP = np.zeros((B, P), np.int32)
-        for b, p in enumerate(prompts):
-            tokens_BP[b, P - len(p) :] = p
-        start_B = jnp.asarray(P - lengths, jnp.int32)
-        max_len = P + max_new_tokens - 1  # the last new token is never fed back
-    else:
-        tokens_BS = np.zeros((B, P + max_new_tokens), np.int32)
-        for b, p in enumerate(prompts):
-            tokens_BS[b, : len(p)] = p
-        lengths_B = lengths.copy()
+    done_B = np.zeros(len(prompts), bool)
     for i in range(max_new_tokens):
-        step_key = jax.random.fold_in(key, i)
-        if not use_cache:
-            so_far = int(lengths_B.max())
-            last_B = jnp.asarray(lengths_B - 1, jnp.int32)
-            next_B = _recompute(state, tokens_BS[:, :so_far], last_B, step_key, **static)
-        elif i == 0:
-            next_B, cache = _prefill(state, tokens_BP, start_B, step_key, **static, max_len=max_len)
-        else:
-            next_B, cache = _decode(state, cache, next_B, step_key, **static)
-        host_B = np.asarray(next_B)
+        host_B = decoder.step(i, jax.random.fold_in(key, i))
         for b in np.flatnonzero(~done_B):
             out[b].append(int(host_B[b]))
             done_B[b] = host_B[b] == eos_id
-            if not use_cache:
-                tokens_BS[b, lengths_B[b]] = host_B[b]
-                lengths_B[b] += 1
+            decoder.feed(b, host_B[b])
         if done_B.all():
             break
     return out
+
+
+class _CachedDecoder:
+    """generate's steps with the KV cache: the prompts left-padded into one
+    batch and prefilled at step 0, then one token per row fed at each step."""
+
+    def __init__(self, state, prompts, max_new_tokens: int, static: dict):
+        lengths = np.array([len(p) for p in prompts])
+        B, P = len(prompts), int(lengths.max())
+        self.tokens_BP = np.zeros((B, P), np.int32)
+        for b, p in enumerate(prompts):
+            self.tokens_BP[b, P - len(p) :] = p
+        self.start_B = jnp.asarray(P - lengths, jnp.int32)
+        self.max_len = P + max_new_tokens - 1  # the last new token is never fed back
+        self.state, self.static = state, static
+        self.next_B = self.cache = None
+
+    def step(self, i: int, key) -> np.ndarray:
+        """Step `i`'s token of every row, on the host."""
+        if i == 0:
+            self.next_B, self.cache = _prefill(
+                self.state, self.tokens_BP, self.start_B, key, **self.static, max_len=self.max_len
+            )
+        else:
+            self.next_B, self.cache = _decode(
+                self.state, self.cache, self.next_B, key, **self.static
+            )
+        return np.asarray(self.next_B)
+
+    def feed(self, b: int, token) -> None:
+        """Nothing: the next step feeds every row's token from the device."""
+
+
+class _RecomputingDecoder:
+    """generate's steps without a cache: the whole sequence so far (rows
+    right-padded) through the training forward pass at every step."""
+
+    def __init__(self, state, prompts, max_new_tokens: int, static: dict):
+        lengths = np.array([len(p) for p in prompts])
+        self.tokens_BS = np.zeros((len(prompts), int(lengths.max()) + max_new_tokens), np.int32)
+        for b, p in enumerate(prompts):
+            self.tokens_BS[b, : len(p)] = p
+        self.lengths_B = lengths.copy()
+        self.state, self.static = state, static
+
+    def step(self, i: int, key) -> np.ndarray:
+        """Step `i`'s token of every row, on the host."""
+        so_far = int(self.lengths_B.max())
+        last_B = jnp.asarray(self.lengths_B - 1, jnp.int32)
+        tokens_BL = self.tokens_BS[:, :so_far]
+        return np.asarray(_recompute(self.state, tokens_BL, last_B, key, **self.static))
+
+    def feed(self, b: int, token) -> None:
+        """Row `b`'s new token, appended to its sequence (a row still going)."""
+        self.tokens_BS[b, self.lengths_B[b]] = token
+        self.lengths_B[b] += 1
 
 
 def _check(model, prompts, max_new_tokens, temperature, top_p, seed, eos_id, max_len) -> None:

@@ -55,6 +55,7 @@ from muonjax.models.config import InvalidModelConfig, ModelConfig
 from muonjax.models.counts import abstract_model
 from muonjax.models.memory import TooLarge, check_fits
 from muonjax.models.transformer import Transformer
+from muonjax.optim.paths import path_names
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -483,12 +484,14 @@ def from_hf(
         _check_fits(config, shardings, directory)
     interleaved = _read_json(directory / CONFIG_FILE).get("rope_interleave", True)
     graphdef, state = nnx.split(abstract_model(config))
-    leaves = {_names(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+    leaves = {path_names(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
     if shardings is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         placement = dict.fromkeys(leaves, device)
     else:
-        placement = {_names(path): s for path, s in jax.tree_util.tree_leaves_with_path(shardings)}
+        placement = {
+            path_names(path): s for path, s in jax.tree_util.tree_leaves_with_path(shardings)
+        }
     files = _Files(directory)
     by_leaf = _tensor_table(config, files, leaves, directory)
     try:
@@ -502,7 +505,7 @@ def from_hf(
             files.close()
     finally:
         files.close()
-    state = jax.tree_util.tree_map_with_path(lambda path, _: arrays[_names(path)], state)
+    state = jax.tree_util.tree_map_with_path(lambda path, _: arrays[path_names(path)], state)
     return nnx.merge(graphdef, state)
 
 
@@ -668,7 +671,7 @@ def to_hf(
     config = model.config
     hf_json = config_to_hf(config, dtype)
     state = nnx.state(model)
-    leaves = {_names(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
+    leaves = {path_names(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)}
     for leaf in leaves.values():
         if not leaf.is_fully_addressable:
             raise CheckpointError("to_hf needs every parameter on this process (run it on one)")
@@ -728,11 +731,6 @@ def _save_safetensors(tensors: dict[str, np.ndarray], path: pathlib.Path) -> Non
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def _names(path) -> tuple[str, ...]:
-    names = tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    return names[:-1] if names[-1] == "value" else names
 
 
 def _read_json(path: pathlib.Path) -> dict:

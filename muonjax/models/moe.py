@@ -3,44 +3,16 @@ normalized top-k weights, shared experts, dropless dispatch."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from muonjax.models.config import ModelConfig
 from muonjax.models.dispatch import routed_experts
 from muonjax.models.layers import MLP, param
-
-
-class ExpertSharding(NamedTuple):
-    """How tokens and experts are laid out on a mesh (set by muonjax.parallel)."""
-
-    mesh: jax.sharding.Mesh
-    batch_axes: tuple[str, ...]  # the token axis is split over these
-    expert_axis: str  # experts are split over this one (also one of batch_axes)
-    tensor_axis: str  # the experts' hidden width is split over this one
-    manual: bool = False  # already inside a shard_map over every mesh axis
-
-
-_EXPERT_SHARDING: contextvars.ContextVar[ExpertSharding | None] = contextvars.ContextVar(
-    "expert_sharding", default=None
-)
-
-
-@contextlib.contextmanager
-def expert_sharding(layout: ExpertSharding | None):
-    """Within this context (while tracing), MoE layers run under shard_map:
-    every device routes its own tokens through its own experts."""
-    token = _EXPERT_SHARDING.set(layout)
-    try:
-        yield
-    finally:
-        _EXPERT_SHARDING.reset(token)
 
 
 class RouterBias(nnx.Variable):
@@ -93,7 +65,7 @@ class MoE(nnx.Module):
         c = config
         E, D, F = c.n_routed_experts, c.d_model, c.moe_intermediate_size
         self.router = Router(c, rngs=rngs)
-        self.experts = RoutedExperts(E, D, F, std=c.init_std, dispatch=c.moe_dispatch, rngs=rngs)
+        self.experts = RoutedExperts(E, D, F, std=c.init_std, method=c.moe_dispatch, rngs=rngs)
         self.shared = (
             MLP(D, c.n_shared_experts * F, std=c.init_std, dtype=c.dtype, rngs=rngs)
             if c.n_shared_experts
@@ -118,8 +90,18 @@ class MoE(nnx.Module):
         return y_TD.reshape(B, L, D).astype(x_BLD.dtype), MoEAux(load_E, aux_loss)
 
 
+# (x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD, *, method) -> y_TD:
+# how RoutedExperts computes its experts (see `routed_experts`)
+ExpertDispatch = Callable[..., jax.Array]
+
+
 class RoutedExperts(nnx.Module):
-    """E SwiGLU experts stored as stacks (E, D, F), (E, D, F), (E, F, D)."""
+    """E SwiGLU experts stored as stacks (E, D, F), (E, D, F), (E, F, D).
+
+    `dispatch` computes them, by default on this device (`routed_experts`);
+    muonjax.parallel hands in an expert-parallel one (`with_expert_dispatch`).
+    It is static (part of the graph, not of the state), so it must be hashable.
+    """
 
     def __init__(
         self,
@@ -128,9 +110,11 @@ class RoutedExperts(nnx.Module):
         hidden: int,
         *,
         std: float,
-        dispatch: str,
+        method: str,
         rngs: nnx.Rngs,
+        dispatch: ExpertDispatch = routed_experts,
     ):
+        self.method = method  # "blocks", "ragged_dot" or "auto" (see routed_experts)
         self.dispatch = dispatch
         self.gate = param(rngs, (n_experts, d_model, hidden), ("experts", "embed", "mlp"), std)
         self.up = param(rngs, (n_experts, d_model, hidden), ("experts", "embed", "mlp"), std)
@@ -143,50 +127,18 @@ class RoutedExperts(nnx.Module):
             self.up[...].astype(dtype),
             self.down[...].astype(dtype),
         )
-        layout = _EXPERT_SHARDING.get()
-        if layout is None:
-            return routed_experts(x_TD, experts_TK, weights_TK, *weights, method=self.dispatch)
-        return _sharded_routed_experts(
-            layout, self.dispatch, x_TD, experts_TK, weights_TK, *weights
-        )
+        return self.dispatch(x_TD, experts_TK, weights_TK, *weights, method=self.method)
 
 
-def _sharded_routed_experts(
-    layout: ExpertSharding, method, x_TD, experts_TK, weights_TK, gate, up, down
-):
-    """Expert parallelism: each device gathers the tokens of its expert-axis
-    peers, runs those routed to its own E/e experts (the others' ids are masked
-    out), and a reduce-scatter returns every token's sum to its owner. The
-    experts' hidden width may be split over the tensor axis (a psum joins it)."""
-    mesh, e_axis = layout.mesh, layout.expert_axis
-    n_shards = mesh.shape[e_axis]
-    t_axis = layout.tensor_axis if mesh.shape[layout.tensor_axis] > 1 else None
-    tokens = P(layout.batch_axes)
-
-    def local(x, ids, w, g, u, d):
-        if n_shards > 1:
-            x, ids, w = (jax.lax.all_gather(a, e_axis, axis=0, tiled=True) for a in (x, ids, w))
-            local_experts = g.shape[0]
-            ids = ids - jax.lax.axis_index(e_axis) * local_experts
-            ours = (ids >= 0) & (ids < local_experts)
-            ids, w = jnp.where(ours, ids, local_experts), jnp.where(ours, w, 0)
-        y = routed_experts(x, ids, w, g, u, d, method=method)
-        if t_axis is not None:
-            y = jax.lax.psum(y, t_axis)
-        if n_shards > 1:
-            y = jax.lax.psum_scatter(y, e_axis, scatter_dimension=0, tiled=True)
-        return y
-
-    if layout.manual:
-        return local(x_TD, experts_TK, weights_TK, gate, up, down)
-    experts = P(e_axis, None, t_axis)
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(tokens, tokens, tokens, experts, experts, P(e_axis, t_axis, None)),
-        out_specs=tokens,
-        check_vma=False,  # the dispatch loop's zero-initialized carries are per-device
-    )(x_TD, experts_TK, weights_TK, gate, up, down)
+def with_expert_dispatch(graphdef: nnx.GraphDef, state, dispatch: ExpertDispatch) -> nnx.GraphDef:
+    """`graphdef` with every RoutedExperts computed by `dispatch`; `state`: a
+    tuple of the model's variable states (arrays or ShapeDtypeStructs), e.g.
+    (params, rest) as nnx.split gives them."""
+    model = nnx.merge(graphdef, *state)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, RoutedExperts):
+            node.dispatch = dispatch
+    return nnx.graphdef(model)
 
 
 def balance_router_bias(bias_E, load_E, rate: float = 1e-3):

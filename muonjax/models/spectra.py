@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from muonjax.optim.matrix_axes import MatrixAxesFn, matrix_view
+from muonjax.optim.paths import path_names
 from muonjax.optim.recipes import MUON, moonlight_labels
 
 # A hidden matrix's group (the paper's Table 1 names), by the innermost module
@@ -39,20 +40,6 @@ MATRIX_GROUPS = {
 # Figure 4's groups: query and output projections together.
 FIGURE4_GROUPS = ("AttnQO", "AttnKV", "Experts", "SharedExperts", "Router", "Dense")
 _TO_FIGURE4 = {"AttnQ": "AttnQO", "AttnO": "AttnQO"}
-
-
-def path_names(path: Any) -> tuple[str, ...]:
-    """A tree path's keys as strings, without nnx.State's trailing "value"."""
-    names = []
-    for key in path:
-        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
-            if hasattr(key, attr):
-                key = getattr(key, attr)
-                break
-        names.append(str(key))
-    while names and names[-1] == "value":
-        names.pop()
-    return tuple(names)
 
 
 def matrix_group(names: tuple[str, ...]) -> str | None:

@@ -13,8 +13,8 @@ from muonjax.models.attention import ATTENTION, LARGE_LOGIT, attention
 from muonjax.models.config import ModelConfig
 from muonjax.models.layers import MLP, Linear, RMSNorm
 from muonjax.models.moe import MoE, balance_router_bias
+from muonjax.optim.paths import path_names
 from muonjax.optim.qk_clip import QKHeads, QKHeadsFn
-from muonjax.optim.recipes import _key_name
 
 LAYERS = "layers"  # logical name of the stacking axis
 
@@ -219,9 +219,7 @@ def qk_clip_heads(config: ModelConfig) -> QKHeadsFn:
 
     def heads(path, leaf) -> QKHeads | None:
         del leaf
-        names = [_key_name(key) for key in path]
-        if names[-1] == "value":  # an nnx.Param's own pytree node
-            names = names[:-1]
+        names = path_names(path)
         if len(names) == 4 and names[0] in stacks and names[1] == "attn" and names[3] == "kernel":
             if names[2] in parts:
                 return QKHeads(stacks[names[0]], *parts[names[2]])

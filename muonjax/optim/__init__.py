@@ -4,7 +4,6 @@ Imports jax and optax only, so the optimizer can be used without the rest of
 muonjax (no flax, no meshes).
 """
 
-from muonjax.optim.describe import describe
 from muonjax.optim.distributed import orthogonalize_spread
 from muonjax.optim.matrix_axes import MatrixAxes
 from muonjax.optim.muon import (
@@ -22,6 +21,7 @@ from muonjax.optim.newton_schulz import (
 )
 from muonjax.optim.qk_clip import QKHeads, apply_qk_clip, qk_clip, qk_clip_factors
 from muonjax.optim.recipes import ADAMW_NAMES, moonlight, moonlight_labels, weight_decay_mask
+from muonjax.optim.routing_table import routing_table
 from muonjax.optim.zero1 import zero1_sharding, zero1_state_shardings
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "MatrixAxes",
     "ScaleByMuonState",
     "apply_qk_clip",
-    "describe",
     "moonlight",
     "moonlight_labels",
     "muon",
@@ -42,6 +41,7 @@ __all__ = [
     "orthogonalize_spread",
     "qk_clip",
     "qk_clip_factors",
+    "routing_table",
     "scale_by_muon",
     "scale_by_shape",
     "weight_decay_mask",

@@ -109,44 +109,54 @@ def scale_by_muon(
         new_mu = jax.tree.map(lambda m, g: (momentum * m + g).astype(m.dtype), state.mu, updates)
         # N in the wider of both dtypes
         n_tree = jax.tree.map(lambda g, m: g + momentum * m if nesterov else m, updates, new_mu)
-        ns, treedef = jax.tree.flatten(n_tree)
-        views = _matrix_views(matrix_axes, n_tree)
-
-        context = jax.sharding.get_abstract_mesh()
-        explicit = () if context.empty else explicit_axes(context)
-        # Where each leaf lies: in its type under Explicit axes, else as told
-        if explicit:
-            specs = [jax.typeof(n).sharding.spec for n in ns]
-        elif update_specs is not None:
-            specs = [
-                update_specs(path, n) for path, n in jax.tree_util.tree_leaves_with_path(n_tree)
-            ]
-        else:
-            specs = None
-
-        def orthogonalize_leaves(ns):
-            where = resolve_mesh(mesh)
-            if where is None:
-                return [
-                    v.from_matrix(orthogonalize_stack(v.to_matrix(n))) for v, n in zip(views, ns)
-                ]
-            return orthogonalize_spread(
-                ns, views, orthogonalize_stack, where, steps, spread_axes, specs
-            )
-
-        if explicit and ns:
-            # Sharded types would forbid the reshapes and products of a
-            # whole-matrix layout: let the compiler place them, and return
-            # each leaf in its own sharding.
-            shardings = [jax.typeof(n).sharding for n in ns]
-            orthogonalize_leaves = jax.sharding.auto_axes(
-                orthogonalize_leaves, axes=explicit, out_sharding=shardings
-            )
-        directions = orthogonalize_leaves(ns)
+        directions = _orthogonalize_tree(
+            n_tree, matrix_axes, orthogonalize_stack, mesh, steps, spread_axes, update_specs
+        )
         directions = [o.astype(g.dtype) for o, g in zip(directions, jax.tree.leaves(updates))]
-        return jax.tree.unflatten(treedef, directions), ScaleByMuonState(mu=new_mu)
+        return jax.tree.unflatten(jax.tree.structure(n_tree), directions), ScaleByMuonState(new_mu)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _orthogonalize_tree(
+    n_tree, matrix_axes, orthogonalize_stack, mesh, ns_steps, spread_axes, update_specs
+) -> list[jax.Array]:
+    """Each matrix of each leaf of `n_tree` orthogonalized, the leaves in tree
+    order: spread over the mesh's devices where there is a mesh (see
+    `scale_by_muon`), else each where it lies."""
+    ns = jax.tree.leaves(n_tree)
+    views = _matrix_views(matrix_axes, n_tree)
+    context = jax.sharding.get_abstract_mesh()
+    explicit = () if context.empty else explicit_axes(context)
+    specs = _update_layouts(n_tree, explicit, update_specs)
+
+    def orthogonalize_leaves(ns):
+        where = resolve_mesh(mesh)
+        if where is None:
+            return [v.from_matrix(orthogonalize_stack(v.to_matrix(n))) for v, n in zip(views, ns)]
+        return orthogonalize_spread(
+            ns, views, orthogonalize_stack, where, ns_steps, spread_axes, specs
+        )
+
+    if explicit and ns:
+        # Sharded types would forbid the reshapes and products of a
+        # whole-matrix layout: let the compiler place them, and return
+        # each leaf in its own sharding.
+        shardings = [jax.typeof(n).sharding for n in ns]
+        orthogonalize_leaves = jax.sharding.auto_axes(
+            orthogonalize_leaves, axes=explicit, out_sharding=shardings
+        )
+    return orthogonalize_leaves(ns)
+
+
+def _update_layouts(n_tree, explicit: tuple[str, ...], update_specs) -> list | None:
+    """Where each leaf of `n_tree` lies: in its type under Explicit axes, else as
+    `update_specs` tells; None when unknown."""
+    if explicit:
+        return [jax.typeof(n).sharding.spec for n in jax.tree.leaves(n_tree)]
+    if update_specs is not None:
+        return [update_specs(path, n) for path, n in jax.tree_util.tree_leaves_with_path(n_tree)]
+    return None
 
 
 def _scale_moonlight(view, u, rms_scale, hidden_size):
@@ -182,7 +192,14 @@ _SCALE_BY_RULE = {
 UPDATE_SCALE_RULES = tuple(_SCALE_BY_RULE)
 
 
-def _check_update_scale(rule: str, hidden_size: Any) -> None:
+def shape_scale(rule: str, view: MatrixView, rms_scale: float, hidden_size: Any) -> float:
+    """The factor `rule` multiplies each matrix of `view` by, for the rules that
+    depend on the shape alone (all but "update_norm"): the rule applied to 1."""
+    return float(_SCALE_BY_RULE[rule](view, 1.0, rms_scale, hidden_size))
+
+
+def check_update_scale(rule: str, hidden_size: Any) -> None:
+    """ValueError for an unknown update-scale rule, or "hidden" without a valid hidden_size."""
     if rule not in _SCALE_BY_RULE:
         raise ValueError(
             f"Unknown update scale rule {rule!r}; valid rules: {', '.join(UPDATE_SCALE_RULES)}."
@@ -240,7 +257,7 @@ def scale_by_shape(
       Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025),
       Sec. 2.2 and 3.1.
     """
-    _check_update_scale(rule, hidden_size)
+    check_update_scale(rule, hidden_size)
     scale_rule = _SCALE_BY_RULE[rule]
 
     def update_fn(updates, state, params=None):

@@ -12,15 +12,9 @@ import optax
 from muonjax.optim.matrix_axes import MatrixAxesFn
 from muonjax.optim.muon import muon
 from muonjax.optim.newton_schulz import CoefficientsLike
+from muonjax.optim.paths import key_name, path_names
 
 MUON, ADAMW = "muon", "adamw"
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
 
 
 # Whole path keys, compared ignoring case, that send a leaf to AdamW by default.
@@ -85,7 +79,7 @@ def moonlight_labels(
     )
 
     def label(path, leaf):
-        keys = [_key_name(k).lower() for k in path]
+        keys = [key_name(k).lower() for k in path]
         if (
             jnp.ndim(leaf) < 2
             or any("embed" in k or k in names for k in keys)
@@ -98,10 +92,8 @@ def moonlight_labels(
 
 
 def _last_name(path: Any) -> str:
-    names = [_key_name(k).lower() for k in path]
-    while names and names[-1] == "value":  # nnx.State paths end in .value
-        names.pop()
-    return names[-1] if names else ""
+    names = path_names(path)
+    return names[-1].lower() if names else ""
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -250,36 +242,38 @@ def moonlight(
     References:
       Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
     """
-    adamw = optax.adamw(
+    wd = weight_decay if adamw_weight_decay is None else adamw_weight_decay  # AdamW's
+    adamw = _adamw_group(
+        learning_rate, wd, adam_b1, adam_b2, adam_eps, mu_dtype, adam_dtype, decay_norms_and_biases
+    )
+    hidden = muon(
         learning_rate,
-        b1=adam_b1,
-        b2=adam_b2,
-        eps=adam_eps,
-        weight_decay=weight_decay if adamw_weight_decay is None else adamw_weight_decay,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        nesterov=nesterov,
+        ns_steps=ns_steps,
+        ns_coeffs=ns_coeffs,
+        rms_scale=rms_scale,
+        update_scale=update_scale,
+        hidden_size=hidden_size,
+        eps=eps,
         mu_dtype=mu_dtype,
-        mask=None if decay_norms_and_biases else weight_decay_mask,
+        matrix_axes=matrix_axes,
+        compute_dtype=compute_dtype,
+        mesh=mesh,
+        spread_axes=spread_axes,
+        update_specs=update_specs,
     )
-    return optax.partition(
-        {
-            MUON: muon(
-                learning_rate,
-                weight_decay=weight_decay,
-                momentum=momentum,
-                nesterov=nesterov,
-                ns_steps=ns_steps,
-                ns_coeffs=ns_coeffs,
-                rms_scale=rms_scale,
-                update_scale=update_scale,
-                hidden_size=hidden_size,
-                eps=eps,
-                mu_dtype=mu_dtype,
-                matrix_axes=matrix_axes,
-                compute_dtype=compute_dtype,
-                mesh=mesh,
-                spread_axes=spread_axes,
-                update_specs=update_specs,
-            ),
-            ADAMW: adamw if adam_dtype is None else _computed_in(adam_dtype, adamw),
-        },
-        moonlight_labels if labels is None else labels,
+    labels = moonlight_labels if labels is None else labels
+    return optax.partition({MUON: hidden, ADAMW: adamw}, labels)
+
+
+def _adamw_group(learning_rate, weight_decay, b1, b2, eps, mu_dtype, adam_dtype, decay_all):
+    """Moonlight's AdamW group: `optax.adamw`, decaying every leaf or (`decay_all`
+    False) those of `weight_decay_mask`, run on copies widened to at least
+    `adam_dtype` (None: in the params' dtype, as optax does)."""
+    mask = None if decay_all else weight_decay_mask
+    adamw = optax.adamw(
+        learning_rate, b1, b2, eps, mu_dtype=mu_dtype, weight_decay=weight_decay, mask=mask
     )
+    return adamw if adam_dtype is None else _computed_in(adam_dtype, adamw)

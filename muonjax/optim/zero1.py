@@ -10,6 +10,7 @@ the gradients into the state's layout and gathers the updated parameters.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -18,23 +19,29 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 
-def _names(entry) -> tuple[str, ...]:
+def mesh_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple of names)."""
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def zero1_sharding(sharding: NamedSharding, shape: tuple[int, ...], axis: str) -> NamedSharding:
+def zero1_sharding(
+    sharding: NamedSharding, shape: tuple[int, ...], axis: str, first: Sequence[int] = ()
+) -> NamedSharding:
     """`sharding` of an array of `shape`, further split over the mesh axis `axis`.
 
     The axis goes to the first dimension it divides (with the dimension's
-    existing split) in this order: leading (stack) dimensions from the last,
-    then the matrix dimensions, longest first. Whole matrices per device where
-    a stack allows it are what Distributed Muon orthogonalizes in place.
-    Unchanged if `axis` is already used or divides no dimension.
+    existing split) in this order: the dimensions `first`, in their order,
+    then leading (stack) dimensions from the last, then the matrix dimensions,
+    longest first. Whole matrices per device where a stack allows it are what
+    Distributed Muon orthogonalizes in place. Unchanged if `axis` is already
+    used or divides no dimension.
 
     Args:
       sharding: the parameter's `NamedSharding`.
       shape: the parameter's shape.
       axis: the name of the data-parallel mesh axis.
+      first: dimensions to try before the others, e.g. a model's named stack
+        axes (muonjax.parallel.Plan passes its experts and layers axes).
 
     Returns:
       The state leaf's `NamedSharding`.
@@ -43,17 +50,23 @@ def zero1_sharding(sharding: NamedSharding, shape: tuple[int, ...], axis: str) -
     if axis not in mesh.axis_names:
         raise ValueError(f"Mesh axis {axis!r} is not one of the mesh's axes {mesh.axis_names}.")
     entries = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
-    if mesh.shape[axis] == 1 or any(axis in _names(e) for e in entries):
+    if mesh.shape[axis] == 1 or any(axis in mesh_axes(e) for e in entries):
         return sharding
-    stack = list(reversed(range(len(shape) - 2)))
-    matrix = sorted(range(max(len(shape) - 2, 0), len(shape)), key=lambda d: -shape[d])
-    for d in stack + matrix:
-        split = math.prod(mesh.shape[a] for a in _names(entries[d])) * mesh.shape[axis]
+    for d in _dims_in_order(shape, first):
+        split = math.prod(mesh.shape[a] for a in mesh_axes(entries[d])) * mesh.shape[axis]
         if shape[d] % split == 0:
-            names = _names(entries[d]) + (axis,)
+            names = mesh_axes(entries[d]) + (axis,)
             entries[d] = names[0] if len(names) == 1 else names
             return NamedSharding(mesh, P(*entries))
     return sharding
+
+
+def _dims_in_order(shape: tuple[int, ...], first: Sequence[int]) -> list[int]:
+    """`first`, then the stack dimensions from the last, then the matrix
+    dimensions longest first: the order ZeRO-1 tries the dimensions in."""
+    stack = list(reversed(range(len(shape) - 2)))
+    matrix = sorted(range(max(len(shape) - 2, 0), len(shape)), key=lambda d: -shape[d])
+    return list(first) + [d for d in stack + matrix if d not in first]
 
 
 def zero1_state_shardings(

@@ -25,7 +25,8 @@ class Joined:
     process_index: int
     process_count: int
 
-    def describe(self) -> str:
+    def summary_line(self) -> str:
+        """This process's place in the run and the devices it sees, in one line."""
         return (
             f"process {self.process_index} of {self.process_count} ({self.how}): "
             f"{jax.local_device_count()} local devices of {jax.device_count()} "

@@ -51,6 +51,34 @@ def _group_size(line: str, devices: int) -> int:
 
 def collective_bytes(hlo_text: str, devices: int) -> dict:
     """{kind: bytes sent per device per step}, and the counts of instructions."""
+    computations, entry = _computations(hlo_text)
+    multiplier, unknown = _multipliers(computations, entry)
+    sent = dict.fromkeys(KINDS, 0)
+    counts = dict.fromkeys(KINDS, 0)
+    uncounted = 0
+    for name, lines in computations.items():
+        factor = multiplier.get(name, 0)
+        for line in lines:
+            match = _INSTRUCTION.match(line)
+            if not match or factor == 0:
+                continue
+            result_shape, kind = match.group(1), match.group(2)
+            n = _group_size(line, devices)
+            if n <= 1:
+                continue
+            size = _bytes(result_shape)  # per device; operands are named, not shaped, in HLO text
+            sent[kind] += factor * _ring_share(kind, n) * size
+            counts[kind] += factor
+            uncounted += name in unknown
+    return {
+        "bytes": {k: int(v) for k, v in sent.items()},
+        "instructions": counts,
+        "in_loops_of_unknown_trip_count": uncounted,
+    }
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """{computation name: its lines} of an HLO module, and the entry's name."""
     computations, current = collections.defaultdict(list), None
     for line in hlo_text.splitlines():
         match = _COMPUTATION.match(line)
@@ -58,10 +86,6 @@ def collective_bytes(hlo_text: str, devices: int) -> dict:
             current = match.group(1)
         elif current is not None:
             computations[current].append(line)
-
-    # multiplier of each computation: product of the trip counts of the loops
-    # around it; `unknown`: computations inside a loop of unknown trip count
-    multiplier, unknown = {}, set()
     entry = next(
         (
             m.group(1)
@@ -70,6 +94,14 @@ def collective_bytes(hlo_text: str, devices: int) -> dict:
         ),
         None,
     )
+    return computations, entry
+
+
+def _multipliers(computations: dict, entry: str | None) -> tuple[dict[str, int], set[str]]:
+    """The multiplier of each computation called from `entry`: the product of
+    the trip counts of the loops around it; and the computations inside a loop
+    of unknown trip count."""
+    multiplier, unknown = {}, set()
 
     def visit(name, factor, in_unknown, seen=()):
         if name in seen or name not in computations:
@@ -89,30 +121,13 @@ def collective_bytes(hlo_text: str, devices: int) -> dict:
 
     if entry:
         visit(entry, 1, False)
-    sent = dict.fromkeys(KINDS, 0)
-    counts = dict.fromkeys(KINDS, 0)
-    uncounted = 0
-    for name, lines in computations.items():
-        factor = multiplier.get(name, 0)
-        for line in lines:
-            match = _INSTRUCTION.match(line)
-            if not match or factor == 0:
-                continue
-            result_shape, kind = match.group(1), match.group(2)
-            n = _group_size(line, devices)
-            if n <= 1:
-                continue
-            size = _bytes(result_shape)  # per device; operands are named, not shaped, in HLO text
-            share = {
-                "all-reduce": 2 * (n - 1) / n,
-                "reduce-scatter": n - 1,  # the operand is n x the result
-                "collective-permute": 1.0,
-            }.get(kind, (n - 1) / n)
-            sent[kind] += factor * share * size
-            counts[kind] += factor
-            uncounted += name in unknown
+    return multiplier, unknown
+
+
+def _ring_share(kind: str, n: int) -> float:
+    """Bytes one device sends per byte of the result, for a ring over `n` devices."""
     return {
-        "bytes": {k: int(v) for k, v in sent.items()},
-        "instructions": counts,
-        "in_loops_of_unknown_trip_count": uncounted,
-    }
+        "all-reduce": 2 * (n - 1) / n,
+        "reduce-scatter": n - 1,  # the operand is n x the result
+        "collective-permute": 1.0,
+    }.get(kind, (n - 1) / n)

@@ -8,6 +8,9 @@ import jax
 import numpy as np
 
 AXES = ("data", "expert", "tensor")
+# The batch is split over these: the expert axis is a data-parallel axis for
+# everything but the experts.
+BATCH_AXES = ("data", "expert")
 
 
 class MeshError(ValueError):
@@ -43,6 +46,17 @@ def parse_mesh(text: str | None) -> dict[str, int]:
     return sizes
 
 
+def run_mesh(
+    text: str | None, batch_size: int, grad_accum: int = 1, devices=None
+) -> jax.sharding.Mesh:
+    """A run's mesh from --mesh `text`, parsed (`parse_mesh`), made over
+    `devices` (`make_mesh`) and checked against the batch (`check_batch`): the
+    one place a run's mesh is made and checked."""
+    mesh = make_mesh(parse_mesh(text), devices)
+    check_batch(batch_size, mesh, grad_accum)
+    return mesh
+
+
 def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
     """The mesh (data, expert, tensor) over `devices` (default: all); its size
     must be their number."""
@@ -58,5 +72,22 @@ def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=axis_types)
 
 
-def describe(mesh: jax.sharding.Mesh) -> str:
+def check_batch(batch_size: int, mesh: jax.sharding.Mesh, grad_accum: int = 1) -> None:
+    """Each device's rows (batch / data x expert) must split into grad_accum micro-batches."""
+    data_parallel = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if batch_size % data_parallel:
+        raise MeshError(
+            f"--batch-size {batch_size} is not divisible by the data-parallel size {data_parallel} (data x expert)"
+        )
+    rows = batch_size // data_parallel
+    if rows % grad_accum:
+        raise MeshError(
+            f"--batch-size {batch_size} gives {rows} rows per device over the data-parallel "
+            f"size {data_parallel} (data x expert), which --grad-accum {grad_accum} does not "
+            f"divide: use a multiple of {data_parallel * grad_accum}"
+        )
+
+
+def format_mesh(mesh: jax.sharding.Mesh) -> str:
+    """`mesh` as --mesh spells it, every axis named: "data=8,expert=1,tensor=1"."""
     return ",".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)

@@ -19,12 +19,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from muonjax.parallel.mesh import MeshError
+from muonjax.optim.zero1 import mesh_axes, zero1_sharding
+from muonjax.parallel.mesh import BATCH_AXES, MeshError
 
-# Logical name -> mesh axis (None: replicated). Batch is split over data and
-# expert: the expert axis is a data-parallel axis for everything but experts.
+# Logical name -> mesh axis (None: replicated).
 RULES = {
-    "batch": ("data", "expert"),
+    "batch": BATCH_AXES,
     "experts": "expert",
     "heads": "tensor",
     "mlp": "tensor",
@@ -36,11 +36,6 @@ RULES = {
     None: None,
 }
 STACK_AXES = ("experts", "layers")  # preferred in this order for ZeRO-1's data axis
-
-
-def mesh_axes(entry) -> tuple[str, ...]:
-    """The mesh axes of one PartitionSpec entry (None, a name, or a tuple)."""
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _size(mesh, entry) -> int:
@@ -68,19 +63,11 @@ def logical_spec(mesh, logical: tuple, shape: tuple[int, ...], where: str) -> P:
 
 
 def zero1_spec(mesh, logical: tuple, shape: tuple[int, ...], spec: P) -> P:
-    """`spec` with the data axis added: on a stack axis if possible, else the
-    largest matrix axis it divides; replicated over data if none."""
-    data = mesh.shape["data"]
-    if data == 1:
-        return spec
-    entries = list(spec) + [None] * (len(shape) - len(spec))
-    dims = [d for name in STACK_AXES for d, n in enumerate(logical) if n == name]
-    dims += sorted((d for d in range(len(shape)) if d not in dims), key=lambda d: -shape[d])
-    for d in dims:
-        if shape[d] % (_size(mesh, entries[d]) * data) == 0:
-            entries[d] = _entry(mesh_axes(entries[d]) + ("data",))
-            return P(*entries)
-    return spec
+    """`spec` with the data axis added by the ZeRO-1 rule (`zero1_sharding`),
+    the stack axes (experts, then layers) tried first; replicated over data if
+    it divides no dimension."""
+    first = [d for name in STACK_AXES for d, n in enumerate(logical) if n == name]
+    return zero1_sharding(NamedSharding(mesh, spec), shape, "data", first).spec
 
 
 def _describe(mesh, axes) -> str:
@@ -127,7 +114,14 @@ class Plan:
 
     @property
     def batch(self) -> NamedSharding:
-        return self.named(P(RULES["batch"]))
+        return self.named(P(BATCH_AXES))
+
+    @property
+    def newton_schulz_mesh(self) -> jax.sharding.Mesh | None:
+        """The mesh Muon spreads Newton-Schulz over (Distributed Muon): with
+        ZeRO-1 each device owns whole matrices of its own; without, every
+        device holds every gradient and orthogonalizes all of it in place (None)."""
+        return self.mesh if self.zero1 else None
 
     @property
     def replicated(self) -> NamedSharding:

@@ -1,5 +1,8 @@
-"""orbax checkpoints of a run: the train state, and metadata (config, step and
-the data iterator's state, which is the same on every process).
+"""orbax checkpoints of a run, the one place that opens them: the train state,
+and metadata (config, step and the data iterator's state, which is the same on
+every process), in RUN/checkpoints/STEP/{state,meta}. A run's Checkpointer
+saves and resumes; read_arrays, latest_step and read_state read a run (which
+may be training) without writing to it.
 
 Saves are asynchronous (the step loop continues while files are written) and
 atomic: a save killed half-way leaves a tmp folder that latest_step() ignores,
@@ -37,24 +40,35 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from muonjax.train.config import ConfigError, WriteFailed
+from muonjax.train.errors import ConfigError, WriteFailed
+from muonjax.train.rundir import CHECKPOINT_DIR
+
+# The orbax items of a step's folder (ocp.args.Composite's keywords below).
+STATE, META = "state", "meta"
+
+
+def run_checkpoints(run: pathlib.Path) -> pathlib.Path:
+    """The checkpoints folder of the run directory `run`."""
+    return pathlib.Path(run) / CHECKPOINT_DIR
+
+
+def _manager(directory: pathlib.Path, **options) -> ocp.CheckpointManager:
+    """orbax's manager of the checkpoints in `directory`. create=False: the first save
+    makes the folder, so that a run killed while it sets up leaves no `checkpoints/`
+    in an --out it has not yet written config.json to, and a read writes nothing."""
+    return ocp.CheckpointManager(
+        directory.absolute(), options=ocp.CheckpointManagerOptions(create=False, **options)
+    )
 
 
 class Checkpointer:
     def __init__(self, directory: pathlib.Path, keep: int):
         self._directory = directory.absolute()
         self._saving: int | None = None  # the step of the save in progress
-        # create=False: the first save makes the folder, so that a run killed while it
-        # sets up leaves no `checkpoints/` in an --out it has not yet written config.json to.
         # _quiet_orbax: a damaged step folder, restore_latest says it in one line.
         _quiet_echoes.install()
         with _quiet_orbax():
-            self._manager = ocp.CheckpointManager(
-                directory.absolute(),
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=keep, enable_async_checkpointing=True, create=False
-                ),
-            )
+            self._manager = _manager(directory, max_to_keep=keep, enable_async_checkpointing=True)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -157,7 +171,7 @@ class Checkpointer:
 
     def _restore_checked(self, step: int, abstract_state):
         folder = self._directory / str(step)
-        for part in ("state", "meta"):
+        for part in (STATE, META):
             if not (folder / part).is_dir():
                 raise FileNotFoundError(f"{part}/ is missing")
         state, meta = self.restore(step, abstract_state)
@@ -206,7 +220,7 @@ class Checkpointer:
 class _NoMissingStepMetadata(logging.Filter):
     """Drops orbax's warning that a step folder has no _CHECKPOINT_METADATA (an
     empty or damaged one; it comes from every CheckpointManager that lists the
-    folder, finetune.latest_step's too): restore_latest says it in one line."""
+    folder, latest_step's too): restore_latest says it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("Metadata file does not exist: ")
@@ -408,3 +422,93 @@ def with_shardings(abstract_tree, shardings):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
     )
+
+
+# -- reading a run (generate, convert, --init-from, analysis scripts): nothing written
+
+
+def latest_step(directory: pathlib.Path) -> int | None:
+    """The newest complete checkpoint in `directory` (None if none); writes nothing."""
+    if not directory.is_dir():
+        return None
+    manager = _manager(directory)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def read_arrays(
+    path: pathlib.Path, wanted: dict, flag: str, *, step: int | None = None, log=print
+) -> tuple[int, dict]:
+    """(step, arrays): the arrays `wanted` ({"params": ..., "rest": ..., ...} of
+    ShapeDtypeStructs with shardings) restored from the run `path`'s checkpoint
+    `step`, straight into those shardings; without `step`, from its newest
+    checkpoint that restores (restore_newest: each newer one that does
+    not is named in one warning line through `log`, and left as it is). Reads
+    only, so a run that is training may be read. ConfigError if there is no such
+    checkpoint or it does not restore."""
+    directory = run_checkpoints(path).absolute()
+    if step is None:
+        return _read_newest(path, directory, wanted, flag, log)
+    if step not in step_folders(directory):
+        raise ConfigError(f"{flag} {path}: no checkpoint {step} (there: {_steps_there(directory)})")
+    arrays, failure = attempt_restore(_reader(wanted, directory), step)
+    if failure is None:
+        return step, arrays
+    if not (directory / str(step)).exists():
+        raise ConfigError(
+            f"{flag} {path}: checkpoint {step} was deleted while it was read (a run that "
+            f"trains keeps only its newest checkpoints; there now: {_steps_there(directory)})"
+        )
+    raise ConfigError(f"{flag} {path}: checkpoint {step} does not restore ({failure})")
+
+
+def _read_newest(path, directory, wanted, flag, log) -> tuple[int, dict]:
+    """read_arrays without a step: the newest checkpoint that restores."""
+    found = restore_newest(
+        directory, lambda: step_folders(directory), _reader(wanted, directory), flag
+    )
+    if found is None:
+        raise ConfigError(f"{flag} {path}: no complete checkpoint yet")
+    step, arrays, damaged = found
+    for bad, why in damaged:
+        log(
+            f"warning: checkpoint {bad} in {directory} does not restore ({why}); "
+            f"read {step} instead, left the run as it is"
+        )
+    return step, arrays
+
+
+def _reader(wanted: dict, directory: pathlib.Path):
+    """step -> the arrays `wanted` of that checkpoint's train state (any error raised)."""
+
+    def read(step: int) -> dict:
+        with ocp.PyTreeCheckpointer() as reader:
+            return reader.restore(
+                directory / str(step) / STATE,
+                args=ocp.args.PyTreeRestore(
+                    item=wanted,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
+                    partial_restore=True,
+                ),
+            )
+
+    return read
+
+
+def _steps_there(directory: pathlib.Path) -> str:
+    return ", ".join(map(str, sorted(step_folders(directory)))) or "none"
+
+
+def read_state(run: pathlib.Path, step: int | None = None) -> dict:
+    """The train state of the run `run`'s checkpoint `step` (default: the newest
+    complete one) as saved, with no target to lay it out: nested dicts of NumPy
+    arrays (nnx states keep their {'value': array} wrappers). For analysis
+    scripts; a run resumes through Checkpointer."""
+    directory = run_checkpoints(run).absolute()
+    if step is None:
+        step = latest_step(directory)
+        if step is None:
+            raise ConfigError(f"{run}: no complete checkpoint in {directory}")
+    return ocp.StandardCheckpointer().restore(directory / str(step) / STATE)

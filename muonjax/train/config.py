@@ -1,32 +1,25 @@
 """Training configuration: one frozen dataclass, saved as config.json with each run.
 
 Every field carries its command-line help in its metadata, so `muonjax train
---help`, `TrainConfig.from_args` and the Python defaults come from this one
-place.
+--help` (flags.py), `flags.config_from_args` and the Python defaults come from
+this one place. The sets of fields by role (what a resume may change, what a
+fine-tune inherits or may change) are here too.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import math
-import os
-import pathlib
 import types
 import typing
 
-from muonjax.files import NotRegularFile, regular_file_size
 from muonjax.models.config import COMPUTE_DTYPES, DISPATCH_METHODS, PRESETS, ModelConfig
 from muonjax.models.generate import MAX_SEED
 from muonjax.optim import UPDATE_SCALE_RULES
+from muonjax.train.errors import ConfigError
 from muonjax.train.optimizers import NS_COEFFS, NS_DTYPES, OPTIMIZERS, SCHEDULES
 
-# in each run's directory
-CONFIG_FILE = "config.json"  # {"train": TrainConfig, "model": ModelConfig, "data": ..., ...}
-CHECKPOINT_DIR = "checkpoints"  # orbax, one folder per step
-MAX_CONFIG_BYTES = 2**26  # a run's config.json is a few KiB; read whole, so bounded
 TOKENIZERS = ("byte", "bpe", "checkpoint")
 DATA_FORMATS = ("text", "sft-jsonl")
 # simulated CPU devices: each is a thread pool of XLA's; far more than any real
@@ -62,24 +55,18 @@ LOCATIONS = frozenset({"out", "data", "init_from"})
 # schedule: each change is logged and recorded in config.json's "history".
 # QK-Clip too: turning it on is how a run whose attention logits blew up goes on.
 RECOVERY = frozenset({"learning_rate", "decay_steps", "qk_clip"})
+# Set by an --init-from run's config and taken as they are when not given.
+INHERITED = ("preset", "model", "tokenizer", "bpe_vocab_size")
+# Fields that, with --data, make a run's token streams: `muonjax tokenize` takes them,
+# and a shards folder fixes them (a run that does not give them takes its manifest's).
+TOKENIZATION_FIELDS = ("data_format", "tokenizer", "bpe_vocab_size", "validation_fraction")
 
-# Model fields --model may not set: --dtype / --remat / --moe-dispatch are flags
-# of their own. The vocabulary is the tokenizer's unless --model sets a larger one
-# (a checkpoint's padded vocabulary).
-_NOT_MODEL_OVERRIDES = frozenset({"dtype", "remat", "moe_dispatch"})
-
-
-# sysexits' EX_TEMPFAIL: a run stopped by a signal, with nothing lost; relaunch it (the CLI's code)
-EXIT_PREEMPTED = 75
-
-
-class ConfigError(ValueError):
-    """A bad value a user can pass: the CLI prints it on one line and exits 2."""
-
-
-class WriteFailed(RuntimeError):
-    """The run's files could not be written (disk full, an I/O error): the run
-    stopped; its complete checkpoints are intact. The CLI prints it on one line."""
+# ModelConfig fields with flags of their own (--dtype, --remat, --moe-dispatch), which
+# --model may not set; and the model fields a fine-tune may change, since they compute
+# the same function of the same parameters (precision, recomputation, the MoE kernel).
+# The vocabulary is the tokenizer's unless --model sets a larger one (a checkpoint's
+# padded vocabulary).
+FREE_MODEL_FIELDS = frozenset({"dtype", "remat", "moe_dispatch"})
 
 
 def _field(default, help: str, *, choices=None, factory=None):
@@ -256,24 +243,32 @@ class TrainConfig:
     def __post_init__(self):
         object.__setattr__(self, "data", tuple(self.data))
         object.__setattr__(self, "model", dict(self.model or {}))
-        problems = []
-        reported = set()  # float fields whose own rule below already refused them
+        problems = _Problems()
+        self._check_choices(problems)
+        self._check_counts(problems)
+        self._check_rates(problems)
+        self._check_combinations(problems)
+        self._check_finite(problems)  # last: every float that no rule above refused
+        if problems.messages:
+            raise ConfigError("; ".join(problems.messages))
+        if self.preset in PRESETS:
+            object.__setattr__(self, "model", _typed_overrides(self.model))
+            self.model_config()  # raises ConfigError on an invalid combination
 
-        def check(ok, message, name=None):
-            if not ok:
-                problems.append(message)
-                reported.add(name)
-
+    def _check_choices(self, problems: _Problems) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
-                problems.append(f"{_flag(f)} {value!r} is unknown (valid: {', '.join(choices)})")
+                problems.add(f"{flag_name(f)} {value!r} is unknown (valid: {', '.join(choices)})")
+
+    def _check_counts(self, problems: _Problems) -> None:
+        """The integer fields' ranges."""
         for name in ("steps", "batch_size", "seq_len", "eval_every", "log_every"):
             # --steps 0 sets the run up and saves its step-0 checkpoint (muonjax convert)
-            check(
+            problems.check(
                 getattr(self, name) > 0 or (name == "steps" and self.steps == 0),
-                f"{_flag(name)} must be {'>= 0' if name == 'steps' else 'positive'}, "
+                f"{flag_name(name)} must be {'>= 0' if name == 'steps' else 'positive'}, "
                 f"got {getattr(self, name)}",
             )
         for name in (
@@ -284,47 +279,54 @@ class TrainConfig:
             "max_nonfinite",
             "eval_batches",  # 0 would average no batches: a NaN eval_loss
         ):
-            check(
+            problems.check(
                 getattr(self, name) >= 1,
-                f"{_flag(name)} must be at least 1, got {getattr(self, name)}",
+                f"{flag_name(name)} must be at least 1, got {getattr(self, name)}",
             )
         for name in ("warmup_steps", "svd_entropy_every"):
-            check(
-                getattr(self, name) >= 0, f"{_flag(name)} must be >= 0, got {getattr(self, name)}"
+            problems.check(
+                getattr(self, name) >= 0,
+                f"{flag_name(name)} must be >= 0, got {getattr(self, name)}",
             )
-        finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+
+    def _check_rates(self, problems: _Problems) -> None:
+        """The float fields' ranges (each refusal recorded, so _check_finite skips it)."""
         for name in ("learning_rate", "rms_scale", "adam_eps"):
             value = getattr(self, name)
-            check(
-                finite(value) and value > 0,
-                f"{_flag(name)} must be positive and finite, got {value}",
+            problems.check(
+                _finite(value) and value > 0,
+                f"{flag_name(name)} must be positive and finite, got {value}",
                 name,
             )
         for name in ("weight_decay", "weight_decay_adamw"):
             value = getattr(self, name)
-            check(
-                value is None or (finite(value) and value >= 0),
-                f"{_flag(name)} must be >= 0 and finite, got {value}",
+            problems.check(
+                value is None or (_finite(value) and value >= 0),
+                f"{flag_name(name)} must be >= 0 and finite, got {value}",
                 name,
             )
-        check(
-            finite(self.large_logit_threshold),
-            f"{_flag('large_logit_threshold')} must be finite, got {self.large_logit_threshold}",
+        problems.check(
+            _finite(self.large_logit_threshold),
+            f"{flag_name('large_logit_threshold')} must be finite, got {self.large_logit_threshold}",
             "large_logit_threshold",
         )
-        check(
-            self.qk_clip is None or (finite(self.qk_clip) and self.qk_clip > 0),
-            f"{_flag('qk_clip')} must be positive and finite, got {self.qk_clip}",
+        problems.check(
+            self.qk_clip is None or (_finite(self.qk_clip) and self.qk_clip > 0),
+            f"{flag_name('qk_clip')} must be positive and finite, got {self.qk_clip}",
             "qk_clip",
         )
         for name in ("momentum", "adam_b1", "adam_b2", "min_lr_ratio", "decay_fraction"):
             value = getattr(self, name)
-            check(
-                finite(value) and 0 <= value <= 1,
-                f"{_flag(name)} must be in [0, 1], got {value}",
+            problems.check(
+                _finite(value) and 0 <= value <= 1,
+                f"{flag_name(name)} must be in [0, 1], got {value}",
                 name,
             )
-        check(  # --grad-accum below 1 is refused above, on its own
+
+    def _check_combinations(self, problems: _Problems) -> None:
+        """Fields checked together, and the ranges of the rest."""
+        check = problems.check
+        check(  # --grad-accum below 1 is refused by _check_counts, on its own
             self.grad_accum < 1 or self.batch_size % self.grad_accum == 0,
             f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}",
         )
@@ -341,10 +343,7 @@ class TrainConfig:
             self.decay_steps is None or self.decay_steps >= self.warmup_steps,
             f"--decay-steps ({self.decay_steps}) must be >= --warmup-steps ({self.warmup_steps})",
         )
-        check(
-            0 <= self.seed <= MAX_SEED,
-            f"--seed must be in [0, {MAX_SEED}], got {self.seed}",
-        )
+        check(0 <= self.seed <= MAX_SEED, f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
         check(
             self.cpu_devices is None or 1 <= self.cpu_devices <= MAX_CPU_DEVICES,
             f"--cpu-devices must be in [1, {MAX_CPU_DEVICES}], got {self.cpu_devices}",
@@ -353,7 +352,7 @@ class TrainConfig:
             value = getattr(self, name) or ""
             check(
                 "://" not in value,
-                f"--{name.replace('_', '-')} {value}: remote paths are not supported; "
+                f"{flag_name(name)} {value}: remote paths are not supported; "
                 "use a local or mounted path",
                 name,
             )
@@ -361,21 +360,19 @@ class TrainConfig:
             not self.init_optimizer_state or self.init_from,
             "--init-optimizer-state needs --init-from",
         )
-        for f in dataclasses.fields(self):  # every float flag, whether or not it has a rule above
+
+    def _check_finite(self, problems: _Problems) -> None:
+        """Every float field is finite, whether or not it has a rule of its own."""
+        for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            check(
-                f.name in reported
-                or _unwrap_optional(_hints()[f.name]) is not float
+            problems.check(
+                f.name in problems.reported
+                or field_type(f.name) is not float
                 or not isinstance(value, (int, float))
                 or math.isfinite(value),
-                f"{_flag(f)} must be a finite number, got {value}",
+                f"{flag_name(f)} must be a finite number, got {value}",
                 f.name,
             )
-        if problems:
-            raise ConfigError("; ".join(problems))
-        if self.preset in PRESETS:
-            object.__setattr__(self, "model", _typed_overrides(self.model))
-            self.model_config()  # raises ConfigError on an invalid combination
 
     @property
     def schedule_steps(self) -> int:
@@ -417,25 +414,6 @@ class TrainConfig:
             raise ConfigError(f"config.json has unknown fields {sorted(unknown)}")
         return cls(**data)
 
-    @classmethod
-    def from_args(cls, argv: list[str], base: TrainConfig | None = None) -> TrainConfig:
-        """The config the same words give on the command line (`muonjax train ARGS`),
-        on top of `base` (default: the defaults)."""
-        parser = argparse.ArgumentParser(prog="TrainConfig.from_args", exit_on_error=False)
-        add_arguments(parser)
-        try:
-            args, rest = parser.parse_known_args(argv)
-        except argparse.ArgumentError as e:
-            raise ConfigError(str(e)) from None
-        if rest:
-            raise ConfigError(f"unrecognized arguments: {' '.join(rest)}")
-        # they read configs and manifests: they import this module
-        from muonjax.train.finetune import inherit_from_source
-        from muonjax.train.shards import inherit_from_shards
-
-        given = inherit_from_shards(inherit_from_source(given_fields(args)))
-        return (base or cls()).replace(**given)
-
     def resume_changes(self, saved: TrainConfig) -> list[str]:
         """The fields that differ from a saved run's and may not change on resume."""
         free = RESUMABLE | LOCATIONS | RECOVERY
@@ -455,14 +433,41 @@ class TrainConfig:
         ]
 
 
+class _Problems:
+    """The problems TrainConfig's checks found, in order, and the fields refused by
+    a rule of their own (`reported`)."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+        self.reported: set[str | None] = set()
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    def check(self, ok, message: str, name: str | None = None) -> None:
+        if not ok:
+            self.messages.append(message)
+            self.reported.add(name)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
 @functools.cache
 def _hints() -> dict:
     return typing.get_type_hints(TrainConfig)
 
 
-def _flag(field) -> str:
+def flag_name(field) -> str:
+    """A TrainConfig field's flag (a name or a dataclasses.Field): --batch-size."""
     name = field if isinstance(field, str) else field.name
     return "--" + name.replace("_", "-")
+
+
+def field_type(name: str) -> type:
+    """The type of TrainConfig's field `name`, X for `X | None`."""
+    return _unwrap_optional(_hints()[name])
 
 
 def _unwrap_optional(hint):
@@ -474,7 +479,7 @@ def _unwrap_optional(hint):
 
 
 def _typed_overrides(model: dict) -> dict:
-    valid = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in _NOT_MODEL_OVERRIDES]
+    valid = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in FREE_MODEL_FIELDS]
     unknown = sorted(set(model) - set(valid))
     if unknown:
         raise ConfigError(
@@ -507,116 +512,3 @@ def _typed(key: str, value):
     if not ok:
         raise ConfigError(f"--model {key}={value!r}: expected {base.__name__}")
     return value
-
-
-def parse_model_overrides(text: str) -> dict:
-    """'d_model=384,n_layers=6' -> {'d_model': '384', 'n_layers': '6'} (typed later)."""
-    overrides = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--model expects KEY=VALUE,..., got {item!r}")
-        overrides[key.strip()] = value.strip()
-    return overrides
-
-
-def load_model_file(path: str) -> dict:
-    """--model-config FILE.json: an object of ModelConfig fields."""
-    try:
-        data = json.loads(pathlib.Path(path).read_text())
-    except OSError as e:
-        raise ConfigError(f"--model-config {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"--model-config {path} is not JSON ({e.msg} at line {e.lineno})"
-        ) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--model-config {path} must hold a JSON object of ModelConfig fields")
-    # a saved config.json's "model" works too: the tokenizer sets the vocabulary, and
-    # --dtype, --remat and --moe-dispatch are flags of their own (default: the preset's)
-    return {k: v for k, v in data.items() if k not in _NOT_MODEL_OVERRIDES | {"vocab_size"}}
-
-
-def add_arguments(
-    parser: argparse.ArgumentParser, defaults: dict | None = None, fields: tuple[str, ...] = ()
-) -> None:
-    """One flag per TrainConfig field (or per one of `fields`), help and defaults
-    from the field (or from `defaults`, for a command whose defaults differ).
-    Every default is SUPPRESS, so that the parsed namespace holds only the flags given."""
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if fields and f.name not in fields:
-            continue
-        meta = f.metadata
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        default = (defaults or {}).get(f.name, default)
-        help_text = meta["help"]
-        if default not in (None, (), {}):  # the others say their default in words
-            help_text += f" (default: {default})"
-        help_text = help_text.replace("%", "%%")
-        kind = _unwrap_optional(hints[f.name])
-        kw = dict(help=help_text, default=argparse.SUPPRESS, dest=f.name)
-        if meta.get("choices"):  # checked by TrainConfig, in its own words
-            kw["metavar"] = "|".join(meta["choices"])
-        flag = _flag(f)
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == "model":
-            parser.add_argument(flag, type=str, metavar="KEY=VALUE,...", **kw)
-            parser.add_argument(
-                "--model-config",
-                dest="model_config",
-                default=argparse.SUPPRESS,
-                metavar="FILE.json",
-                help="ModelConfig fields from a JSON object (a run's config.json 'model' works); "
-                "--model overrides it",
-            )
-        elif typing.get_origin(kind) is tuple:
-            parser.add_argument(flag, nargs="+", **kw)
-        else:
-            parser.add_argument(flag, type=kind, **kw)
-
-
-def given_fields(args: argparse.Namespace) -> dict:
-    """The TrainConfig fields a parsed namespace sets (--model and --model-config merged)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names}
-    if "model" in given or hasattr(args, "model_config"):
-        model = load_model_file(args.model_config) if hasattr(args, "model_config") else {}
-        model.update(parse_model_overrides(given.get("model", "")))
-        given["model"] = model
-    return given
-
-
-def read_run_config(out: pathlib.Path, flag: str = "--resume") -> dict:
-    """The config.json of the run in `out` (its "train", "model", "data", ...
-    objects), or a ConfigError that names `flag` and the file."""
-    path = pathlib.Path(out) / CONFIG_FILE
-    if not os.path.lexists(path):
-        raise ConfigError(
-            f"{flag} {out}: no {CONFIG_FILE} there; it is not a muonjax train run's --out"
-        )
-    try:
-        size = regular_file_size(path)  # a FIFO would block the read forever
-    except NotRegularFile as e:
-        raise ConfigError(f"{flag}: {e}") from None
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{flag}: {path} has {size:,} bytes, more than a run's config.json")
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{flag}: cannot read {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise ConfigError(f"{flag}: {path} is not valid JSON{where}") from None
-    if not isinstance(data, dict) or not all(
-        isinstance(data.get(k), dict) for k in ("train", "model")
-    ):
-        raise ConfigError(f"{flag}: {path} is not a muonjax run's config (no train and model)")
-    return data
-
-
-def save_json(path: pathlib.Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)

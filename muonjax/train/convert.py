@@ -2,7 +2,7 @@
 a trained model with its tokenizer from either (`muonjax generate`).
 
 Both read their source as untrusted input and write nothing to it: a run is
-read from its newest checkpoint that restores (finetune.read_arrays), even
+read from its newest checkpoint that restores (checkpoint.read_arrays), even
 while it trains. `convert` writes its --out whole or not at all (written_whole).
 """
 
@@ -21,15 +21,12 @@ from muonjax.models import ModelConfig, abstract_model
 from muonjax.models.generate import DEFAULT_MAX_LEN, check_generation_fits, length_errors
 from muonjax.models.hf import CheckpointError, from_hf, hf_config, is_hf_checkpoint, to_hf
 from muonjax.models.memory import TooLarge, check_fits
-from muonjax.train.config import (
-    CONFIG_FILE,
-    ConfigError,
-    TrainConfig,
-    read_run_config,
-    save_json,
-)
-from muonjax.train.finetune import read_arrays
+from muonjax.train.checkpoint import read_arrays
+from muonjax.train.config import TrainConfig
+from muonjax.train.errors import ConfigError
+from muonjax.train.finetune import inherit_from_source
 from muonjax.train.preemption import ends_at_once
+from muonjax.train.rundir import CONFIG_FILE, read_run_config, save_json
 from muonjax.train.tokenizer import (
     BPE_FILE,
     SPECIAL_TOKENS_MAP_FILE,
@@ -179,8 +176,6 @@ def hf_to_run_config(directory, out, **flags) -> TrainConfig:
     """The TrainConfig of `muonjax convert --from-hf`: a run of 0 steps that starts
     from the checkpoint, so that training saves it as the run's step 0 (with a
     fresh optimizer state, the config, and the tokenizer)."""
-    from muonjax.train.finetune import inherit_from_source
-
     if not is_hf_checkpoint(directory):
         where = pathlib.Path(directory) / CONFIG_FILE
         raise ConfigError(

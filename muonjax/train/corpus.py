@@ -1,6 +1,8 @@
 """The text a run trains on: files, folders or globs, or by default the Python
 standard library's own source, read in a fixed order and fingerprinted; or, for
-fine-tuning (--data-format sft-jsonl), prompt/response examples from JSONL files."""
+fine-tuning (--data-format sft-jsonl), prompt/response examples from JSONL files.
+`tokenize` makes its training and validation token streams (which data.py trains
+on and shards.py writes)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ import json
 import pathlib
 import sysconfig
 
-from muonjax.train.config import ConfigError
+import numpy as np
+
+from muonjax.train.config import TrainConfig
+from muonjax.train.errors import ConfigError
+from muonjax.train.tokenizer import encode_examples, tokenizer_for_run
 
 # Left out of the default corpus: third-party code, and the test suites,
 # which hold deliberately mis-encoded files.
@@ -29,7 +35,7 @@ class Corpus:
     # files lie (a resumed run may spell --data differently, or the files may move)
     fingerprint: str
 
-    def describe(self) -> dict:
+    def summary(self) -> dict:
         return {
             "files": len(self.paths),
             "characters": sum(len(t) for t in self.texts),
@@ -148,7 +154,7 @@ class Examples:
     paths: tuple[str, ...]
     fingerprint: str  # sha256 over the files' bytes, in order, as for Corpus
 
-    def describe(self) -> dict:
+    def summary(self) -> dict:
         return {
             "files": len(self.paths),
             "examples": len(self.pairs),
@@ -210,3 +216,45 @@ def split_examples(pairs, validation_fraction: float) -> tuple[list, list]:
     """The last `validation_fraction` of the examples, in file order, held out."""
     cut = round(len(pairs) * (1 - validation_fraction))
     return list(pairs[:cut]), list(pairs[cut:])
+
+
+def tokenize(config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None = None):
+    """(train tokens, validation tokens, tokenizer, description) of config.data:
+    the corpus (text or SFT examples) split and tokenized; `source`: the run an
+    --init-from run fine-tunes, whose BPE tokenizer it uses."""
+    if config.data_format == "sft-jsonl":  # prompt tokens stored as -(id + 1): not targets
+        corpus = load_examples(config.data)
+        train_pairs, validation_pairs = split_examples(corpus.pairs, config.validation_fraction)
+        bpe_texts = [text for pair in train_pairs for text in pair]
+        tokenizer = _tokenizer(config, out, bpe_texts, source)
+        train, validation = (encode_examples(tokenizer, p) for p in (train_pairs, validation_pairs))
+        sft = {
+            "train_examples": len(train_pairs),
+            "validation_examples": len(validation_pairs),
+            "train_target_tokens": int(np.sum(train >= 0)),
+            "validation_target_tokens": int(np.sum(validation >= 0)),
+        }
+    else:
+        corpus, sft = load_corpus(config.data), {}
+        train_texts, validation_texts = split_texts(corpus.texts, config.validation_fraction)
+        tokenizer = _tokenizer(config, out, train_texts, source)
+        train, validation = (
+            np.concatenate([np.zeros(0, np.uint8), *tokenizer.encode(t)])
+            for t in (train_texts, validation_texts)
+        )
+    description = {
+        **corpus.summary(),
+        "tokenizer": config.tokenizer,
+        "vocab_size": tokenizer.vocab_size,
+        "train_tokens": int(len(train)),
+        "validation_tokens": int(len(validation)),
+        **sft,
+    }
+    return train, validation, tokenizer, description
+
+
+def _tokenizer(config: TrainConfig, out: pathlib.Path, texts, source: pathlib.Path | None):
+    try:
+        return tokenizer_for_run(config.tokenizer, out, texts, config.bpe_vocab_size, source)
+    except ValueError as e:  # a checkpoint's tokenizer files that cannot be read
+        raise ConfigError(str(e)) from None

@@ -9,8 +9,9 @@ import pathlib
 
 import numpy as np
 
-from muonjax.train.config import ConfigError, TrainConfig
-from muonjax.train.corpus import load_corpus, load_examples, split_examples, split_texts
+from muonjax.train.config import TrainConfig
+from muonjax.train.corpus import tokenize
+from muonjax.train.errors import ConfigError
 from muonjax.train.integrity import Verification, verify
 from muonjax.train.shards import (
     MANIFEST,
@@ -21,13 +22,7 @@ from muonjax.train.shards import (
     is_shards,
     read_manifest,
 )
-from muonjax.train.tokenizer import (
-    BPE_FILE,
-    BPETokenizer,
-    ByteTokenizer,
-    encode_examples,
-    tokenizer_for_run,
-)
+from muonjax.train.tokenizer import BPE_FILE, BPETokenizer, ByteTokenizer
 
 
 @dataclasses.dataclass
@@ -46,48 +41,6 @@ class RunData:
             self.verification.wait()
         else:
             self.verification.check()
-
-
-def tokenize(config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None = None):
-    """(train tokens, validation tokens, tokenizer, description) of config.data:
-    the corpus (text or SFT examples) split and tokenized; `source`: the run an
-    --init-from run fine-tunes, whose BPE tokenizer it uses."""
-    if config.data_format == "sft-jsonl":  # prompt tokens stored as -(id + 1): not targets
-        corpus = load_examples(config.data)
-        train_pairs, validation_pairs = split_examples(corpus.pairs, config.validation_fraction)
-        bpe_texts = [text for pair in train_pairs for text in pair]
-        tokenizer = _tokenizer(config, out, bpe_texts, source)
-        train, validation = (encode_examples(tokenizer, p) for p in (train_pairs, validation_pairs))
-        sft = {
-            "train_examples": len(train_pairs),
-            "validation_examples": len(validation_pairs),
-            "train_target_tokens": int(np.sum(train >= 0)),
-            "validation_target_tokens": int(np.sum(validation >= 0)),
-        }
-    else:
-        corpus, sft = load_corpus(config.data), {}
-        train_texts, validation_texts = split_texts(corpus.texts, config.validation_fraction)
-        tokenizer = _tokenizer(config, out, train_texts, source)
-        train, validation = (
-            np.concatenate([np.zeros(0, np.uint8), *tokenizer.encode(t)])
-            for t in (train_texts, validation_texts)
-        )
-    description = {
-        **corpus.describe(),
-        "tokenizer": config.tokenizer,
-        "vocab_size": tokenizer.vocab_size,
-        "train_tokens": int(len(train)),
-        "validation_tokens": int(len(validation)),
-        **sft,
-    }
-    return train, validation, tokenizer, description
-
-
-def _tokenizer(config: TrainConfig, out: pathlib.Path, texts, source: pathlib.Path | None):
-    try:
-        return tokenizer_for_run(config.tokenizer, out, texts, config.bpe_vocab_size, source)
-    except ValueError as e:  # a checkpoint's tokenizer files that cannot be read
-        raise ConfigError(str(e)) from None
 
 
 def _from_shards(config: TrainConfig, source: pathlib.Path | None):

@@ -11,21 +11,16 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from muonjax.models import ModelConfig
 from muonjax.models.hf import CheckpointError, from_hf, hf_config, is_hf_checkpoint
-from muonjax.train import checkpoint
-from muonjax.train.config import CHECKPOINT_DIR, ConfigError, TrainConfig, read_run_config
+from muonjax.train.checkpoint import latest_step, read_arrays, run_checkpoints
+from muonjax.train.config import FREE_MODEL_FIELDS, INHERITED, TrainConfig
+from muonjax.train.errors import ConfigError
+from muonjax.train.rundir import read_run_config
 from muonjax.train.step import TrainState
 from muonjax.train.tokenizer import BPE_FILE
-
-# Set by the source run's config and taken as they are when not given.
-INHERITED = ("preset", "model", "tokenizer", "bpe_vocab_size")
-# Model fields a fine-tune may change: they compute the same function of the
-# same parameters (precision, recomputation, the MoE dispatch kernel).
-FREE_MODEL_FIELDS = frozenset({"dtype", "remat", "moe_dispatch"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +36,7 @@ class Source:
     def is_hf(self) -> bool:
         return self.train is None
 
-    def describe(self) -> dict:
+    def summary(self) -> dict:
         if self.is_hf:
             return {"path": str(self.path.absolute()), "format": "huggingface"}
         return {
@@ -79,23 +74,6 @@ def _hf_model(path: pathlib.Path) -> ModelConfig:
         raise ConfigError(f"--init-from {e}") from None
 
 
-def _checkpoints(path: pathlib.Path) -> pathlib.Path:
-    return path / CHECKPOINT_DIR
-
-
-def latest_step(directory: pathlib.Path) -> int | None:
-    """The newest complete checkpoint in `directory` (None if none); writes nothing."""
-    if not directory.is_dir():
-        return None
-    manager = ocp.CheckpointManager(
-        directory.absolute(), options=ocp.CheckpointManagerOptions(create=False)
-    )
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
-
-
 def load_source(config: TrainConfig) -> Source:
     """The --init-from run, checked against `config` (its tokenizer, and its
     optimizer when the optimizer state is kept); ConfigError otherwise."""
@@ -104,9 +82,11 @@ def load_source(config: TrainConfig) -> Source:
         return _hf_source(config, path)
     saved = read_run_config(path, "--init-from")
     train = TrainConfig.from_json(saved["train"])
-    step = latest_step(_checkpoints(path))
+    step = latest_step(run_checkpoints(path))
     if step is None:
-        raise ConfigError(f"--init-from {path} has no complete checkpoint in {_checkpoints(path)}")
+        raise ConfigError(
+            f"--init-from {path} has no complete checkpoint in {run_checkpoints(path)}"
+        )
     problems = []
     if train.tokenizer != config.tokenizer:
         problems.append(
@@ -188,69 +168,6 @@ def initial_state(source: Source, program, keep_optimizer: bool, model_config):
             restored["opt_state"],
         )
     return fresh._replace(params=restored["params"], rest=restored["rest"], opt_state=opt_state)
-
-
-def read_arrays(
-    path: pathlib.Path, wanted: dict, flag: str, *, step: int | None = None, log=print
-) -> tuple[int, dict]:
-    """(step, arrays): the arrays `wanted` ({"params": ..., "rest": ..., ...} of
-    ShapeDtypeStructs with shardings) restored from the run `path`'s checkpoint
-    `step`, straight into those shardings; without `step`, from its newest
-    checkpoint that restores (checkpoint.restore_newest: each newer one that does
-    not is named in one warning line through `log`, and left as it is). Reads
-    only, so a run that is training may be read. ConfigError if there is no such
-    checkpoint or it does not restore."""
-    directory = _checkpoints(path).absolute()
-    if step is None:
-        return _read_newest(path, directory, wanted, flag, log)
-    if step not in checkpoint.step_folders(directory):
-        raise ConfigError(f"{flag} {path}: no checkpoint {step} (there: {_steps_there(directory)})")
-    arrays, failure = checkpoint.attempt_restore(_reader(wanted, directory), step)
-    if failure is None:
-        return step, arrays
-    if not (directory / str(step)).exists():
-        raise ConfigError(
-            f"{flag} {path}: checkpoint {step} was deleted while it was read (a run that "
-            f"trains keeps only its newest checkpoints; there now: {_steps_there(directory)})"
-        )
-    raise ConfigError(f"{flag} {path}: checkpoint {step} does not restore ({failure})")
-
-
-def _read_newest(path, directory, wanted, flag, log) -> tuple[int, dict]:
-    """read_arrays without a step: the newest checkpoint that restores."""
-    found = checkpoint.restore_newest(
-        directory, lambda: checkpoint.step_folders(directory), _reader(wanted, directory), flag
-    )
-    if found is None:
-        raise ConfigError(f"{flag} {path}: no complete checkpoint yet")
-    step, arrays, damaged = found
-    for bad, why in damaged:
-        log(
-            f"warning: checkpoint {bad} in {directory} does not restore ({why}); "
-            f"read {step} instead, left the run as it is"
-        )
-    return step, arrays
-
-
-def _reader(wanted: dict, directory: pathlib.Path):
-    """step -> the arrays `wanted` of that checkpoint's train state (any error raised)."""
-
-    def read(step: int) -> dict:
-        with ocp.PyTreeCheckpointer() as reader:
-            return reader.restore(
-                directory / str(step) / "state",
-                args=ocp.args.PyTreeRestore(
-                    item=wanted,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(wanted),
-                    partial_restore=True,
-                ),
-            )
-
-    return read
-
-
-def _steps_there(directory: pathlib.Path) -> str:
-    return ", ".join(map(str, sorted(checkpoint.step_folders(directory)))) or "none"
 
 
 def _hf_initial_state(source: Source, program, model_config):

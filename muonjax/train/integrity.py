@@ -17,7 +17,7 @@ import threading
 
 import numpy as np
 
-from muonjax.train.config import ConfigError
+from muonjax.train.errors import ConfigError
 from muonjax.train.shards import SPLITS, check_regular
 
 VERIFY_RECORDS = 256  # records read per call while verifying: at most 4 MiB

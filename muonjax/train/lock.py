@@ -21,9 +21,8 @@ import os
 import pathlib
 import socket
 
-from muonjax.train.config import ConfigError
-
-LOCK_FILE = ".lock"
+from muonjax.train.errors import ConfigError
+from muonjax.train.rundir import LOCK_FILE
 
 
 def lock_name(process: int = 0) -> str:

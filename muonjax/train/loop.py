@@ -15,23 +15,22 @@ import numpy as np
 
 from muonjax.models import flops_per_token, param_counts, svd_entropy_by_group
 from muonjax.models.memory import TooLarge, check_fits, is_out_of_memory
-from muonjax.parallel.mesh import describe, make_mesh, parse_mesh
+from muonjax.parallel.mesh import format_mesh, run_mesh
 from muonjax.train import checkpoint, finetune, pipeline
-from muonjax.train.config import (
+from muonjax.train.config import TrainConfig
+from muonjax.train.data import RunData, load_data
+from muonjax.train.errors import EXIT_PREEMPTED, ConfigError, WriteFailed
+from muonjax.train.lock import RunLock, is_lock_file
+from muonjax.train.metrics import MetricsWriter, read_metrics
+from muonjax.train.preemption import StopOnSignal
+from muonjax.train.program import build
+from muonjax.train.rundir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
-    EXIT_PREEMPTED,
-    ConfigError,
-    TrainConfig,
-    WriteFailed,
+    METRICS_FILE,
     read_run_config,
     save_json,
 )
-from muonjax.train.data import RunData, load_data
-from muonjax.train.lock import RunLock, is_lock_file
-from muonjax.train.metrics import METRICS_FILE, MetricsWriter, read_metrics
-from muonjax.train.preemption import StopOnSignal
-from muonjax.train.program import build, check_batch
 from muonjax.train.step import param_groups
 
 # float32 copies of the parameters that training holds at least: the parameters, their
@@ -129,7 +128,7 @@ def _start_record(config: TrainConfig, saved: dict | None, step: int, skip_batch
 
 
 @dataclasses.dataclass
-class _Run:
+class _PreparedRun:
     """A run set up: directories checked, data loaded, program built, the state
     initialized or restored, config.json written."""
 
@@ -146,15 +145,14 @@ class _Run:
 
 def _set_up(
     config: TrainConfig, resume: bool, resume_from: int | None, skip_batches: int, log
-) -> _Run:
-    """The run set up (see _Run): everything checked first, then built and
+) -> _PreparedRun:
+    """The run set up (see _PreparedRun): everything checked first, then built and
     restored, then config.json and the tokenizer written."""
     out = pathlib.Path(config.out)
     saved = _saved_config(out, resume)
-    mesh = make_mesh(parse_mesh(config.mesh))
-    check_batch(config.batch_size, mesh, config.grad_accum)
+    mesh = run_mesh(config.mesh, config.batch_size, config.grad_accum)
     lead = jax.process_index() == 0
-    latest = finetune.latest_step(out / CHECKPOINT_DIR) if resume else None
+    latest = checkpoint.latest_step(out / CHECKPOINT_DIR) if resume else None
     target = resume_from if resume_from is not None else latest
     # a fine-tune starts from its source, unless it resumes from a checkpoint of its own
     source = finetune.load_source(config) if config.init_from and target is None else None
@@ -163,11 +161,7 @@ def _set_up(
     vocab = config.model.get("vocab_size", 1)
     _check_memory(config, config.model_config().replace(vocab_size=vocab), mesh)
     data = load_data(config, out, source.path if source else None)
-    if saved is not None:
-        config = _resumed_config(config, saved, data.description, log)
-    elif config.decay_steps is None and config.steps:  # fixed now, so that a longer --resume
-        # keeps the schedule; a --steps 0 run (set up and saved, no schedule) leaves it open
-        config = config.replace(decay_steps=max(config.steps, config.warmup_steps))
+    config = _settled_config(config, saved, data, log)
     ckpt = checkpoint.Checkpointer(out / CHECKPOINT_DIR, config.keep_checkpoints)
     _check_start(config, data, ckpt, resume_from, target, skip_batches)
     model_config = config.model_config(vocab_size=data.tokenizer.vocab_size)
@@ -175,31 +169,62 @@ def _set_up(
         finetune.check_model(source, model_config)
     _check_memory(config, model_config, mesh)
     program = build(config, model_config, mesh)
-    if resume_from is not None:
-        restored = ckpt.restore_step(resume_from, program.abstract(), log)
-    else:
-        restored = ckpt.restore_latest(program.abstract(), log) if resume else None
-    if restored is not None:
-        step, state, meta = restored
-        data_state = meta["data"]
-    elif source is not None:  # restored now, so that a checkpoint that does not fit writes nothing
-        state, data_state = (
-            finetune.initial_state(source, program, config.init_optimizer_state, model_config),
-            None,
-        )
-    else:
-        state, data_state = program.init(), None
+    restored = _restore(ckpt, program, resume, resume_from, log)
+    state, data_state = _starting_state(restored, source, program, config, model_config)
     run_config = _run_config(config, model_config, program, data, saved, source)
     run_config["history"].append(_start_record(config, saved, int(state.step), skip_batches))
     if lead:  # everything checked (a restore may have set checkpoints aside): now files
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            # config.json first: a run killed after it is one that --resume continues
-            save_json(out / CONFIG_FILE, run_config)
-            data.tokenizer.save(out)
-        except OSError as e:
-            raise WriteFailed(f"writing {out / CONFIG_FILE} failed: {e}") from e
-    counts = run_config["parameters"]
+        _write_run_files(out, run_config, data)
+    resumed_step = restored[0] if restored is not None else None
+    _log_start(out, run_config["parameters"], source, resumed_step, program, resume, log)
+    return _PreparedRun(config, out, data, program, model_config, lead, ckpt, state, data_state)
+
+
+def _settled_config(config: TrainConfig, saved: dict | None, data: RunData, log) -> TrainConfig:
+    """`config` as this start runs it: checked against the run it resumes, or
+    with its learning-rate schedule's length fixed."""
+    if saved is not None:
+        return _resumed_config(config, saved, data.description, log)
+    if config.decay_steps is None and config.steps:  # fixed now, so that a longer --resume
+        # keeps the schedule; a --steps 0 run (set up and saved, no schedule) leaves it open
+        return config.replace(decay_steps=max(config.steps, config.warmup_steps))
+    return config
+
+
+def _restore(ckpt: checkpoint.Checkpointer, program, resume: bool, resume_from, log):
+    """(step, TrainState, metadata) of the checkpoint this start resumes from:
+    `resume_from`, or with `resume` the newest complete one; None if none."""
+    if resume_from is not None:
+        return ckpt.restore_step(resume_from, program.abstract(), log)
+    return ckpt.restore_latest(program.abstract(), log) if resume else None
+
+
+def _starting_state(restored, source, program, config: TrainConfig, model_config):
+    """The TrainState training starts from and its data iterator's state (None:
+    from the start): the checkpoint restored, a fine-tune's source, or a fresh
+    initialization."""
+    if restored is not None:
+        _, state, meta = restored
+        return state, meta["data"]
+    if source is not None:  # restored now, so that a checkpoint that does not fit writes nothing
+        state = finetune.initial_state(source, program, config.init_optimizer_state, model_config)
+        return state, None
+    return program.init(), None
+
+
+def _write_run_files(out: pathlib.Path, run_config: dict, data: RunData) -> None:
+    """config.json and the tokenizer, in `out` (made if new); WriteFailed if they cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # config.json first: a run killed after it is one that --resume continues
+        save_json(out / CONFIG_FILE, run_config)
+        data.tokenizer.save(out)
+    except OSError as e:
+        raise WriteFailed(f"writing {out / CONFIG_FILE} failed: {e}") from e
+
+
+def _log_start(out: pathlib.Path, counts: dict, source, resumed_step, program, resume, log):
+    """The lines that open a start: its parameter counts, and where it starts from."""
     log(
         f"{out}: parameters {counts['total']:,} total, {counts['active']:,} active, "
         f"{counts['total_non_embedding']:,} non-embedding"
@@ -207,11 +232,10 @@ def _set_up(
     if source is not None:
         what = "(a Hugging Face checkpoint)" if source.is_hf else f"step {source.step}"
         log(f"{out}: starting from {source.path} {what}")
-    if restored is not None:
-        log(f"{out}: resumed from step {step} on mesh {describe(program.mesh)}")
+    if resumed_step is not None:
+        log(f"{out}: resumed from step {resumed_step} on mesh {format_mesh(program.mesh)}")
     elif resume:
         log(f"{out}: no complete checkpoint yet; starting again from step 0")
-    return _Run(config, out, data, program, model_config, lead, ckpt, state, data_state)
 
 
 def _check_start(
@@ -275,13 +299,13 @@ def _run_config(config, model_config, program, data: RunData, saved, source) -> 
             "python": platform.python_version(),
             "devices": jax.device_count(),
             "processes": jax.process_count(),
-            "mesh": describe(program.mesh),
+            "mesh": format_mesh(program.mesh),
             "platform": jax.default_backend(),
         },
         "history": list((saved or {}).get("history", [])),
     }
     if config.init_from:
-        run_config["init_from"] = source.describe() if source else saved.get("init_from")
+        run_config["init_from"] = source.summary() if source else saved.get("init_from")
     return run_config
 
 
@@ -395,151 +419,222 @@ def _stopped_in_set_up(name: str, start: int, config: TrainConfig, resume_from, 
     )
 
 
-def _train_batches(r: _Run, skip_batches: int, log):
+def _train_batches(prepared: _PreparedRun, skip_batches: int, log):
     """The training batches from where the run resumes (the checkpoint's data
     state), past the next `skip_batches`."""
-    config = r.config
+    config = prepared.config
     batches = pipeline.train_batches(
-        r.data.train_tokens,
+        prepared.data.train_tokens,
         config.seq_len,
         config.batch_size,
         config.seed,
         jax.process_index(),
         jax.process_count(),
     )
-    if r.data_state is not None:
-        batches.set_state(r.data_state)
+    if prepared.data_state is not None:
+        batches.set_state(prepared.data_state)
     if skip_batches:
         pipeline.skip(batches, skip_batches)
-        log(f"{r.out}: skipped {skip_batches} training batches after step {int(r.state.step)}")
+        step = int(prepared.state.step)
+        log(f"{prepared.out}: skipped {skip_batches} training batches after step {step}")
     return batches
 
 
-def _metrics_writer(r: _Run, start: int, resume: bool, resume_from) -> MetricsWriter | None:
+def _validation_batches(prepared: _PreparedRun) -> list:
+    """The validation batches, on the devices, for every evaluation of this start."""
+    config = prepared.config
+    batches = pipeline.eval_batches(
+        prepared.data.validation_tokens,
+        config.seq_len,
+        config.batch_size,
+        config.eval_batches,
+        jax.process_index(),
+        jax.process_count(),
+    )
+    return [jax.make_array_from_process_local_data(prepared.program.batch, b) for b in batches]
+
+
+def _metrics_writer(
+    prepared: _PreparedRun, start: int, resume: bool, resume_from
+) -> MetricsWriter | None:
     """The lead process's metrics.jsonl and TensorBoard writer (trimmed to `start` on resume)."""
-    if not r.lead:
+    if not prepared.lead:
         return None
     set_aside = None
     if resume_from is not None:  # the lines after it are another branch of the run
         set_aside = f"metrics.abandoned-{time.strftime('%Y%m%dT%H%M%S')}.jsonl"
     try:
-        return MetricsWriter(r.out, resume_step=start if resume else None, set_aside=set_aside)
+        return MetricsWriter(
+            prepared.out, resume_step=start if resume else None, set_aside=set_aside
+        )
     except OSError as e:
-        raise WriteFailed(f"writing {r.out} failed ({e}); {r.ckpt.last_complete()}") from e
+        last = prepared.ckpt.last_complete()
+        raise WriteFailed(f"writing {prepared.out} failed ({e}); {last}") from e
 
 
 def _run(config, resume, resume_from, skip_batches, signals, window, log) -> Summary:
-    """run()'s body, inside its signal handlers, run lock and set-up window."""
+    """run()'s body, inside its signal handlers, run lock and set-up window:
+    set up, then the steps, then every file closed, also when it fails."""
     started = time.perf_counter()
-    r = _set_up(config, resume, resume_from, skip_batches, log)
-    config, program, out, ckpt, state = r.config, r.program, r.out, r.ckpt, r.state
-    start = int(state.step)
+    prepared = _set_up(config, resume, resume_from, skip_batches, log)
+    config, start = prepared.config, int(prepared.state.step)
     stopped = lambda name: _stopped_in_set_up(name, start, config, resume_from, skip_batches)
     window.after_set_up(stopped)
-    batches = _train_batches(r, skip_batches, log)
-    meta = {"config": config.to_json(), "data_fingerprint": r.data.description["fingerprint"]}
-    save = lambda step: ckpt.save(step, state, {**meta, "step": step, "data": batches.get_state()})
-    to_device = lambda rows: jax.make_array_from_process_local_data(program.batch, rows)
-    validation = [
-        to_device(b)
-        for b in pipeline.eval_batches(
-            r.data.validation_tokens,
-            config.seq_len,
-            config.batch_size,
-            config.eval_batches,
-            jax.process_index(),
-            jax.process_count(),
-        )
-    ]
-    writer = _metrics_writer(r, start, resume, resume_from)
-    bar = _progress(config, start, enabled=r.lead and config.progress)
-    last = _last_logged(out) if r.lead and start == config.steps else {}
-    last = {"loss": last.get("loss"), "eval_loss": last.get("eval_loss")}
-    rates = []
-    tokens_per_step = config.batch_size * config.seq_len
-    flops_per_step = flops_per_token(r.model_config, config.seq_len) * tokens_per_step
-    spectra_every = config.svd_entropy_every
-    if spectra_every and not resume:  # step 0: the initialization, or a fine-tune's source
-        _log_svd_entropy(writer, 0, state.params)
-    clock, timed_steps = None, 0
-    done = start
+    batches = _train_batches(prepared, skip_batches, log)
+    validation = _validation_batches(prepared)
+    writer = _metrics_writer(prepared, start, resume, resume_from)
+    bar = _progress(config, start, enabled=prepared.lead and config.progress)
+    steps = _Steps(prepared, batches, validation, writer, bar)
+    if config.svd_entropy_every and not resume:  # step 0: the initialization, or the source
+        _log_svd_entropy(writer, 0, steps.state.params)
     failing = False
     try:
         if start < config.steps and signals.stop_requested():  # just before the window opened
             raise Preempted(stopped(_signal_name(signals)))
-        for step in range(start, config.steps):
-            state, metrics = program.step(state, to_device(next(batches)))
-            done = step + 1
-            nonfinite = int(state.nonfinite)  # waits for the step
-            window.close()  # from the first step done on, a signal stops after a step, saved
-            ckpt.check()  # a background save that failed stops the run here
-            _check_data(r.data, done)
-            if clock is None:  # time from the end of the first (compiling) step on
-                clock, timed_steps = time.perf_counter(), 0
-            else:
-                timed_steps += 1
-            if done % config.log_every == 0 or done == config.steps:
-                record = jax.device_get(metrics)
-                record["tokens"] = done * tokens_per_step
-                record["flops"] = done * flops_per_step
-                if timed_steps:
-                    record["tokens_per_s"] = (
-                        tokens_per_step * timed_steps / (time.perf_counter() - clock)
-                    )
-                    rates.append(record["tokens_per_s"])
-                    clock, timed_steps = time.perf_counter(), 0
-                last["loss"] = float(record["loss"])
-                if writer:
-                    writer.write(done, record)
-                bar.update(done - bar.n)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}"
-                )
-            if spectra_every and (done % spectra_every == 0 or done == config.steps):
-                _log_svd_entropy(writer, done, state.params)
-            if done % config.eval_every == 0 or done == config.steps:
-                value = float(np.mean([program.eval(state, b) for b in validation]))
-                last["eval_loss"] = value
-                if writer:
-                    writer.write(done, {"eval_loss": value})
-            if nonfinite >= config.max_nonfinite:
-                ckpt.wait()
-                raise TrainingStopped(_diverged(config, done, nonfinite, ckpt.all_steps()))
-            checkpoint_due = done % config.checkpoint_every == 0 or done == config.steps
-            if checkpoint_due and nonfinite == 0:
-                save(done)
-            if done < config.steps and signals.stop_requested():  # after the last: finish
-                if ckpt.latest_step() != done:
-                    save(done)
-                ckpt.wait()
-                raise Preempted(
-                    f"{_signal_name(signals)} received: stopped after step {done} of {config.steps} and saved "
-                    f"{out / CHECKPOINT_DIR / str(done)}; continue with: muonjax train --out {out} --resume"
-                )
-        if config.steps == 0 and ckpt.latest_step() is None:  # the run as set up: step 0
-            save(0)
-        ckpt.wait()
-        _check_data(r.data, done, wait=True)  # exit 0 means the data was verified
+        steps.train(signals, window)
+        steps.finish()
     except OSError as e:  # metrics.jsonl or TensorBoard's events: the disk is full, say
         failing = True
-        raise WriteFailed(f"writing {out} failed ({e}); {ckpt.last_complete()}") from e
+        raise WriteFailed(
+            f"writing {prepared.out} failed ({e}); {prepared.ckpt.last_complete()}"
+        ) from e
     except BaseException:
         failing = True
         raise
     finally:
-        _close_all([ckpt.close, bar.close, *([writer.close] if writer else [])], failing)
-    return Summary(
-        out=str(out),
-        steps=done,
-        loss=last["loss"],
-        eval_loss=last["eval_loss"],
-        tokens=done * tokens_per_step,
-        flops=float(done * flops_per_step),
-        wall_time_s=time.perf_counter() - started,
-        tokens_per_s=statistics.median(rates) if rates else None,
-        skipped_steps=int(state.skipped),
-        metrics_path=str(out / METRICS_FILE),
-    )
+        closers = [prepared.ckpt.close, bar.close, *([writer.close] if writer else [])]
+        _close_all(closers, failing)
+    return steps.summary(wall_time_s=time.perf_counter() - started)
+
+
+class _Steps:
+    """The step loop of a run set up: a batch in, then the metrics, the SVD
+    entropy, the evaluation and the checkpoint that are due, and a stop on
+    divergence or SIGTERM / SIGINT; counts what the Summary reports."""
+
+    def __init__(self, prepared: _PreparedRun, batches, validation: list, writer, bar):
+        self.prepared, self.config, self.ckpt = prepared, prepared.config, prepared.ckpt
+        self.batches, self.validation, self.writer, self.bar = batches, validation, writer, bar
+        self.state = prepared.state
+        self.done = int(self.state.step)  # steps done, over all starts of the run
+        logged = (
+            _last_logged(prepared.out) if prepared.lead and self.done == self.config.steps else {}
+        )
+        self.last = {"loss": logged.get("loss"), "eval_loss": logged.get("eval_loss")}
+        self.tokens_per_step = self.config.batch_size * self.config.seq_len
+        flops = flops_per_token(prepared.model_config, self.config.seq_len)
+        self.flops_per_step = flops * self.tokens_per_step
+        self.rates = []  # tokens/s of each logged interval
+        self.clock, self.timed_steps = None, 0  # the interval timed since the last logged step
+        self._meta = {
+            "config": self.config.to_json(),
+            "data_fingerprint": prepared.data.description["fingerprint"],
+        }
+
+    def train(self, signals: StopOnSignal, window: _SetUpWindow) -> None:
+        """The steps from the run's step to --steps."""
+        config, program = self.config, self.prepared.program
+        spectra_every = config.svd_entropy_every
+        for step in range(self.done, config.steps):
+            batch = jax.make_array_from_process_local_data(program.batch, next(self.batches))
+            self.state, metrics = program.step(self.state, batch)
+            self.done = step + 1
+            nonfinite = int(self.state.nonfinite)  # waits for the step
+            window.close()  # from the first step done on, a signal stops after a step, saved
+            self.ckpt.check()  # a background save that failed stops the run here
+            _check_data(self.prepared.data, self.done)
+            self._time_step()
+            if self._due(config.log_every):
+                self._log(metrics)
+            if spectra_every and self._due(spectra_every):
+                _log_svd_entropy(self.writer, self.done, self.state.params)
+            if self._due(config.eval_every):
+                self._evaluate()
+            self._save_or_stop(nonfinite, signals)
+
+    def finish(self) -> None:
+        """After the last step: its checkpoint written, and the data verified."""
+        if self.config.steps == 0 and self.ckpt.latest_step() is None:  # the run as set up
+            self._save(0)
+        self.ckpt.wait()
+        _check_data(self.prepared.data, self.done, wait=True)  # exit 0 means the data was verified
+
+    def summary(self, wall_time_s: float) -> Summary:
+        """What run() returns, for the steps done so far."""
+        out = self.prepared.out
+        return Summary(
+            out=str(out),
+            steps=self.done,
+            loss=self.last["loss"],
+            eval_loss=self.last["eval_loss"],
+            tokens=self.done * self.tokens_per_step,
+            flops=float(self.done * self.flops_per_step),
+            wall_time_s=wall_time_s,
+            tokens_per_s=statistics.median(self.rates) if self.rates else None,
+            skipped_steps=int(self.state.skipped),
+            metrics_path=str(out / METRICS_FILE),
+        )
+
+    def _due(self, every: int) -> bool:
+        """Whether the step just done is one of every `every`, or the last."""
+        return self.done % every == 0 or self.done == self.config.steps
+
+    def _time_step(self) -> None:
+        """Time from the end of the first (compiling) step on."""
+        if self.clock is None:
+            self.clock, self.timed_steps = time.perf_counter(), 0
+        else:
+            self.timed_steps += 1
+
+    def _log(self, metrics) -> None:
+        """A metrics line: the step's metrics, tokens, FLOPs and tokens/s."""
+        record = jax.device_get(metrics)
+        record["tokens"] = self.done * self.tokens_per_step
+        record["flops"] = self.done * self.flops_per_step
+        if self.timed_steps:
+            elapsed = time.perf_counter() - self.clock
+            record["tokens_per_s"] = self.tokens_per_step * self.timed_steps / elapsed
+            self.rates.append(record["tokens_per_s"])
+            self.clock, self.timed_steps = time.perf_counter(), 0
+        self.last["loss"] = float(record["loss"])
+        if self.writer:
+            self.writer.write(self.done, record)
+        self.bar.update(self.done - self.bar.n)
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}"
+        )
+
+    def _evaluate(self) -> None:
+        """The mean loss over the validation batches, logged."""
+        program = self.prepared.program
+        value = float(np.mean([program.eval(self.state, b) for b in self.validation]))
+        self.last["eval_loss"] = value
+        if self.writer:
+            self.writer.write(self.done, {"eval_loss": value})
+
+    def _save_or_stop(self, nonfinite: int, signals: StopOnSignal) -> None:
+        """The checkpoint due after this step; TrainingStopped after --max-nonfinite
+        non-finite steps in a row, Preempted (saved first) on SIGTERM / SIGINT."""
+        config, ckpt, done = self.config, self.ckpt, self.done
+        if nonfinite >= config.max_nonfinite:
+            ckpt.wait()
+            raise TrainingStopped(_diverged(config, done, nonfinite, ckpt.all_steps()))
+        if self._due(config.checkpoint_every) and nonfinite == 0:
+            self._save(done)
+        if done < config.steps and signals.stop_requested():  # after the last: finish
+            if ckpt.latest_step() != done:
+                self._save(done)
+            ckpt.wait()
+            out = self.prepared.out
+            raise Preempted(
+                f"{_signal_name(signals)} received: stopped after step {done} of {config.steps} and saved "
+                f"{out / CHECKPOINT_DIR / str(done)}; continue with: muonjax train --out {out} --resume"
+            )
+
+    def _save(self, step: int) -> None:
+        """A checkpoint of the current state at `step`, with the data iterator's state."""
+        meta = {**self._meta, "step": step, "data": self.batches.get_state()}
+        self.ckpt.save(step, self.state, meta)
 
 
 def _check_data(data: RunData, done: int, *, wait: bool = False) -> None:

@@ -9,8 +9,7 @@ import json
 import pathlib
 import time
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from muonjax.train.rundir import METRICS_FILE, TENSORBOARD_DIR
 
 
 class MetricsWriter:

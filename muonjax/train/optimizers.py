@@ -15,7 +15,7 @@ NS_COEFFS = muonjax.optim.newton_schulz.NAMED_COEFFICIENTS
 NS_DTYPES = ("float32", "bfloat16")
 
 
-def _moonlight(config, schedule, *, hidden_size: int, mesh=None, update_specs=None):
+def _moonlight(config, schedule, *, hidden_size: int, mesh=None):
     """Muon for hidden matrices, AdamW for the rest, one lr and wd (paper Sec. 2.2)."""
     return muonjax.moonlight(
         schedule,
@@ -34,13 +34,12 @@ def _moonlight(config, schedule, *, hidden_size: int, mesh=None, update_specs=No
         adam_b2=config.adam_b2,
         adam_eps=config.adam_eps,
         mesh=mesh,
-        update_specs=update_specs,
     )
 
 
-def _adamw(config, schedule, *, hidden_size: int, mesh=None, update_specs=None):
+def _adamw(config, schedule, *, hidden_size: int, mesh=None):
     """AdamW for every parameter."""
-    del hidden_size, mesh, update_specs
+    del hidden_size, mesh
     return optax.adamw(
         schedule,
         b1=config.adam_b1,
@@ -51,7 +50,7 @@ def _adamw(config, schedule, *, hidden_size: int, mesh=None, update_specs=None):
     )
 
 
-# name -> (config, schedule, *, hidden_size, mesh, update_specs) -> optax.GradientTransformation
+# name -> (config, schedule, *, hidden_size, mesh) -> optax.GradientTransformation
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "muon": _moonlight,
     "adamw": _adamw,
@@ -108,19 +107,13 @@ def learning_rate_schedule(config) -> optax.Schedule:
     return SCHEDULES[config.schedule](config)
 
 
-def make_optimizer(
-    config, hidden_size: int, mesh=None, update_specs=None
-) -> optax.GradientTransformation:
+def make_optimizer(config, hidden_size: int, mesh=None) -> optax.GradientTransformation:
     """The run's optimizer on its schedule. `mesh`: the mesh Muon spreads
-    Newton-Schulz over (Distributed Muon, see muonjax.optim.distributed), and
-    `update_specs` the layout its updates arrive in; `hidden_size`: the model
-    width, for --update-scale hidden."""
+    Newton-Schulz over (Distributed Muon, see muonjax.optim.distributed; the
+    trainer's is `Plan.newton_schulz_mesh`); `hidden_size`: the model width,
+    for --update-scale hidden."""
     return OPTIMIZERS[config.optimizer](
-        config,
-        learning_rate_schedule(config),
-        hidden_size=hidden_size,
-        mesh=mesh,
-        update_specs=update_specs,
+        config, learning_rate_schedule(config), hidden_size=hidden_size, mesh=mesh
     )
 
 

@@ -33,7 +33,9 @@ import re
 import numpy as np
 
 from muonjax.files import NotRegularFile, is_plain_name, regular_file_size, written_whole
-from muonjax.train.config import DATA_FORMATS, ConfigError, TrainConfig, WriteFailed, _flag
+from muonjax.train.config import DATA_FORMATS, TOKENIZATION_FIELDS, TrainConfig, flag_name
+from muonjax.train.corpus import tokenize
+from muonjax.train.errors import ConfigError, WriteFailed
 
 MANIFEST = "manifest.json"
 FORMAT = "muonjax-tokens/1"
@@ -41,8 +43,6 @@ RECORD_TOKENS = 4096  # a window of up to 4097 tokens spans at most two records
 SHARD_TOKENS = 2**26  # tokens per shard file: 64-256 MiB
 SPLITS = ("train", "validation")
 DTYPES = ("|u1", "<u2", "<i4")  # the stream dtypes _stream_dtype writes (numpy's dtype.str)
-# the TrainConfig fields the shards fix; a run that does not give them takes the manifest's
-FIXED = ("data_format", "tokenizer", "bpe_vocab_size", "validation_fraction")
 
 
 def is_shards(data: tuple[str, ...]) -> bool:
@@ -161,13 +161,13 @@ def _check_schema(manifest: dict, where: str) -> None:
 
 
 def inherit_from_shards(config_fields: dict) -> dict:
-    """The TrainConfig fields given, with those the shards fix (FIXED) taken from
-    the manifest where not given; unchanged unless --data is a shards folder."""
+    """The TrainConfig fields given, with those the shards fix (config.TOKENIZATION_FIELDS)
+    taken from the manifest where not given; unchanged unless --data is a shards folder."""
     data = tuple(config_fields.get("data", ()))
     if not is_shards(data):
         return dict(config_fields)
     manifest = read_manifest(data[0])
-    return {**{k: manifest["config"][k] for k in FIXED}, **config_fields}
+    return {**{k: manifest["config"][k] for k in TOKENIZATION_FIELDS}, **config_fields}
 
 
 class ShardedTokens:
@@ -261,8 +261,6 @@ def write_shards(
 
 def _write_folder(config: TrainConfig, folder: pathlib.Path, shard_tokens: int, log) -> dict:
     """The shards of config.data, their tokenizer and manifest written into `folder`."""
-    from muonjax.train.data import tokenize
-
     train, validation, tokenizer, description = tokenize(config, folder)
     tokenizer.save(folder)
     splits = {}
@@ -271,7 +269,7 @@ def _write_folder(config: TrainConfig, folder: pathlib.Path, shard_tokens: int, 
         log(f"{split}: {written['tokens']} tokens in {len(written['shards'])} shards")
     manifest = {
         "format": FORMAT,
-        "config": {k: getattr(config, k) for k in FIXED},
+        "config": {k: getattr(config, k) for k in TOKENIZATION_FIELDS},
         "vocab_size": tokenizer.vocab_size,
         "record_tokens": RECORD_TOKENS,
         "splits": splits,
@@ -282,12 +280,12 @@ def _write_folder(config: TrainConfig, folder: pathlib.Path, shard_tokens: int, 
 
 
 def check_manifest(config: TrainConfig, manifest: dict, directory: str) -> None:
-    """The run's FIXED fields must be the ones the shards were made with."""
+    """The run's TOKENIZATION_FIELDS must be the ones the shards were made with."""
     made = manifest["config"]
-    wrong = [k for k in FIXED if made[k] != getattr(config, k)]
+    wrong = [k for k in TOKENIZATION_FIELDS if made[k] != getattr(config, k)]
     if wrong:
-        given = ", ".join(f"{_flag(k)} {getattr(config, k)}" for k in wrong)
-        theirs = " ".join(f"{_flag(k)} {made[k]}" for k in wrong)
+        given = ", ".join(f"{flag_name(k)} {getattr(config, k)}" for k in wrong)
+        theirs = " ".join(f"{flag_name(k)} {made[k]}" for k in wrong)
         raise ConfigError(
             f"--data {directory} was tokenized with {theirs}, but this run has {given}: "
             "leave those flags out (the shards fix them) or tokenize again"

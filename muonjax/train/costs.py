@@ -13,7 +13,7 @@ import muonjax
 from muonjax.models import flops_per_token, param_counts
 from muonjax.optim.distributed import spread_flops
 from muonjax.parallel import hlo
-from muonjax.parallel.mesh import describe
+from muonjax.parallel.mesh import format_mesh
 from muonjax.train.config import TrainConfig
 from muonjax.train.program import Program, build
 
@@ -57,44 +57,25 @@ def optimizer_flops(program: Program) -> float:
     return float(update.lower(params, opt_state, params).compile().cost_analysis()["flops"])
 
 
-def inspect(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
+def step_costs(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
+    """What one train step of `config` on `mesh` costs each device, compiled from
+    abstract shapes: memory (parameters, optimizer state, peak), FLOPs (model,
+    optimizer, Newton-Schulz) and the bytes its collectives move."""
     model_config = config.model_config()
     program = build(config, model_config, mesh)
     devices = mesh.size
-    batch = jax.ShapeDtypeStruct(
-        (config.batch_size, config.seq_len + 1), jnp.int32, sharding=program.batch
-    )
-    compiled = program.step.lower(program.abstract(), batch).compile()
-    memory = compiled.memory_analysis()
-    peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-    peak -= memory.alias_size_in_bytes  # donated state: inputs reused as outputs
-
+    compiled = _compiled_step(config, program)
     params, opt_state = program.shapes.params, program.shapes.opt_state
     update_flops = optimizer_flops(program)
-
     tokens = config.batch_size * config.seq_len
     model_flops = flops_per_token(model_config, config.seq_len) * tokens / devices
-    muon = config.optimizer == "muon"
-    ns_total = newton_schulz_total(params) if muon else 0
-    # Distributed Muon spreads whole matrices over every device (with ZeRO-1),
-    # starting from the state's layout
-    leaves = muon_leaves(params)
-    ns_per_device = (
-        spread_flops(
-            [p.shape for _, p in leaves],
-            dict(mesh.shape),
-            config.ns_steps,
-            [program.plan.state_spec(path, p) for path, p in leaves],
-        )
-        if muon and program.plan.zero1
-        else ns_total
-    )
+    ns_total, ns_per_device = _newton_schulz_costs(config, program, mesh)
     comm = hlo.collective_bytes(compiled.as_text(), devices)
     counts = param_counts(model_config)
     return {
         "preset": config.preset,
         "optimizer": config.optimizer,
-        "mesh": describe(mesh),
+        "mesh": format_mesh(mesh),
         "zero1": program.plan.zero1,
         "batch_size": config.batch_size,
         "grad_accum": config.grad_accum,
@@ -104,7 +85,7 @@ def inspect(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
         "parameters": counts["total"],
         "param_bytes": shard_bytes(params, program.plan.params),
         "opt_state_bytes": shard_bytes(opt_state, program.shardings.opt_state),
-        "peak_bytes": int(peak),
+        "peak_bytes": _peak_bytes(compiled),
         "step_flops": float(model_flops + update_flops),
         "model_flops": float(model_flops),
         "optimizer_flops": update_flops,
@@ -116,3 +97,39 @@ def inspect(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
         "collectives_in_loops_of_unknown_trip_count": comm["in_loops_of_unknown_trip_count"],
         "devices": devices,
     }
+
+
+def _compiled_step(config: TrainConfig, program: Program):
+    """The train step compiled for a batch of `config`'s shape (nothing allocated)."""
+    batch = jax.ShapeDtypeStruct(
+        (config.batch_size, config.seq_len + 1), jnp.int32, sharding=program.batch
+    )
+    return program.step.lower(program.abstract(), batch).compile()
+
+
+def _peak_bytes(compiled) -> int:
+    """Bytes one device holds at the step's peak, by XLA's memory analysis."""
+    memory = compiled.memory_analysis()
+    peak = memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+    peak -= memory.alias_size_in_bytes  # donated state: inputs reused as outputs
+    return int(peak)
+
+
+def _newton_schulz_costs(config: TrainConfig, program: Program, mesh) -> tuple[int, int]:
+    """Newton-Schulz FLOPs of one step: over the whole model, and on the busiest
+    device (0 and 0 for AdamW)."""
+    if config.optimizer != "muon":
+        return 0, 0
+    params = program.shapes.params
+    ns_total = newton_schulz_total(params)
+    if not program.plan.zero1:
+        return ns_total, ns_total
+    # Distributed Muon spreads whole matrices over every device (with ZeRO-1),
+    # starting from the state's layout
+    leaves = muon_leaves(params)
+    return ns_total, spread_flops(
+        [p.shape for _, p in leaves],
+        dict(mesh.shape),
+        config.ns_steps,
+        [program.plan.state_spec(path, p) for path, p in leaves],
+    )

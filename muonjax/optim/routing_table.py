@@ -1,6 +1,6 @@
 """What Muon would do to each leaf: its group, matrix, update scale and Newton-Schulz cost.
 
-    print(muonjax.describe(params))           # arrays, or jax.eval_shape output
+    print(muonjax.routing_table(params))           # arrays, or jax.eval_shape output
 
 prints one line per leaf and a totals line, without running anything.
 """
@@ -15,9 +15,10 @@ import jax
 import numpy as np
 
 from muonjax.optim.matrix_axes import MatrixAxesFn, matrix_view
-from muonjax.optim.muon import _SCALE_BY_RULE, _check_update_scale
+from muonjax.optim.muon import check_update_scale, shape_scale
 from muonjax.optim.newton_schulz import newton_schulz_flops
-from muonjax.optim.recipes import MUON, _key_name, moonlight_labels
+from muonjax.optim.paths import path_names
+from muonjax.optim.recipes import MUON, moonlight_labels
 
 
 class LeafInfo(NamedTuple):
@@ -34,7 +35,7 @@ class LeafInfo(NamedTuple):
     ns_flops: int  # Muon: matmul FLOPs of Newton-Schulz per step; 0 for AdamW
 
 
-class Description(list):
+class RoutingTable(list):
     """A list of `LeafInfo`, one per leaf, that prints as an aligned table."""
 
     def __str__(self) -> str:
@@ -42,21 +43,16 @@ class Description(list):
 
 
 def _path_str(path: Any) -> str:
-    keys = list(path)
-    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == "value":
-        keys.pop()  # an nnx.State leaf's Variable value
-    return "/".join(_key_name(k) for k in keys) or "<root>"
+    return "/".join(path_names(path)) or "<root>"
 
 
 def _scale(rule: str, view, rms_scale: float, hidden_size: int | None) -> float | str:
     if rule == "update_norm":  # depends on the update itself
         return f"{rms_scale:g}/RMS(O)"
-    # The other rules multiply the update by a factor of the shape alone: muon's
-    # own rule applied to a scalar 1 is that factor.
-    return float(_SCALE_BY_RULE[rule](view, 1.0, rms_scale, hidden_size))
+    return shape_scale(rule, view, rms_scale, hidden_size)
 
 
-def describe(
+def routing_table(
     params: Any,
     *,
     labels: Any | Callable[[Any], Any] | None = None,
@@ -65,8 +61,8 @@ def describe(
     update_scale: str = "moonlight",
     hidden_size: int | None = None,
     ns_steps: int = 5,
-) -> Description:
-    """Describes how `moonlight` routes and scales each leaf of `params`.
+) -> RoutingTable:
+    """How `moonlight` routes and scales each leaf of `params`, as a table.
 
     For a leaf routed to Muon, with matrices of shape (A, B) (the last two
     axes, or `matrix_axes`) and `stack` of them, the update-scale factor is,
@@ -93,7 +89,7 @@ def describe(
       ns_steps: Newton-Schulz iterations, for the FLOPs.
 
     Returns:
-      A `Description`: a list of `LeafInfo`, one per leaf in tree order, whose
+      A `RoutingTable`: a list of `LeafInfo`, one per leaf in tree order, whose
       `str` is an aligned table with a totals line (`print` it).
 
     Raises:
@@ -104,7 +100,7 @@ def describe(
     References:
       Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
     """
-    _check_update_scale(update_scale, hidden_size)
+    check_update_scale(update_scale, hidden_size)
     if labels is None:
         labels = moonlight_labels
     label_tree = labels(params) if callable(labels) else labels
@@ -118,7 +114,7 @@ def describe(
             f"labels give {len(groups)} labels for {len(leaves)} leaves; they must be "
             "a tree like the params (or a prefix of it) of 'muon' / 'adamw'."
         )
-    rows = Description()
+    rows = RoutingTable()
     for (path, leaf), group in zip(leaves, groups):
         shape = tuple(int(d) for d in np.shape(leaf))
         dtype = str(np.dtype(leaf.dtype)) if hasattr(leaf, "dtype") else str(np.asarray(leaf).dtype)
@@ -154,10 +150,10 @@ def _si(n: float) -> str:
 
 
 def format_table(rows: list[LeafInfo]) -> str:
-    """An aligned text table of `describe`'s rows, with a totals line.
+    """An aligned text table of `routing_table`'s rows, with a totals line.
 
     Args:
-      rows: `LeafInfo`s, as `describe` returns them.
+      rows: `LeafInfo`s, as `routing_table` returns them.
 
     Returns:
       The table as one string: a header, one line per leaf (AdamW leaves show

@@ -5,6 +5,7 @@ tree that breaks it."""
 
 import ast
 import pathlib
+import sys
 
 import pytest
 
@@ -162,6 +163,19 @@ def test_shard_map_only_in_parallel_and_distributed_muon():
     assert shard_map_outside_homes() == []
 
 
+def stdlib_names(root: pathlib.Path = PACKAGE) -> list[str]:
+    """Our modules named like one of the standard library's (as train/inspect.py was)."""
+    return [
+        str(path.relative_to(root))
+        for path in sorted(root.rglob("*.py"))
+        if path.stem in sys.stdlib_module_names
+    ]
+
+
+def test_no_module_is_named_like_the_standard_librarys():
+    assert stdlib_names() == []
+
+
 def test_functions_fit_on_a_screen():
     assert long_functions() == []
 
@@ -186,6 +200,7 @@ def test_the_checks_fail_on_a_tree_that_breaks_them(tmp_path, relative):
             "a.py": a_imports_b,
             "b.py": 'def f():\n    """Doc."""\n    import muonjax.a\n    return jax.shard_map\n',
             "parallel/__init__.py": "x = jax.shard_map\n",
+            "train/inspect.py": "",
             "long.py": f'def g():\n    """Doc\n\n    more.\n    """\n{body}\n',
         },
     )
@@ -193,6 +208,7 @@ def test_the_checks_fail_on_a_tree_that_breaks_them(tmp_path, relative):
     assert cycles(graph) == [["muonjax.a", "muonjax.b"]]
     assert [(m, t) for m, t, _ in lazy] == [("muonjax.b", "muonjax.a")]
     assert shard_map_outside_homes(package) == ["b.py"]
+    assert stdlib_names(package) == ["train/inspect.py"]
     assert long_functions(package) == []  # 60 lines with the def, the docstring not counted
     (package / "long.py").write_text(f"def g():\n{body}\n    return x0\n")
     assert long_functions(package) == [("muonjax/long.py:1 g", MAX_FUNCTION_LINES + 1)]

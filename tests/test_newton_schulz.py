@@ -1,6 +1,7 @@
 """orthogonalize against a float64 NumPy Newton-Schulz and against the exact SVD."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -156,3 +157,65 @@ def test_flop_count():
     assert muonjax.newton_schulz_flops((16, 1024, 704)) == 16 * 5 * (4 * m * m * n + 2 * m**3)
     # long side > 1.5 x short side: the Gram form, 4 m^2 n + 34 m^3 for 5 steps
     assert muonjax.newton_schulz_flops((4096, 1024)) == 4 * 1024**2 * 4096 + 34 * 1024**3
+
+
+# Relative Frobenius error of one bfloat16 call against the float64 reference
+# (seed 0). Before the fix (coefficients and scalar products rounded to
+# bfloat16) these were, per shape: jordan 0.054 / 0.066 / 0.062 / 0.060 /
+# 0.049, polar_express 0.082 / 0.150 / 0.158 / 0.099 / 0.196; after it
+# jordan 0.020 / 0.029 / 0.030 / 0.022 / 0.027, polar_express 0.018 / 0.112 /
+# 0.118 / 0.020 / 0.121. Polar Express's large first-step coefficients make
+# the Gram form (the tall, wide and 4-d shapes here) the least accurate in
+# bfloat16.
+@pytest.mark.parametrize(
+    "name, shape, bound",
+    [
+        ("jordan", (64, 64), 0.042),
+        ("jordan", (96, 48), 0.042),
+        ("jordan", (48, 96), 0.042),
+        ("jordan", (4, 40, 56), 0.042),
+        ("jordan", (2, 3, 20, 12), 0.042),
+        ("polar_express", (64, 64), 0.05),
+        ("polar_express", (96, 48), 0.135),
+        ("polar_express", (48, 96), 0.135),
+        ("polar_express", (4, 40, 56), 0.05),
+        ("polar_express", (2, 3, 20, 12), 0.135),
+    ],
+)
+def test_bfloat16_compute_matches_float64_reference(name, shape, bound):
+    x = _random(shape)
+    table, safety = resolve_coefficients(name, 5)
+    expected = newton_schulz(x, table, safety)
+    got = np.asarray(muonjax.orthogonalize(x, ns_coeffs=name, compute_dtype=jnp.bfloat16))
+    err = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+    assert err < bound
+
+
+def _equations(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _equations(sub)
+
+
+@pytest.mark.parametrize("name", muonjax.optim.newton_schulz.NAMED_COEFFICIENTS)
+@pytest.mark.parametrize("shape", [(16, 16), (16, 40)])  # standard and Gram form
+def test_bfloat16_compute_keeps_coefficients_in_float32(name, shape):
+    # A Python float times a bfloat16 array is a bfloat16 product: every
+    # scalar product must instead be a float32 one, by the unrounded
+    # coefficient (in float32).
+    table, _ = resolve_coefficients(name, 5)
+    closed = jax.make_jaxpr(
+        lambda x: muonjax.orthogonalize(x, ns_coeffs=name, compute_dtype=jnp.bfloat16)
+    )(jnp.ones(shape, jnp.float32))
+    scalars = set()
+    for eqn in _equations(closed.jaxpr):
+        if eqn.primitive.name != "mul":
+            continue
+        assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
+        for v in eqn.invars:
+            if isinstance(v, jax.extend.core.Literal):
+                assert np.asarray(v.val).dtype == np.float32, eqn
+                scalars.add(float(v.val))
+    coefficients = {float(np.float32(c)) for row in table for c in row}
+    assert coefficients <= scalars

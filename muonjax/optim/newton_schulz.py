@@ -186,23 +186,39 @@ def orthogonalize(
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
     x = (x / (safety * norm + eps)).astype(compute_dtype)
     m, n = x.shape[-2:]
-    gram = jnp.einsum("...ik,...jk->...ij", x, x)
+    # Matmuls take `compute_dtype` inputs and accumulate into `acc` (float32
+    # for bfloat16); the coefficients and every elementwise (scalar) product
+    # stay in `acc`, and each result is rounded once to `compute_dtype` where a
+    # matmul reads it, as PyTorch's bfloat16 arithmetic does. A Python float
+    # times a bfloat16 array would round the coefficients themselves to
+    # bfloat16. For float32 compute every cast below is a no-op.
+    cdt = x.dtype
+    acc = jnp.promote_types(cdt, jnp.float32)
+    table = tuple(tuple(jnp.asarray(v, acc) for v in row) for row in table)
+
+    def mm(p: jax.Array, q: jax.Array) -> jax.Array:
+        return jnp.matmul(p.astype(cdt), q.astype(cdt), preferred_element_type=acc)
+
+    gram = jnp.einsum("...ik,...jk->...ij", x, x, preferred_element_type=acc)
     if _gram_form(m, n, len(table)):
         # A_{k+1} = M_k A_k M_k and Q_{k+1} = M_k Q_k, M_k = aI + b A_k + c A_k^2:
         # all polynomials of A_0, so they commute; X_k = Q_k X_0 at the end.
-        eye = jnp.eye(m, dtype=x.dtype)
+        eye = jnp.eye(m, dtype=acc)
         q = None
         for i, (a, b, c) in enumerate(table):
-            poly = a * eye + b * gram + c * (gram @ gram)
-            q = poly if q is None else poly @ q
+            poly = (a * eye + b * gram + c * mm(gram, gram)).astype(cdt)
+            q = poly if q is None else mm(poly, q).astype(cdt)
             if i + 1 < len(table):
-                gram = (gram @ poly) @ poly
-        x = q @ x
+                gram = mm(mm(gram, poly), poly)
+        x = mm(q, x)
     else:
         for i, (a, b, c) in enumerate(table):
             if i:
-                gram = jnp.einsum("...ik,...jk->...ij", x, x)
-            x = a * x + (b * gram + c * (gram @ gram)) @ x
+                gram = jnp.einsum("...ik,...jk->...ij", x, x, preferred_element_type=acc)
+            ax = a * x.astype(acc)  # first, as before: float32 HLO unchanged
+            x = ax + mm((b * gram + c * mm(gram, gram)).astype(cdt), x)
+            if i + 1 < len(table):
+                x = x.astype(cdt)
     if tall:
         x = jnp.swapaxes(x, -1, -2)
     return x.astype(out_dtype)

@@ -8,7 +8,7 @@
    matmul parameters per token (the k routed experts, not all of them) plus
    the attention scores and mixing, 2 x L x H x (qk + v head dims) per token.
 2. Where the time goes: forward+backward of each part on the same tokens.
-3. The routed experts alone by dispatch method ("blocks", "ragged_dot").
+3. The routed experts alone by dispatch method ("blocks", "tiles", "ragged_dot").
 4. Compile time of a Muon train step for tiny and small, and for small at 2x
    and 4x the depth (scan keeps it flat in depth).
 
@@ -154,7 +154,7 @@ def dispatch_methods(repeats):
             0.05 * jax.random.normal(k, s)
             for k, s in zip(keys[3:], [(E, D, F), (E, D, F), (E, F, D)])
         )
-        for method in ("blocks", "ragged_dot"):
+        for method in ("blocks", "tiles", "ragged_dot"):
             loss = functools.partial(_routed_sum, experts=experts, weights=weights, method=method)
             g = jax.jit(jax.grad(loss, argnums=(0, 1)))
             out[f"{name}, {method}"] = median_seconds(g, w, x, repeats=repeats)

@@ -6,7 +6,7 @@ import dataclasses
 import math
 
 ATTENTION_KINDS = ("mla", "mha")
-DISPATCH_METHODS = ("auto", "blocks", "ragged_dot")
+DISPATCH_METHODS = ("auto", "blocks", "tiles", "ragged_dot")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -51,7 +51,7 @@ class ModelConfig:
     n_shared_experts: int = 1
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
-    moe_dispatch: str = "auto"  # "blocks" (CPU), "ragged_dot" (GPU/TPU), "auto" picks
+    moe_dispatch: str = "auto"  # "blocks" (CPU), "ragged_dot" (GPU/TPU), "tiles"; "auto" picks
     aux_loss_coef: float = 1e-4  # sequence-wise balance loss (Moonlight: 1e-4)
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6

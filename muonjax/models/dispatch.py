@@ -1,7 +1,16 @@
 """Dropless routed experts: y_t = sum_j w_tj SwiGLU_{e_tj}(x_t), no token dropped.
 
-Two methods, chosen by measurement (experiments/bench_model.py and the note on
-issue 3):
+Three methods, chosen by measurement (experiments/bench_dispatch.py,
+experiments/bench_model.py and the notes on issues 3 and 25):
+
+- "tiles": assignments sorted by expert, each expert's group padded to whole
+  row tiles (a static number of them), then ONE batched matmul over all tiles,
+  each tile against its expert's gathered weights. No loop, so XLA's cost
+  analysis counts it (the routed FLOPs plus at most ~6% padding), and nothing
+  waits on the host. Its VJP sums the tiles' weight gradients per expert
+  (a sorted segment sum). The gathered weights and per-tile weight gradients
+  take (T*k/tile + E) x D x F per matrix, transient: the tile is sized so that
+  this stays under 33x one expert stack (see `tile_rows`).
 
 - "blocks" (default on CPU): assignments sorted by expert, each expert's group
   padded to whole row blocks, then a loop over the used blocks only, each one a
@@ -29,6 +38,15 @@ def routed_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD, *, 
         method = "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
     T, K = experts_TK.shape
     E = gate_EDF.shape[0]
+    if method == "tiles":
+        tile = tile_rows(T * K, E)
+        assignment_R, expert_N, _ = block_layout(experts_TK, E, tile)
+        token_R = assignment_R // K  # == T on padding rows: gathers 0, scatter drops
+        x_RD = jnp.take(x_TD, token_R, axis=0, mode="fill", fill_value=0)
+        y_RD = tiled_swiglu(x_RD, expert_N, gate_EDF, up_EDF, down_EFD)
+        w_R = jnp.take(weights_TK.reshape(-1), assignment_R, mode="fill", fill_value=0)
+        y_RD = y_RD * w_R[:, None].astype(y_RD.dtype)
+        return jnp.zeros_like(x_TD).at[token_R].add(y_RD, mode="drop")
     if method == "ragged_dot":
         flat_N = experts_TK.reshape(-1)
         order_N = jnp.argsort(flat_N, stable=True)
@@ -63,7 +81,8 @@ def block_layout(experts_TK, n_experts: int, block: int):
     """
     T, K = experts_TK.shape
     N = T * K
-    n_blocks = (N + n_experts * (block - 1)) // block
+    # at most min(E, N) groups are non-empty, each padded by at most block-1 rows
+    n_blocks = (N + min(n_experts, N) * (block - 1)) // block
     expert_N = experts_TK.reshape(-1).astype(jnp.int32)
     order_N = jnp.argsort(expert_N, stable=True).astype(jnp.int32)
     count_E = jnp.bincount(expert_N, length=n_experts).astype(jnp.int32)
@@ -77,9 +96,83 @@ def block_layout(experts_TK, n_experts: int, block: int):
     assignment_R = jnp.full((n_blocks * block,), N, jnp.int32).at[row_N].set(order_N, mode="drop")
     block_start_B = jnp.arange(n_blocks, dtype=jnp.int32) * block
     expert_B = jnp.minimum(
-        jnp.searchsorted(padded_end_E, block_start_B, side="right"), n_experts - 1
+        # compare_all: E x B comparisons, and no loop (the default method scans)
+        jnp.searchsorted(padded_end_E, block_start_B, side="right", method="compare_all"),
+        n_experts - 1,
     )
     return assignment_R, expert_B.astype(jnp.int32), padded_end_E[-1] // block
+
+
+def tile_rows(n_rows: int, n_experts: int) -> int:
+    """Rows per tile for `tiles`: the largest power of two with
+    E * tile <= n_rows / 16, so that the padding (at most tile-1 rows per expert,
+    half that expected) stays under ~6% of the routed rows, and the tiles number
+    n_rows / tile + E < 33 E (their gathered weights and per-tile weight
+    gradients stay under 33x the expert stack, whatever the batch). A decode
+    step (fewer than 32 E rows) gets 1-row tiles: no padding at all.
+
+    On a 2-core CPU, copying the gathered weights dominates at small tiles:
+    4x the tile (64 rows against 16 at T=2048, k=2, E=16) runs 3x faster for
+    ~10% more FLOPs (experiments/bench_dispatch.py); `blocks` stays faster."""
+    tile = 1
+    while 2 * tile * n_experts * 16 <= n_rows:
+        tile *= 2
+    return tile
+
+
+def _tile_forward(x_NtD, expert_N, gate_EDF, up_EDF, down_EFD):
+    g = jnp.einsum("ntd,ndf->ntf", x_NtD, gate_EDF[expert_N])
+    u = jnp.einsum("ntd,ndf->ntf", x_NtD, up_EDF[expert_N])
+    y = jnp.einsum("ntf,nfd->ntd", jax.nn.silu(g) * u, down_EFD[expert_N])
+    return y, g, u
+
+
+@jax.custom_vjp
+def tiled_swiglu(x_RD, expert_N, gate_EDF, up_EDF, down_EFD):
+    """Row tile n of x_RD (R = N tiles x tile rows) through expert expert_N[n]'s
+    SwiGLU, all tiles in one batched matmul; expert_N must be sorted."""
+    n = expert_N.shape[0]
+    y, _, _ = _tile_forward(
+        x_RD.reshape(n, -1, x_RD.shape[1]), expert_N, gate_EDF, up_EDF, down_EFD
+    )
+    return y.reshape(x_RD.shape)
+
+
+def _tiled_swiglu_fwd(x_RD, expert_N, gate_EDF, up_EDF, down_EFD):
+    n = expert_N.shape[0]
+    x = x_RD.reshape(n, -1, x_RD.shape[1])
+    y, g, u = _tile_forward(x, expert_N, gate_EDF, up_EDF, down_EFD)
+    # the gathered weights are not kept: the backward pass gathers them again
+    return y.reshape(x_RD.shape), (x, expert_N, gate_EDF, up_EDF, down_EFD, g, u)
+
+
+def _tiled_swiglu_bwd(residuals, dy_RD):
+    x, expert_N, gate_EDF, up_EDF, down_EFD, g, u = residuals
+    E = gate_EDF.shape[0]
+    dy = dy_RD.reshape(x.shape)
+    sig = jax.nn.sigmoid(g)
+    act = g * sig  # silu(g)
+    dh = jnp.einsum("ntd,nfd->ntf", dy, down_EFD[expert_N])
+    dg = dh * u * sig * (1 + g * (1 - sig))  # silu'(g) = sig (1 + g (1 - sig))
+    du = dh * act
+    dx = jnp.einsum("ntf,ndf->ntd", dg, gate_EDF[expert_N]) + jnp.einsum(
+        "ntf,ndf->ntd", du, up_EDF[expert_N]
+    )
+    # each tile's weight gradient, summed per expert (tiles are sorted by expert)
+    per_expert = lambda w_N: jax.ops.segment_sum(w_N, expert_N, E, indices_are_sorted=True)
+    dgate = per_expert(jnp.einsum("ntd,ntf->ndf", x, dg))
+    dup = per_expert(jnp.einsum("ntd,ntf->ndf", x, du))
+    ddown = per_expert(jnp.einsum("ntf,ntd->nfd", act * u, dy))
+    return (
+        dx.reshape(dy_RD.shape),
+        None,
+        dgate.astype(gate_EDF.dtype),
+        dup.astype(up_EDF.dtype),
+        ddown.astype(down_EFD.dtype),
+    )
+
+
+tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 
 def _take(w, e):

@@ -113,9 +113,11 @@ class TrainConfig:
     )
     moe_dispatch: str | None = _field(
         None,
-        "how routed experts are computed: blocks (sorted row blocks, plain matmuls), ragged_dot "
-        "(jax.lax.ragged_dot, grouped matmuls on GPU/TPU; a dense masked matmul on CPU), auto "
-        "(blocks on CPU, ragged_dot on accelerators); default: the preset's (auto)",
+        "how routed experts are computed: blocks (sorted row blocks, a loop over the used ones, "
+        "plain matmuls), tiles (sorted rows padded to fixed tiles, one batched matmul over all "
+        "tiles with each tile's expert weights gathered: no loop, FLOPs XLA can count), "
+        "ragged_dot (jax.lax.ragged_dot, grouped matmuls on GPU/TPU; a dense masked matmul on "
+        "CPU), auto (blocks on CPU, ragged_dot on accelerators); default: the preset's (auto)",
         choices=DISPATCH_METHODS,
     )
     # the optimizer

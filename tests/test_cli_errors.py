@@ -190,6 +190,14 @@ def test_resume_with_incompatible_config(tmp_path, text_dir):
     assert before == after
 
 
+def test_remat_takes_a_policy_and_names_the_valid_ones(tmp_path):
+    match = "--remat 'dot' is unknown (valid: none, dots, full)"
+    _assert_usage_error(
+        _train("--out", str(tmp_path / "run"), "--remat", "dot", cwd=tmp_path), match
+    )
+    assert not (tmp_path / "run").exists()
+
+
 def test_help_explains_every_flag():
     result = subprocess.run([*RUN[:-1], "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0

@@ -88,6 +88,23 @@ def test_model_config_file_and_overrides(tmp_path):
     assert config.model == {"d_model": 96, "n_heads": 3}  # the tokenizer sets vocab_size
 
 
+def test_remat_flag_takes_a_policy():
+    """--remat POLICY; --remat alone is full and --no-remat none, as when it was a bool."""
+    assert config_from_args([]).remat is None  # the preset's
+    assert config_from_args(["--remat"]).remat == "full"
+    assert config_from_args(["--remat", "--steps", "3"]).remat == "full"
+    assert config_from_args(["--no-remat"]).remat == "none"
+    for policy in ("none", "dots", "full"):
+        config = config_from_args(["--remat", policy])
+        assert config.remat == policy and config.model_config().remat == policy
+    assert config_from_args(["--preset", "moonlight-16b-a3b"]).model_config().remat == "full"
+    assert TrainConfig(remat=True).remat == "full" and TrainConfig(remat=False).remat == "none"
+    saved = {**TrainConfig().to_json(), "remat": True}  # a config.json from before the policies
+    assert TrainConfig.from_json(saved) == TrainConfig(remat="full")
+    with pytest.raises(ConfigError, match=r"--remat 'dot' is unknown \(valid: none, dots, full\)"):
+        config_from_args(["--remat", "dot"])
+
+
 def test_model_vocabulary_is_the_tokenizers_or_larger():
     """A checkpoint's vocabulary may be padded past its tokenizer's ids; never smaller."""
     assert TrainConfig().model_config(vocab_size=300).vocab_size == 300

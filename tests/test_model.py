@@ -301,7 +301,8 @@ def test_bad_config_is_a_clear_error():
         ({"routed_scaling_factor": "2"}, "routed_scaling_factor='2' (must be positive and"),
         ({"init_std": -0.02}, "init_std=-0.02 (must be >= 0 and finite)"),
         ({"aux_loss_coef": float("nan")}, "aux_loss_coef=nan (must be >= 0 and finite)"),
-        ({"remat": 1}, "remat=1 (must be true or false)"),
+        ({"remat": 1}, "remat=1 (valid: none, dots, full)"),
+        ({"remat": "dot"}, "remat='dot' (valid: none, dots, full)"),
         ({"dtype": "float16"}, "dtype='float16' (valid: float32, bfloat16)"),
     ],
 )
@@ -336,6 +337,14 @@ def test_flops_per_token_matches_xla_count(attention):
     assert counted == pytest.approx(flops_per_token(config, 128) * 4 * 128, rel=0.03)
 
 
+def test_remat_old_booleans_are_policies():
+    """Saved configs and older code give remat as a bool: True is full, False none."""
+    assert ModelConfig(remat=True).remat == "full"
+    assert ModelConfig(remat=False).remat == "none"
+    assert TINY.remat == "none" and preset("moonlight-16b-a3b").remat == "full"
+    assert TINY.replace(remat=True) == TINY.replace(remat="full")
+
+
 @pytest.mark.slow
 def test_remat_changes_memory_not_results():
     tokens = _tokens((2, 16), seed=14)
@@ -347,7 +356,31 @@ def test_remat_changes_memory_not_results():
             logits, aux = nnx.merge(graphdef, state)(tokens)
             return jnp.mean(logits**2) + aux.balance_loss
 
-        return jax.jit(jax.grad(loss))(state)
+        return jax.jit(jax.value_and_grad(loss))(state)
 
-    for a, b in zip(jax.tree.leaves(grads(TINY)), jax.tree.leaves(grads(TINY.replace(remat=True)))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    plain = jax.tree.leaves(grads(TINY))
+    for policy in ("dots", "full"):
+        for a, b in zip(plain, jax.tree.leaves(grads(TINY.replace(remat=policy)))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_remat_policies_order_peak_memory():
+    """none stores every activation, dots only the matmul outputs, full each layer's
+    input: the compiled step's temporaries shrink in that order (on CPU, from shapes;
+    at 4 x 128 tokens and 4 layers the activations outweigh remat's own buffers)."""
+    tokens = jax.ShapeDtypeStruct((4, 128), jnp.int32)
+
+    def temp_bytes(policy):
+        config = TINY.replace(n_layers=4, remat=policy)
+        graphdef, state = nnx.eval_shape(lambda: nnx.split(Transformer(config, rngs=nnx.Rngs(0))))
+
+        def loss(state, tokens):
+            logits, aux = nnx.merge(graphdef, state)(tokens)
+            return jnp.mean(logits**2) + aux.balance_loss
+
+        compiled = jax.jit(jax.grad(loss)).lower(state, tokens).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    none, dots, full = (temp_bytes(p) for p in ("none", "dots", "full"))
+    assert none > dots > full, (none, dots, full)

@@ -8,6 +8,17 @@ import math
 ATTENTION_KINDS = ("mla", "mha")
 DISPATCH_METHODS = ("auto", "blocks", "tiles", "ragged_dot")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# what the backward pass recomputes: nothing (store every activation), everything
+# but the matmul outputs ("dots"), or each layer whole from its input ("full")
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def remat_policy(value):
+    """A remat setting as its policy's name: True (the old bool) is "full", False "none";
+    anything else unchanged (checked against REMAT_POLICIES by the caller)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    return value
 
 
 class InvalidModelConfig(ValueError):
@@ -60,9 +71,12 @@ class ModelConfig:
     latent_norm_eps: float = 1e-6
     init_std: float = 0.02
     dtype: str = "float32"  # activations and matmuls; params stay float32
-    remat: bool = False  # recompute each layer in the backward pass instead of storing it
+    # the backward pass recomputes: "none" nothing, "dots" all but the matmul outputs,
+    # "full" each layer whole from its input (True and False, from older configs: full, none)
+    remat: str = "none"
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_policy(self.remat))
         problems = _field_problems(self)
         problems += _relation_problems(self, {name for name, _ in problems})
         if problems:
@@ -103,11 +117,12 @@ _MIN_INT = {
 }
 _POSITIVE_FLOATS = ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "latent_norm_eps")
 _NONNEGATIVE_FLOATS = ("aux_loss_coef", "init_std")
-_BOOLS = ("norm_topk_prob", "remat")
+_BOOLS = ("norm_topk_prob",)
 _CHOICES = {
     "attention": ATTENTION_KINDS,
     "moe_dispatch": DISPATCH_METHODS,
     "dtype": COMPUTE_DTYPES,
+    "remat": REMAT_POLICIES,
 }
 
 
@@ -216,7 +231,7 @@ PRESETS = {
         rope_theta=50000.0,
         rms_norm_eps=1e-5,
         dtype="bfloat16",
-        remat=True,
+        remat="full",
     ),
 }
 

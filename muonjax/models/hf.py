@@ -460,7 +460,7 @@ def from_hf(
 
     `dtype`: the activations' and matmuls' (default float32; parameters stay
     float32). `config`: `hf_config(directory)` by default; pass it changed
-    (e.g. `.replace(remat=True)`) for other settings of the same model:
+    (e.g. `.replace(remat="full")`) for other settings of the same model:
     shape-defining fields must match the checkpoint. `shardings`: a pytree
     like `nnx.state(model)` of jax Shardings (e.g. `muonjax.parallel.Plan(mesh,
     nnx.state(abstract_model(config))).params`, every variable); by default

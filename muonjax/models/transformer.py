@@ -80,14 +80,37 @@ def _run_stack(block, x_BLD, positions_BL, large_logit):
     return block(x_BLD, positions_BL, large_logit)
 
 
-@nnx.scan(
-    in_axes=(0, nnx.Carry, None, None),
-    out_axes=(nnx.Carry, 0),
-    transform_metadata={nnx.PARTITION_NAME: LAYERS},
-)
-def _run_stack_remat(block, x_BLD, positions_BL, large_logit):
-    # keep only each layer's input; recompute the rest in the backward pass
-    return nnx.remat(lambda b, x, p, t: b(x, p, t))(block, x_BLD, positions_BL, large_logit)
+def save_matmuls(prim, *args, **params) -> bool:
+    """The "dots" remat policy: keep every matmul's output, batched ones included
+    (attention's per-head einsums, the MoE's expert matmuls), and recompute the
+    elementwise work between them. jax.checkpoint_policies.checkpoint_dots keeps
+    every dot_general (dots_with_no_batch_dims_saveable would drop attention's and
+    the tiled experts'); lax.ragged_dot (the MoE on GPU/TPU) is a primitive of its
+    own, which neither keeps, so it is added here."""
+    return (
+        jax.checkpoint_policies.checkpoint_dots(prim, *args, **params)
+        or prim.name == "ragged_dot_general"
+    )
+
+
+def _remat_stack(policy):
+    """_run_stack with each layer under nnx.remat(policy): policy None keeps only
+    each layer's input and recomputes the rest in the backward pass."""
+
+    @nnx.scan(
+        in_axes=(0, nnx.Carry, None, None),
+        out_axes=(nnx.Carry, 0),
+        transform_metadata={nnx.PARTITION_NAME: LAYERS},
+    )
+    def run(block, x_BLD, positions_BL, large_logit):
+        layer = nnx.remat(lambda b, x, p, t: b(x, p, t), policy=policy)
+        return layer(block, x_BLD, positions_BL, large_logit)
+
+    return run
+
+
+# ModelConfig.remat -> how a stack of layers runs
+_RUN_STACK = {"none": _run_stack, "dots": _remat_stack(save_matmuls), "full": _remat_stack(None)}
 
 
 @nnx.scan(
@@ -159,7 +182,7 @@ class Transformer(nnx.Module):
         positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
         x_BLD = self.embed(tokens_BL).astype(c.dtype)
         logit_stats, loads, balance = [], [], jnp.zeros((), jnp.float32)
-        run = _run_stack_remat if c.remat else _run_stack
+        run = _RUN_STACK[c.remat]
         if self.dense_layers is not None:
             x_BLD, (stats, _) = run(self.dense_layers, x_BLD, positions_BL, large_logit)
             logit_stats.append(stats)

@@ -14,7 +14,14 @@ import math
 import types
 import typing
 
-from muonjax.models.config import COMPUTE_DTYPES, DISPATCH_METHODS, PRESETS, ModelConfig
+from muonjax.models.config import (
+    COMPUTE_DTYPES,
+    DISPATCH_METHODS,
+    PRESETS,
+    REMAT_POLICIES,
+    ModelConfig,
+    remat_policy,
+)
 from muonjax.models.generate import MAX_SEED
 from muonjax.optim import UPDATE_SCALE_RULES
 from muonjax.train.errors import ConfigError
@@ -107,9 +114,12 @@ class TrainConfig:
         "activations and matmuls (parameters and optimizer state stay float32); default: the preset's",
         choices=COMPUTE_DTYPES,
     )
-    remat: bool | None = _field(
+    remat: str | None = _field(
         None,
-        "recompute each layer in the backward pass instead of storing it; default: the preset's",
+        "what the backward pass recomputes instead of storing: none (nothing: most memory), "
+        "dots (all but the matmul outputs), full (each layer from its input: least memory, "
+        "most recomputation); --remat alone is full, --no-remat is none; default: the preset's",
+        choices=REMAT_POLICIES,
     )
     moe_dispatch: str | None = _field(
         None,
@@ -245,6 +255,7 @@ class TrainConfig:
     def __post_init__(self):
         object.__setattr__(self, "data", tuple(self.data))
         object.__setattr__(self, "model", dict(self.model or {}))
+        object.__setattr__(self, "remat", remat_policy(self.remat))  # older configs: a bool
         problems = _Problems()
         self._check_choices(problems)
         self._check_counts(problems)

@@ -73,7 +73,17 @@ def add_arguments(
         if f.metadata.get("choices"):  # checked by TrainConfig, in its own words
             kw["metavar"] = "|".join(f.metadata["choices"])
         kind = field_type(f.name)
-        if kind is bool:
+        if f.name == "remat":  # --remat POLICY; --remat alone is full, --no-remat none
+            parser.add_argument(flag_name(f), nargs="?", const="full", **kw)
+            parser.add_argument(
+                "--no-remat",
+                dest=f.name,
+                action="store_const",
+                const="none",
+                default=argparse.SUPPRESS,
+                help="the same as --remat none",
+            )
+        elif kind is bool:
             parser.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "model":
             parser.add_argument(flag_name(f), type=str, metavar="KEY=VALUE,...", **kw)

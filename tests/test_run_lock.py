@@ -1,11 +1,13 @@
 """One writer per run directory (issue 12, item 1): a second run on a busy --out
 fails with one line and exit code 2, writing nothing; the lock dies with its run."""
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -44,6 +46,23 @@ def _start(*args):
     return subprocess.Popen(
         [*TRAIN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+
+
+def test_a_holder_that_writes_its_pid_late_is_still_named(tmp_path):
+    """The holder writes its pid just after it takes the lock: a run refused in
+    between waits a moment for it rather than naming nobody."""
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: conflicts with ours
+    late = threading.Timer(0.3, lambda: os.pwrite(fd, b"4242 elsewhere\n", 0))
+    late.start()
+    try:
+        with pytest.raises(ConfigError, match=r"in use by another run \(pid 4242 on elsewhere\)"):
+            RunLock(out).__enter__()
+    finally:
+        late.join()
+        os.close(fd)
 
 
 def _one_line_error(stderr, match):

@@ -20,6 +20,7 @@ import fcntl
 import os
 import pathlib
 import socket
+import time
 
 from muonjax.train.errors import ConfigError
 from muonjax.train.rundir import LOCK_FILE
@@ -37,8 +38,17 @@ def is_lock_file(name: str) -> bool:
     )
 
 
-def _holder(fd: int) -> str:
-    """' (pid N)' or ' (pid N on HOST)' from the lock file, '' if not written yet."""
+def _holder(fd: int, wait: float = 1.0) -> str:
+    """' (pid N)' or ' (pid N on HOST)' from the lock file, '' if still not written
+    after `wait` seconds (the holder writes it right after it takes the lock; on a
+    busy machine that can be a little later)."""
+    deadline = time.monotonic() + wait
+    while not (found := _read_holder(fd)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return found
+
+
+def _read_holder(fd: int) -> str:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         pid, _, host = os.read(fd, 512).decode(errors="replace").strip().partition(" ")

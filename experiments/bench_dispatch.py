@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from bench_model import median_seconds
 
 from muonjax.models.dispatch import routed_experts, tile_rows
 
@@ -32,16 +31,6 @@ SHAPES = {  # name: (T, D, F, E, k)
     "medium: T=4096 D=512 F=384 E=16 k=4": (4096, 512, 384, 16, 4),
 }
 QUICK_SHAPES = {"quick: T=128 D=32 F=48 E=8 k=2": (128, 32, 48, 8, 2)}
-
-
-def median_seconds(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def problem(T, D, F, E, K, skewed):

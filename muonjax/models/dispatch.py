@@ -39,14 +39,8 @@ def routed_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD, *, 
     T, K = experts_TK.shape
     E = gate_EDF.shape[0]
     if method == "tiles":
-        tile = tile_rows(T * K, E)
-        assignment_R, expert_N, _ = block_layout(experts_TK, E, tile)
-        token_R = assignment_R // K  # == T on padding rows: gathers 0, scatter drops
-        x_RD = jnp.take(x_TD, token_R, axis=0, mode="fill", fill_value=0)
-        y_RD = tiled_swiglu(x_RD, expert_N, gate_EDF, up_EDF, down_EFD)
-        w_R = jnp.take(weights_TK.reshape(-1), assignment_R, mode="fill", fill_value=0)
-        y_RD = y_RD * w_R[:, None].astype(y_RD.dtype)
-        return jnp.zeros_like(x_TD).at[token_R].add(y_RD, mode="drop")
+        swiglu = lambda x_RD, expert_N, _: tiled_swiglu(x_RD, expert_N, gate_EDF, up_EDF, down_EFD)
+        return _in_sorted_rows(swiglu, x_TD, experts_TK, weights_TK, E, tile_rows(T * K, E))
     if method == "ragged_dot":
         flat_N = experts_TK.reshape(-1)
         order_N = jnp.argsort(flat_N, stable=True)
@@ -62,10 +56,21 @@ def routed_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD, *, 
     # 128 rows suit groups under ~400 rows per expert (measured). No expert gets
     # more than T rows, so a few tokens (a decode step) need no more than T.
     block = min(128 if T * K < 400 * E else 256, max(8, 1 << (T - 1).bit_length()))
-    assignment_R, expert_B, used_blocks = block_layout(experts_TK, E, block)
+    swiglu = lambda x_RD, expert_B, used_blocks: grouped_swiglu(
+        x_RD, expert_B, used_blocks, gate_EDF, up_EDF, down_EFD, block
+    )
+    return _in_sorted_rows(swiglu, x_TD, experts_TK, weights_TK, E, block)
+
+
+def _in_sorted_rows(swiglu, x_TD, experts_TK, weights_TK, n_experts: int, block: int):
+    """The assignments sorted by expert into whole blocks of rows (`block_layout`),
+    `swiglu(x_RD, expert_B, used_blocks)` on those rows, and each row's output,
+    weighted, added back to its token."""
+    K = experts_TK.shape[1]
+    assignment_R, expert_B, used_blocks = block_layout(experts_TK, n_experts, block)
     token_R = assignment_R // K  # == T on padding rows: gathers 0, scatter drops
     x_RD = jnp.take(x_TD, token_R, axis=0, mode="fill", fill_value=0)
-    y_RD = grouped_swiglu(x_RD, expert_B, used_blocks, gate_EDF, up_EDF, down_EFD, block)
+    y_RD = swiglu(x_RD, expert_B, used_blocks)
     w_R = jnp.take(weights_TK.reshape(-1), assignment_R, mode="fill", fill_value=0)
     return jnp.zeros_like(x_TD).at[token_R].add(y_RD * w_R[:, None].astype(y_RD.dtype), mode="drop")
 

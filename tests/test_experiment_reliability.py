@@ -28,7 +28,9 @@ def test_smallest_run_records_every_trial_and_each_passes(tmp_path):
         assert TRIAL_KEYS <= set(t), t
         assert t["phase"] in ("start-up", "set-up", "training", "final flush", "exited"), t
         assert 1 <= len(t["relaunches"]) <= results["config"]["max_relaunches"], t
-        assert t["passed"] and t["identical"] and not t["failures"], t
+        # the failures first, in full: a long record's repr is cut short
+        why = (t["failures"], t["phase"], t["exit_code"], t["relaunches"], t)
+        assert t["passed"] and t["identical"] and not t["failures"], why
     assert len(bad) == 1
     for b in bad:
         assert (b["exit_code"], b["stderr_lines"], b["wrote"], b["passed"]) == (2, 1, [], True), b

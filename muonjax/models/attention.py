@@ -9,6 +9,7 @@ earlier ones (MLA caches only its latent and shared rotary key).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -29,23 +30,72 @@ class LogitStats(NamedTuple):
     n_large: jax.Array  # (H,) float32: how many logits exceed `large_logit`
 
 
-def causal_attention(q_BLHK, k_BLHK, v_BLHV, scale: float, large_logit: float = LARGE_LOGIT):
-    """softmax(q k^T * scale + causal mask) v, and the logits' LogitStats; a
-    logit above `large_logit` counts as large."""
-    # Heads-major (B, H, L, K) operands make both products plain batched
-    # matmuls; on CPU that runs attention about 1.3x faster than one einsum.
-    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q_BLHK, k_BLHK, v_BLHV))
-    logits_BHLL = ((q * scale) @ k.swapaxes(-1, -2)).astype(jnp.float32)
-    length = q_BLHK.shape[1]
-    causal_LL = jnp.tril(jnp.ones((length, length), bool))
-    logits_BHLL = logits_BHLL + jnp.where(causal_LL, 0.0, -jnp.inf)
-    # Masked logits are -inf: neither the max nor the count sees them. The
-    # count is float32 because its sums over a global batch can pass int32's range.
-    n_large_H = jnp.sum(logits_BHLL > large_logit, axis=(0, 2, 3), dtype=jnp.int32)
-    stats = LogitStats(jnp.max(logits_BHLL, axis=(0, 2, 3)), n_large_H.astype(jnp.float32))
-    probs_BHLL = jax.nn.softmax(logits_BHLL, axis=-1).astype(v.dtype)
-    out_BLHV = (probs_BHLL @ v).transpose(0, 2, 1, 3)
-    return out_BLHV, jax.lax.stop_gradient(stats)
+STATS_CHUNK = 512  # query rows per pass of `logit_stats`: its logits are (B, H, 512, <= L)
+
+
+def causal_attention(q_BLHK, k_BLHK, v_BLHV, scale: float, kernel: str = "xla"):
+    """softmax(q k^T * scale + causal mask) v by `jax.nn.dot_product_attention`:
+    kernel "cudnn" is cuDNN's fused flash attention (GPU, bfloat16: nothing
+    L x L in memory, the masked half skipped), "xla" its plain XLA path. A value
+    head dim other than the query's (MLA) is padded with zeros to it, which
+    the API requires, and cut off the output."""
+    K, V = q_BLHK.shape[-1], v_BLHV.shape[-1]
+    pad = lambda t, n: jnp.pad(t, [(0, 0)] * 3 + [(0, n - t.shape[-1])])  # noqa: E731
+    width = max(K, V)
+    q, k, v = pad(q_BLHK, width), pad(k_BLHK, width), pad(v_BLHV, width)
+    out_BLHX = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, implementation=kernel
+    )
+    return out_BLHX[..., :V]
+
+
+def logit_stats(q_BLHK, k_BLHK, scale: float, large_logit: float = LARGE_LOGIT) -> LogitStats:
+    """The LogitStats of the causal logits (q * scale) k^T, STATS_CHUNK query
+    rows at a time against the keys up to the chunk's last row: forward only,
+    never all L x L at once, and only the causal part's FLOPs (to a chunk)."""
+    q, k = (jax.lax.stop_gradient(t).transpose(0, 2, 1, 3) for t in (q_BLHK, k_BLHK))
+    q = q * scale
+    length = q.shape[2]
+    maxima, counts = [], []
+    for start in range(0, length, STATS_CHUNK):
+        stop = min(start + STATS_CHUNK, length)
+        logits_BHCS = (q[:, :, start:stop] @ k[:, :, :stop].swapaxes(-1, -2)).astype(jnp.float32)
+        rows, cols = jnp.arange(start, stop)[:, None], jnp.arange(stop)[None, :]
+        logits_BHCS = jnp.where(cols <= rows, logits_BHCS, -jnp.inf)
+        maxima.append(jnp.max(logits_BHCS, axis=(0, 2, 3)))
+        # int32 per chunk, float32 across: a global batch's sum can pass int32's range
+        counts.append(jnp.sum(logits_BHCS > large_logit, axis=(0, 2, 3), dtype=jnp.int32))
+    n_large_H = sum(c.astype(jnp.float32) for c in counts)
+    return LogitStats(functools.reduce(jnp.maximum, maxima), n_large_H)
+
+
+def attention_with_stats(q, k, v, scale: float, kernel: str, large_logit: float, stats):
+    """`causal_attention` and the logits' LogitStats when `stats` is true (a
+    bool, or a traced one: then the statistics pass runs only on the steps
+    that ask for it, see muonjax.train.step); when not measured, the maxima and
+    counts of no logits: -inf and 0."""
+    out = causal_attention(q, k, v, scale, kernel)
+    n_heads = q.shape[2]
+    unmeasured = lambda q, k: LogitStats(  # noqa: E731
+        jnp.full((n_heads,), -jnp.inf, jnp.float32), jnp.zeros((n_heads,), jnp.float32)
+    )
+    measure = lambda q, k: logit_stats(q, k, scale, large_logit)  # noqa: E731
+    if isinstance(stats, bool):
+        return out, (measure if stats else unmeasured)(q, k)
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    return out, jax.lax.cond(stats, measure, unmeasured, q, k)
+
+
+def kernel_for(config: ModelConfig, head_dim: int) -> str:
+    """config.attention_kernel, "auto" resolved: cuDNN's flash attention on a GPU
+    in bfloat16 for head dims it takes (a multiple of 8, at most 256 from Hopper
+    on, 128 before), else XLA's."""
+    if config.attention_kernel != "auto":
+        return config.attention_kernel
+    if jax.default_backend() != "gpu" or config.dtype != "bfloat16":
+        return "xla"
+    capability = float(getattr(jax.devices()[0], "compute_capability", "0"))
+    return "cudnn" if head_dim % 8 == 0 and head_dim <= (256 if capability >= 9 else 128) else "xla"
 
 
 class MHACache(NamedTuple):
@@ -90,13 +140,15 @@ class MultiHeadAttention(nnx.Module):
         self.o_proj = Linear(d_heads, c.d_model, ("heads", "embed"), **kw)
         self.config = c
 
-    def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT):
+    def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT, stats=True):
         c = self.config
         split = lambda t: t.reshape(*t.shape[:2], c.n_heads, c.head_dim)
         q = rope(split(self.q_proj(x_BLD)), positions_BL, c.rope_theta)
         k = rope(split(self.k_proj(x_BLD)), positions_BL, c.rope_theta)
         v = split(self.v_proj(x_BLD))
-        out_BLHK, stats = causal_attention(q, k, v, c.head_dim**-0.5, large_logit)
+        out_BLHK, stats = attention_with_stats(
+            q, k, v, c.head_dim**-0.5, kernel_for(c, c.head_dim), large_logit, stats
+        )
         return self.o_proj(out_BLHK.reshape(*x_BLD.shape[:2], -1)), stats
 
     def decode(self, x_BCD, cache: MHACache, positions_BC, slot, mask_BCS):
@@ -154,7 +206,7 @@ class MultiHeadLatentAttention(nnx.Module):
         self.o_proj = Linear(c.n_heads * c.v_head_dim, c.d_model, ("heads", "embed"), **kw)
         self.config = c
 
-    def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT):
+    def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT, stats=True):
         c = self.config
         B, L, _ = x_BLD.shape
         if c.q_lora_rank is None:
@@ -173,7 +225,10 @@ class MultiHeadLatentAttention(nnx.Module):
         k = jnp.concatenate(
             [k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], c.qk_rope_head_dim))], -1
         )
-        out_BLHV, stats = causal_attention(q, k, v, c.qk_head_dim**-0.5, large_logit)
+        kernel = kernel_for(c, max(c.qk_head_dim, c.v_head_dim))
+        out_BLHV, stats = attention_with_stats(
+            q, k, v, c.qk_head_dim**-0.5, kernel, large_logit, stats
+        )
         return self.o_proj(out_BLHV.reshape(B, L, -1)), stats
 
     def decode(self, x_BCD, cache: MLACache, positions_BC, slot, mask_BCS):

@@ -7,6 +7,7 @@ import math
 
 ATTENTION_KINDS = ("mla", "mha")
 DISPATCH_METHODS = ("auto", "blocks", "tiles", "ragged_dot")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # what the backward pass recomputes: nothing (store every activation), everything
 # but the matmul outputs ("dots"), or each layer whole from its input ("full")
@@ -51,6 +52,8 @@ class ModelConfig:
     n_heads: int = 4
     attention: str = "mla"  # "mla" (DeepSeek-V2/V3) or "mha"
     head_dim: int = 16  # mha only
+    # jax.nn.dot_product_attention's implementation; "auto": cudnn on a GPU in bfloat16
+    attention_kernel: str = "auto"
     q_lora_rank: int | None = None  # mla: None = full-rank query projection
     kv_lora_rank: int = 32
     qk_nope_head_dim: int = 16
@@ -121,6 +124,7 @@ _BOOLS = ("norm_topk_prob",)
 _CHOICES = {
     "attention": ATTENTION_KINDS,
     "moe_dispatch": DISPATCH_METHODS,
+    "attention_kernel": ATTENTION_KERNELS,
     "dtype": COMPUTE_DTYPES,
     "remat": REMAT_POLICIES,
 }

@@ -598,7 +598,7 @@ def _tensor_table(config: ModelConfig, files: _Files, leaves, directory) -> dict
 
 
 def _check_same_shapes(config: ModelConfig, saved: ModelConfig, directory) -> None:
-    free = {"dtype", "remat", "moe_dispatch", "aux_loss_coef", "init_std"}
+    free = {"dtype", "remat", "moe_dispatch", "attention_kernel", "aux_loss_coef", "init_std"}
     differ = [
         f"{f.name}={getattr(config, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
         for f in dataclasses.fields(ModelConfig)

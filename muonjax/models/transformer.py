@@ -41,8 +41,8 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(c.d_model, c.intermediate_size, std=c.init_std, dtype=c.dtype, rngs=rngs)
 
-    def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT):
-        h, logit_stats = self.attn(self.attn_norm(x_BLD), positions_BL, large_logit)
+    def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT, stats=True):
+        h, logit_stats = self.attn(self.attn_norm(x_BLD), positions_BL, large_logit, stats)
         x_BLD = x_BLD + h.astype(x_BLD.dtype)
         h, moe_aux = self._feed_forward(x_BLD)
         return x_BLD + h.astype(x_BLD.dtype), (logit_stats, moe_aux)
@@ -72,12 +72,12 @@ def _stack(config: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs):
 
 
 @nnx.scan(
-    in_axes=(0, nnx.Carry, None, None),
+    in_axes=(0, nnx.Carry, None, None, None),
     out_axes=(nnx.Carry, 0),
     transform_metadata={nnx.PARTITION_NAME: LAYERS},
 )
-def _run_stack(block, x_BLD, positions_BL, large_logit):
-    return block(x_BLD, positions_BL, large_logit)
+def _run_stack(block, x_BLD, positions_BL, large_logit, stats):
+    return block(x_BLD, positions_BL, large_logit, stats)
 
 
 def save_matmuls(prim, *args, **params) -> bool:
@@ -98,13 +98,13 @@ def _remat_stack(policy):
     each layer's input and recomputes the rest in the backward pass."""
 
     @nnx.scan(
-        in_axes=(0, nnx.Carry, None, None),
+        in_axes=(0, nnx.Carry, None, None, None),
         out_axes=(nnx.Carry, 0),
         transform_metadata={nnx.PARTITION_NAME: LAYERS},
     )
-    def run(block, x_BLD, positions_BL, large_logit):
-        layer = nnx.remat(lambda b, x, p, t: b(x, p, t), policy=policy)
-        return layer(block, x_BLD, positions_BL, large_logit)
+    def run(block, x_BLD, positions_BL, large_logit, stats):
+        layer = nnx.remat(lambda b, x, p, t, s: b(x, p, t, s), policy=policy)
+        return layer(block, x_BLD, positions_BL, large_logit, stats)
 
     return run
 
@@ -156,7 +156,9 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, start_B=None) -> K
 
 class Transformer(nnx.Module):
     """tokens (B, L) int -> logits (B, L, V) float32, and ModelAux; an attention
-    logit above `large_logit` counts in ModelAux.n_large_logits_LH."""
+    logit above `large_logit` counts in ModelAux.n_large_logits_LH. The attention
+    logits' statistics cost a pass of their own: `stats` False (or a traced bool,
+    false at run time) skips it and leaves -inf maxima and zero counts."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c = config
@@ -176,30 +178,34 @@ class Transformer(nnx.Module):
             c.d_model, c.vocab_size, ("embed", "vocab"), std=c.init_std, dtype=c.dtype, rngs=rngs
         )
 
-    def __call__(self, tokens_BL, large_logit: float = LARGE_LOGIT):
+    def __call__(self, tokens_BL, large_logit: float = LARGE_LOGIT, stats=True):
+        x_BLD, aux = self.features(tokens_BL, large_logit, stats)
+        return self.lm_head(x_BLD).astype(jnp.float32), aux
+
+    def features(self, tokens_BL, large_logit: float = LARGE_LOGIT, stats=True):
+        """What the LM head reads: the final norm's output (B, L, D), and ModelAux."""
         c = self.config
         B, L = tokens_BL.shape
         positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
         x_BLD = self.embed(tokens_BL).astype(c.dtype)
         logit_stats, loads, balance = [], [], jnp.zeros((), jnp.float32)
         run = _RUN_STACK[c.remat]
+        args = (positions_BL, large_logit, stats)
         if self.dense_layers is not None:
-            x_BLD, (stats, _) = run(self.dense_layers, x_BLD, positions_BL, large_logit)
-            logit_stats.append(stats)
+            x_BLD, (layer_stats, _) = run(self.dense_layers, x_BLD, *args)
+            logit_stats.append(layer_stats)
         if self.moe_layers is not None:
-            x_BLD, (stats, moe_aux) = run(self.moe_layers, x_BLD, positions_BL, large_logit)
-            logit_stats.append(stats)
+            x_BLD, (layer_stats, moe_aux) = run(self.moe_layers, x_BLD, *args)
+            logit_stats.append(layer_stats)
             loads.append(moe_aux.load_E)
             balance = jnp.sum(moe_aux.balance_loss)
-        x_BLD = self.final_norm(x_BLD)
-        logits_BLV = self.lm_head(x_BLD)
         aux = ModelAux(
             max_logit_LH=jnp.concatenate([s.max_logit for s in logit_stats]),
             n_large_logits_LH=jnp.concatenate([s.n_large for s in logit_stats]),
             expert_load_ME=jnp.concatenate(loads) if loads else jnp.zeros((0, c.n_routed_experts)),
             balance_loss=balance,
         )
-        return logits_BLV.astype(jnp.float32), aux
+        return self.final_norm(x_BLD), aux
 
     def decode(self, tokens_BC, cache: KVCache):
         """C new tokens per row (the prompts at prefill, then one) -> their logits

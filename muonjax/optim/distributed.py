@@ -26,6 +26,7 @@ Bytes moved per device: two all-to-alls of the packed matrices, about
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -97,11 +98,13 @@ def spread_flops(
     devices: int | Mapping[str, int],
     ns_steps: int = 5,
     specs: Sequence[P | None] | None = None,
+    compute_dtype: Any = "float32",
 ) -> int:
     """Newton-Schulz FLOPs of the busiest device when leaves of `shapes` (each
     a stack of matrices on its last two axes) are spread by
     `orthogonalize_spread` over `devices` (a count, or mesh axis sizes) from
-    the layouts `specs` (None: unknown)."""
+    the layouts `specs` (None: unknown), computing in `compute_dtype`."""
+    count = functools.partial(newton_schulz_flops, ns_steps=ns_steps, compute_dtype=compute_dtype)
     sizes = {"devices": devices} if isinstance(devices, int) else dict(devices)
     axes = tuple(a for a, n in sizes.items() if n > 1)
     flops, groups = 0, {}
@@ -109,13 +112,13 @@ def spread_flops(
         view = matrix_view(shape, None)
         split = _choose_split(shape, view, sizes, axes, spec)
         if split.in_place:
-            flops += newton_schulz_flops(shape, ns_steps) // math.prod(sizes[a] for a in axes)
+            flops += count(shape) // math.prod(sizes[a] for a in axes)
         else:
             groups.setdefault(split.free, []).append(_oriented(view, split, shape, sizes))
     for free, oriented in groups.items():
         n = math.prod(sizes[a] for a in free)
         buckets = plan_buckets(oriented, n, ns_steps)
-        flops += sum((b.slots // n) * newton_schulz_flops(b.shape, ns_steps) for b in buckets)
+        flops += sum((b.slots // n) * count(b.shape) for b in buckets)
     return flops
 
 

@@ -112,9 +112,13 @@ def resolve_coefficients(
     return table, safety
 
 
-def _gram_form(m: int, n: int, steps: int) -> bool:
-    """Whether iterating on the m x m Gram matrix costs fewer FLOPs (n > 1.5 m)."""
-    return steps > 1 and 2 * n > 3 * m
+def _gram_form(m: int, n: int, steps: int, compute_dtype: Any = "float32") -> bool:
+    """Whether to iterate on the m x m Gram matrix: it costs fewer FLOPs (n > 1.5 m),
+    and float32 only. In bfloat16 it breaks down: Q_k carries 1 / s for the
+    smallest singular values s (hundreds), so one rounding of it (2^-8) throws the
+    largest ones far from 1; on a momentum-like low-rank-plus-noise matrix the
+    output's singular values reached 270-14,000 (experiments/ns_dtype.py found it)."""
+    return steps > 1 and 2 * n > 3 * m and jnp.dtype(compute_dtype) == jnp.float32
 
 
 def orthogonalize(
@@ -141,7 +145,8 @@ def orthogonalize(
 
     For a long side n > 1.5 m the same polynomial is evaluated in m x m space
     (every iterate is X_k = Q_k X_0 with Q_k a polynomial of A_0), which costs
-    4 m^2 n + (8k - 6) m^3 FLOPs instead of k (4 m^2 n + 2 m^3).
+    4 m^2 n + (8k - 6) m^3 FLOPs instead of k (4 m^2 n + 2 m^3); in float32
+    only, as it is unstable in bfloat16.
 
     Args:
       x: a matrix (A, B) or a stack of them (..., A, B), real floating point.
@@ -200,7 +205,7 @@ def orthogonalize(
         return jnp.matmul(p.astype(cdt), q.astype(cdt), preferred_element_type=acc)
 
     gram = jnp.einsum("...ik,...jk->...ij", x, x, preferred_element_type=acc)
-    if _gram_form(m, n, len(table)):
+    if _gram_form(m, n, len(table), cdt):
         # A_{k+1} = M_k A_k M_k and Q_{k+1} = M_k Q_k, M_k = aI + b A_k + c A_k^2:
         # all polynomials of A_0, so they commute; X_k = Q_k X_0 at the end.
         eye = jnp.eye(m, dtype=acc)
@@ -224,7 +229,9 @@ def orthogonalize(
     return x.astype(out_dtype)
 
 
-def newton_schulz_flops(shape: Sequence[int], ns_steps: int = 5) -> int:
+def newton_schulz_flops(
+    shape: Sequence[int], ns_steps: int = 5, compute_dtype: Any = "float32"
+) -> int:
     """Matmul FLOPs `orthogonalize` spends on an array of `shape`.
 
     With m <= n the short and long sides of each (rows, cols) matrix and
@@ -232,8 +239,9 @@ def newton_schulz_flops(shape: Sequence[int], ns_steps: int = 5) -> int:
 
         k (4 m^2 n + 2 m^3)            standard form: per step X X^T (2 m^2 n),
                                        A^2 (2 m^3) and (b A + c A^2) X (2 m^2 n)
-        4 m^2 n + (8k - 6) m^3         Gram form (n > 1.5 m and k > 1): A_0 and
-                                       Q_k X_0 (2 m^2 n each), then m x m products
+        4 m^2 n + (8k - 6) m^3         Gram form (n > 1.5 m, k > 1, float32):
+                                       A_0 and Q_k X_0 (2 m^2 n each), then m x m
+                                       products
 
     counting 2 FLOPs per multiply-add and no elementwise work; leading axes
     multiply it by the stack size.
@@ -241,6 +249,7 @@ def newton_schulz_flops(shape: Sequence[int], ns_steps: int = 5) -> int:
     Args:
       shape: the array's shape, (..., rows, cols) with at least 2 entries.
       ns_steps: the number of Newton-Schulz steps k.
+      compute_dtype: `orthogonalize`'s; bfloat16 never takes the Gram form.
 
     Returns:
       The total matmul FLOPs over every matrix of the stack, as an int.
@@ -255,7 +264,7 @@ def newton_schulz_flops(shape: Sequence[int], ns_steps: int = 5) -> int:
     m, n, k = min(rows, cols), max(rows, cols), ns_steps
     per_matrix = (
         4 * m * m * n + (8 * k - 6) * m**3
-        if _gram_form(m, n, k)
+        if _gram_form(m, n, k, compute_dtype)
         else k * (4 * m * m * n + 2 * m**3)
     )
     return math.prod(batch) * per_matrix

@@ -17,13 +17,17 @@ from muonjax.optim.zero1 import mesh_axes
 from muonjax.parallel.mesh import BATCH_AXES
 from muonjax.parallel.sharding import Plan
 
-# (params, rest, tokens) -> (cross-entropy, ModelAux, gradients) of the whole batch
-GradsFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, ModelAux, Any]]
-# (params, rest, tokens, n_targets, replicas) -> the same for one device's rows:
+# (params, rest, tokens, stats) -> (cross-entropy, ModelAux, gradients) of the whole
+# batch; the attention logits' statistics in ModelAux only where `stats` (a bool,
+# traced or not: see muonjax.models.Transformer)
+GradsFn = Callable[[Any, Any, jax.Array, Any], tuple[jax.Array, ModelAux, Any]]
+# (params, rest, tokens, n_targets, replicas, stats) -> the same for one device's rows:
 # cross-entropy summed over its targets / n_targets (the global count), balance
 # loss weighted 1 / (micro-batches x replicas), so that the devices' sums are
 # the global batch's masked mean, mean balance loss, and their gradients
-DeviceGradsFn = Callable[[Any, Any, jax.Array, jax.Array, int], tuple[jax.Array, ModelAux, Any]]
+DeviceGradsFn = Callable[
+    [Any, Any, jax.Array, jax.Array, int, Any], tuple[jax.Array, ModelAux, Any]
+]
 
 
 def data_parallel_grads(
@@ -57,8 +61,8 @@ def data_parallel_grads(
 def _constrained(plan: Plan, whole: GradsFn) -> GradsFn:
     """`whole`, its gradients constrained to the optimizer state's layout."""
 
-    def constrained(params, rest, tokens):
-        ce, aux, grads = whole(params, rest, tokens)
+    def constrained(params, rest, tokens, stats):
+        ce, aux, grads = whole(params, rest, tokens, stats)
         return ce, aux, jax.lax.with_sharding_constraint(grads, plan.state_like)
 
     return constrained
@@ -69,9 +73,9 @@ def _device_step(plan: Plan, per_device: DeviceGradsFn, count_targets) -> GradsF
     over the data-parallel devices."""
     replicas = math.prod(plan.mesh.shape[a] for a in BATCH_AXES)
 
-    def local(params, rest, tokens):
+    def local(params, rest, tokens, stats):
         n_targets = jax.lax.psum(count_targets(tokens), BATCH_AXES)
-        ce, aux, grads = per_device(params, rest, tokens, n_targets, replicas)
+        ce, aux, grads = per_device(params, rest, tokens, n_targets, replicas, stats)
         aux = _reduce_aux(aux, replicas)
         grads = jax.tree.map(
             functools.partial(_reduce_grad, plan),
@@ -115,15 +119,19 @@ def _reduce_grad(plan: Plan, grad, param_spec: P, state_spec: P):
 def _shard_mapped(plan: Plan, local: GradsFn) -> GradsFn:
     """`local` on every device's rows, its gradients out in the state's layout."""
 
-    def sharded(params, rest, tokens):
+    def sharded(params, rest, tokens, stats):
         grad_specs = plan.state_specs if plan.zero1 else plan.param_specs
         rest_specs = jax.tree.map(lambda _: P(), rest)
+        if isinstance(stats, bool):  # static: the statistics pass is in or out of the program
+            device_fn, args, stats_spec = functools.partial(local, stats=stats), (), ()
+        else:
+            device_fn, args, stats_spec = local, (stats,), (P(),)
         return jax.shard_map(
-            local,
+            device_fn,
             mesh=plan.mesh,
-            in_specs=(plan.param_specs, rest_specs, P(BATCH_AXES)),
+            in_specs=(plan.param_specs, rest_specs, P(BATCH_AXES), *stats_spec),
             out_specs=(P(), P(), grad_specs),
             check_vma=False,
-        )(params, rest, tokens)
+        )(params, rest, tokens, *args)
 
     return sharded

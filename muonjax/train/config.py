@@ -15,6 +15,7 @@ import types
 import typing
 
 from muonjax.models.config import (
+    ATTENTION_KERNELS,
     COMPUTE_DTYPES,
     DISPATCH_METHODS,
     PRESETS,
@@ -50,6 +51,7 @@ RESUMABLE = frozenset(
         "grad_accum",  # the same global batch, summed in float32: a memory knob
         "remat",  # recomputes, changes no value
         "moe_dispatch",  # how experts are computed: the same values, to rounding (as mesh)
+        "attention_kernel",  # how attention is computed: the same, to rounding
         "memory_check",  # a check before set-up: changes nothing computed
     }
 )
@@ -68,12 +70,13 @@ INHERITED = ("preset", "model", "tokenizer", "bpe_vocab_size")
 # and a shards folder fixes them (a run that does not give them takes its manifest's).
 TOKENIZATION_FIELDS = ("data_format", "tokenizer", "bpe_vocab_size", "validation_fraction")
 
-# ModelConfig fields with flags of their own (--dtype, --remat, --moe-dispatch), which
+# ModelConfig fields with flags of their own (--dtype, --remat, --moe-dispatch,
+# --attention-kernel), which
 # --model may not set; and the model fields a fine-tune may change, since they compute
 # the same function of the same parameters (precision, recomputation, the MoE kernel).
 # The vocabulary is the tokenizer's unless --model sets a larger one (a checkpoint's
 # padded vocabulary).
-FREE_MODEL_FIELDS = frozenset({"dtype", "remat", "moe_dispatch"})
+FREE_MODEL_FIELDS = frozenset({"dtype", "remat", "moe_dispatch", "attention_kernel"})
 
 
 def _field(default, help: str, *, choices=None, factory=None):
@@ -130,6 +133,13 @@ class TrainConfig:
         "CPU), auto (blocks on CPU, ragged_dot on accelerators); default: the preset's (auto)",
         choices=DISPATCH_METHODS,
     )
+    attention_kernel: str | None = _field(
+        None,
+        "how attention is computed (jax.nn.dot_product_attention): cudnn (cuDNN's fused "
+        "flash attention: GPU, bfloat16), xla (XLA's path, any backend), auto (cudnn on a "
+        "GPU in bfloat16 where its head dim fits, else xla); default: the preset's (auto)",
+        choices=ATTENTION_KERNELS,
+    )
     # the optimizer
     optimizer: str = _field(
         "muon",
@@ -157,7 +167,11 @@ class TrainConfig:
     nesterov: bool = _field(True, "Nesterov momentum for Muon")
     ns_steps: int = _field(5, "Newton-Schulz iterations")
     ns_coeffs: str = _field("jordan", "Newton-Schulz coefficients", choices=NS_COEFFS)
-    ns_dtype: str = _field("float32", "Newton-Schulz compute dtype", choices=NS_DTYPES)
+    ns_dtype: str = _field(
+        "auto",
+        "Newton-Schulz compute dtype; auto: bfloat16 on a GPU or TPU, float32 on CPU",
+        choices=NS_DTYPES,
+    )
     adam_b1: float = _field(0.9, "AdamW's beta1")
     adam_b2: float = _field(0.95, "AdamW's beta2")
     adam_eps: float = _field(1e-8, "AdamW's epsilon")
@@ -387,6 +401,11 @@ class TrainConfig:
                 f.name,
             )
 
+    def due(self, done, every: int):
+        """Whether the step that brings the run to `done` steps is one of every
+        `every`, or the last (an int, or a traced one inside the train step)."""
+        return (done % every == 0) | (done == self.steps)
+
     @property
     def schedule_steps(self) -> int:
         return self.decay_steps if self.decay_steps is not None else self.steps
@@ -400,6 +419,8 @@ class TrainConfig:
             changes["remat"] = self.remat
         if self.moe_dispatch is not None:
             changes["moe_dispatch"] = self.moe_dispatch
+        if self.attention_kernel is not None:
+            changes["attention_kernel"] = self.attention_kernel
         if vocab_size is not None:
             if changes.get("vocab_size", vocab_size) < vocab_size:
                 raise ConfigError(

@@ -15,6 +15,7 @@ from muonjax.optim.distributed import spread_flops
 from muonjax.parallel import hlo
 from muonjax.parallel.mesh import format_mesh
 from muonjax.train.config import TrainConfig
+from muonjax.train.optimizers import ns_dtype
 from muonjax.train.program import Program, build
 
 
@@ -37,10 +38,15 @@ def muon_leaves(params, where=lambda path, leaf: True) -> list[tuple[Any, Any]]:
     ]
 
 
-def newton_schulz_total(params, where=lambda path, leaf: True) -> int:
+def newton_schulz_total(
+    params, where=lambda path, leaf: True, ns_steps: int = 5, compute_dtype="float32"
+) -> int:
     """Newton-Schulz FLOPs of one step over the whole model (every Muon matrix
     once), or over the leaves `where(path, leaf)` selects."""
-    return sum(muonjax.newton_schulz_flops(p.shape) for _, p in muon_leaves(params, where))
+    return sum(
+        muonjax.newton_schulz_flops(p.shape, ns_steps, compute_dtype)
+        for _, p in muon_leaves(params, where)
+    )
 
 
 def optimizer_flops(program: Program) -> float:
@@ -121,7 +127,8 @@ def _newton_schulz_costs(config: TrainConfig, program: Program, mesh) -> tuple[i
     if config.optimizer != "muon":
         return 0, 0
     params = program.shapes.params
-    ns_total = newton_schulz_total(params)
+    dtype = ns_dtype(config)
+    ns_total = newton_schulz_total(params, ns_steps=config.ns_steps, compute_dtype=dtype)
     if not program.plan.zero1:
         return ns_total, ns_total
     # Distributed Muon spreads whole matrices over every device (with ZeRO-1),
@@ -132,4 +139,5 @@ def _newton_schulz_costs(config: TrainConfig, program: Program, mesh) -> tuple[i
         dict(mesh.shape),
         config.ns_steps,
         [program.plan.state_spec(path, p) for path, p in leaves],
+        dtype,
     )

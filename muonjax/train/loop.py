@@ -577,7 +577,7 @@ class _Steps:
 
     def _due(self, every: int) -> bool:
         """Whether the step just done is one of every `every`, or the last."""
-        return self.done % every == 0 or self.done == self.config.steps
+        return self.config.due(self.done, every)
 
     def _time_step(self) -> None:
         """Time from the end of the first (compiling) step on."""

@@ -59,7 +59,7 @@ def _device_grads(graphdef, config: TrainConfig):
     muonjax.parallel.gradients.DeviceGradsFn), in config.grad_accum micro-batches."""
     k = config.grad_accum
 
-    def grads(params, rest, tokens, n_targets, replicas):
+    def grads(params, rest, tokens, n_targets, replicas, stats):
         return accumulated_grads(
             graphdef,
             params,
@@ -69,6 +69,7 @@ def _device_grads(graphdef, config: TrainConfig):
             n_targets=n_targets,
             balance_weight=1.0 / (k * replicas),
             large_logit=config.large_logit_threshold,
+            stats=stats,
         )
 
     return grads

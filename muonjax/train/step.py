@@ -13,6 +13,7 @@ from flax import nnx
 import muonjax
 from muonjax.models import ModelConfig, Transformer, qk_clip_heads
 from muonjax.models.attention import LARGE_LOGIT
+from muonjax.models.cross_entropy import chunked_cross_entropy
 from muonjax.train.config import TrainConfig
 from muonjax.train.optimizers import applied_count, learning_rate_schedule
 
@@ -85,9 +86,10 @@ def count_targets(tokens_BL) -> jax.Array:
     return jnp.sum(tokens_BL[:, 1:] >= 0, dtype=jnp.int32).astype(jnp.float32)
 
 
-def lm_loss(graphdef, params, rest, tokens_BL, n_targets=None, large_logit=LARGE_LOGIT):
+def lm_loss(graphdef, params, rest, tokens_BL, n_targets=None, large_logit=LARGE_LOGIT, stats=True):
     """Masked next-token cross-entropy, sum over targets / n_targets, and the
-    model's aux outputs (attention logits above `large_logit` counted).
+    model's aux outputs (attention logits above `large_logit` counted; their
+    statistics only where `stats`, see Transformer).
 
     `n_targets` defaults to this batch's own count (the masked mean); a
     micro-batch or a device's shard passes the whole global batch's count, so
@@ -96,20 +98,36 @@ def lm_loss(graphdef, params, rest, tokens_BL, n_targets=None, large_logit=LARGE
     """
     inputs_BL, targets_BL, weights_BL = split_targets(tokens_BL)
     model = nnx.merge(graphdef, params, rest)
-    logits_BLV, aux = model(inputs_BL, large_logit)
-    ce_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+    x_BLD, aux = model.features(inputs_BL, large_logit, stats)
+    dtype = model.config.dtype
+    w_DV = model.lm_head.kernel[...].astype(dtype)
+    # logits of (2^26 / V) tokens at a time, 256 MiB of float32, never all of them
+    ce = chunked_cross_entropy(
+        x_BLD.reshape(-1, x_BLD.shape[-1]).astype(dtype),
+        w_DV,
+        targets_BL.reshape(-1),
+        weights_BL.reshape(-1),
+        chunk=max(1, 2**26 // w_DV.shape[1]),
+    )
     n = count_targets(tokens_BL) if n_targets is None else n_targets
-    return jnp.sum(ce_BL * weights_BL) / jnp.maximum(n, 1.0), aux
+    return ce / jnp.maximum(n, 1.0), aux
 
 
 def loss_and_grads(
-    graphdef, params, rest, tokens_BL, n_targets=None, balance_weight=1.0, large_logit=LARGE_LOGIT
+    graphdef,
+    params,
+    rest,
+    tokens_BL,
+    n_targets=None,
+    balance_weight=1.0,
+    large_logit=LARGE_LOGIT,
+    stats=True,
 ):
     """Cross-entropy (see `lm_loss`), the model's aux outputs, and the gradient
     of cross-entropy + balance_weight * balance loss with respect to the parameters."""
 
     def loss_fn(variables):
-        ce, aux = lm_loss(graphdef, *variables, tokens_BL, n_targets, large_logit)
+        ce, aux = lm_loss(graphdef, *variables, tokens_BL, n_targets, large_logit, stats)
         return ce + balance_weight * aux.balance_loss, (ce, aux)
 
     # Differentiating the non-Param variables too (their gradient is unused)
@@ -127,7 +145,7 @@ def micro_batches(tokens_BL, k: int):
 
 
 def accumulated_grads(
-    graphdef, params, rest, tokens_BL, *, k: int, n_targets, balance_weight, large_logit
+    graphdef, params, rest, tokens_BL, *, k: int, n_targets, balance_weight, large_logit, stats
 ):
     """`loss_and_grads` summed over k micro-batches of tokens_BL in one
     `lax.scan` (peak activation memory of B/k rows), gradients summed in float32.
@@ -147,6 +165,7 @@ def accumulated_grads(
         n_targets=n_targets,
         balance_weight=balance_weight,
         large_logit=large_logit,
+        stats=stats,
     )
     if k == 1:
         return grad_fn(tokens_BL)
@@ -170,7 +189,7 @@ def accumulated_grads(
     return ce, aux, grads
 
 
-def global_grads(graphdef, config: TrainConfig, params, rest, tokens_BL):
+def global_grads(graphdef, config: TrainConfig, params, rest, tokens_BL, stats=True):
     """The whole batch's masked-mean loss, aux and gradients, in config.grad_accum
     micro-batches (one device, or a mesh whose collectives XLA places)."""
     k = config.grad_accum
@@ -184,7 +203,15 @@ def global_grads(graphdef, config: TrainConfig, params, rest, tokens_BL):
         n_targets=n_targets,
         balance_weight=1.0 / k,
         large_logit=config.large_logit_threshold,
+        stats=stats,
     )
+
+
+def wants_logit_stats(config: TrainConfig, step):
+    """Whether the step that ends at `step` needs the attention logits'
+    statistics: QK-Clip needs them every step (a Python True), the metrics only
+    on the steps that are logged (a traced bool: the pass runs on those only)."""
+    return config.qk_clip is not None or config.due(step, config.log_every)
 
 
 def attention_logit_metrics(aux, tokens_BL) -> dict:
@@ -209,13 +236,16 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
     With config.qk_clip the new parameters are QK-clipped by the step's max
     attention logits (`muonjax.apply_qk_clip`).
 
-    `grads_fn(params, rest, tokens)` computes (ce, aux, grads) of the whole
-    batch, by default `global_grads` (config.grad_accum micro-batches);
+    `grads_fn(params, rest, tokens, stats)` computes (ce, aux, grads) of the
+    whole batch, the attention logits' statistics only where `stats` (see
+    `wants_logit_stats`: unlogged steps' metrics hold -inf and 0 for them), by
+    default `global_grads` (config.grad_accum micro-batches);
     muonjax.train.program passes a data-parallel one whose gradients arrive
     reduce-scattered into the optimizer state's layout (ZeRO-1).
     """
     grads_fn = grads_fn or functools.partial(global_grads, graphdef, config)
-    ce, aux, grads = grads_fn(state.params, state.rest, tokens_BL)
+    stats = wants_logit_stats(config, state.step + 1)
+    ce, aux, grads = grads_fn(state.params, state.rest, tokens_BL, stats)
     # the rate this update applies: the optimizer's count, which skipped steps do not advance
     learning_rate = learning_rate_schedule(config)(applied_count(state.opt_state))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -266,7 +296,7 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
 
 def eval_loss(graphdef, state: TrainState, tokens_BL) -> jax.Array:
     """The batch's masked mean cross-entropy (see `split_targets`)."""
-    return lm_loss(graphdef, state.params, state.rest, tokens_BL)[0]
+    return lm_loss(graphdef, state.params, state.rest, tokens_BL, stats=False)[0]
 
 
 def param_groups(params: Any) -> dict[str, int]:

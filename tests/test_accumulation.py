@@ -11,7 +11,10 @@ import optax
 import pytest
 from flax import nnx
 
-from muonjax.models import preset
+import muonjax.train.step as step_module
+from muonjax.models import Transformer, preset
+from muonjax.models.transformer import matmul_weights_in
+from muonjax.optim.paths import path_names
 from muonjax.parallel import MeshError, make_mesh, parse_mesh, run_mesh
 from muonjax.train import TrainConfig
 from muonjax.train.program import build
@@ -179,3 +182,44 @@ def _peak_bytes(grad_accum, batch=64, seq_len=128):
 def test_micro_batches_lower_peak_memory():
     whole, micro = _peak_bytes(1), _peak_bytes(4)
     assert micro < 0.5 * whole, (micro, whole)
+
+
+def _split(config):
+    return nnx.split(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_matmul_weights_cast_once_give_the_same_loss_and_gradients(monkeypatch, k):
+    """The step casts the matmul weights to bfloat16 once, before the
+    micro-batches: bit for bit what casting them at each use gives."""
+    graphdef, params, rest = _split(TINY.replace(dtype="bfloat16"))
+    tokens = jnp.asarray(_batches(1)[0])
+
+    def run():  # a new function each time: jit's cache would reuse the first trace
+        grads = lambda p, r, t: step_module.accumulated_grads(  # noqa: E731
+            graphdef, p, r, t, k=k, n_targets=step_module.count_targets(t),
+            balance_weight=1.0 / k, large_logit=100.0, stats=True,
+        )  # fmt: skip
+        return jax.jit(grads)(params, rest, tokens)
+
+    once = run()
+    monkeypatch.setattr(step_module, "matmul_weights_in", lambda params, dtype: params)
+    each_use = run()
+    for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(each_use), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+def test_only_the_weights_cast_at_each_use_are_cast():
+    _, params, _ = _split(TINY)
+    cast = matmul_weights_in(params, "bfloat16")
+    dtypes = {
+        "/".join(path_names(path)): leaf.dtype
+        for path, leaf in jax.tree_util.tree_leaves_with_path(cast)
+    }
+    float32 = {name for name, dtype in dtypes.items() if dtype == jnp.float32}
+    assert float32 == {
+        name for name in dtypes
+        if name.endswith(("scale", "router/kernel", "embedding"))
+    }  # fmt: skip
+    assert {"lm_head/kernel", "moe_layers/moe/experts/gate"} <= set(dtypes) - float32

@@ -238,6 +238,21 @@ class Transformer(nnx.Module):
             bias[...] = balance_router_bias(bias[...], expert_load_ME, rate)
 
 
+def matmul_weights_in(params, dtype: str):
+    """`params` with the weights every use casts to the compute dtype (Linear
+    kernels, the routed experts) cast to `dtype` once: the same values at each
+    use, and, as a cast's cotangent is the cotangent cast back, the same
+    gradients. The router's kernel (float32 scores), norms and the embedding
+    (looked up, then cast) stay as they are."""
+
+    def cast(path, leaf):
+        names = path_names(path)
+        weight = (names[-1] == "kernel" and names[-2] != "router") or names[-2] == "experts"
+        return leaf.astype(dtype) if weight else leaf
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def qk_clip_heads(config: ModelConfig) -> QKHeadsFn:
     """Where QK-Clip (`muonjax.apply_qk_clip`) rescales this model's heads, for
     the rows of ModelAux.max_logit_LH: the dense stack's layers first, then the

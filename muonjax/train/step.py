@@ -14,6 +14,7 @@ import muonjax
 from muonjax.models import ModelConfig, Transformer, qk_clip_heads
 from muonjax.models.attention import LARGE_LOGIT
 from muonjax.models.cross_entropy import chunked_cross_entropy
+from muonjax.models.transformer import matmul_weights_in
 from muonjax.train.config import TrainConfig
 from muonjax.train.optimizers import applied_count, learning_rate_schedule
 
@@ -157,18 +158,23 @@ def accumulated_grads(
     n_large_logits the sum, expert_load and balance_loss the mean over
     micro-batches.
     """
+    # the matmul weights cast to the compute dtype once a step, not at each use in
+    # each micro-batch and again in remat's recomputation (same values and gradients)
+    dtype = nnx.merge(graphdef, params, rest).config.dtype
     grad_fn = functools.partial(
         loss_and_grads,
         graphdef,
-        params,
+        matmul_weights_in(params, dtype),
         rest,
         n_targets=n_targets,
         balance_weight=balance_weight,
         large_logit=large_logit,
         stats=stats,
     )
+    as_params = lambda grads: jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)  # noqa: E731
     if k == 1:
-        return grad_fn(tokens_BL)
+        ce, aux, grads = grad_fn(tokens_BL)
+        return ce, aux, as_params(grads)
 
     def body(carry, tokens):
         ce_sum, grads_sum = carry
@@ -179,7 +185,7 @@ def accumulated_grads(
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     init = (jnp.zeros((), jnp.float32), zeros)
     (ce, grads), aux_K = jax.lax.scan(body, init, micro_batches(tokens_BL, k))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    grads = as_params(grads)
     aux = type(aux_K)(
         max_logit_LH=jnp.max(aux_K.max_logit_LH, axis=0),
         n_large_logits_LH=jnp.sum(aux_K.n_large_logits_LH, axis=0),

@@ -86,18 +86,22 @@ def test_auto_kernel_is_xla_off_gpu_and_named_kernels_are_kept():
 
 
 def _first_steps(**changes):
-    config = TrainConfig(optimizer="adamw", batch_size=4, seq_len=16, steps=5, **changes)
+    config = TrainConfig(optimizer="muon", batch_size=4, seq_len=16, steps=5, **changes)
     program = build(config, preset("tiny"), make_mesh(parse_mesh("data=1"), jax.devices()[:1]))
     state = program.init()
     tokens = np.random.default_rng(0).integers(0, 256, (4, 17)).astype(np.int32)
     found = []
     for _ in range(3):
         state, metrics = program.step(state, jax.device_put(tokens, program.batch))
-        found.append(float(metrics["max_attention_logit"]))
+        found.append((float(metrics["max_attention_logit"]), float(metrics["update_rms_muon"])))
     return found
 
 
-def test_logit_statistics_are_measured_on_logged_steps_and_every_qk_clip_step():
+def test_metrics_only_passes_run_on_logged_steps_and_logits_on_every_qk_clip_step():
+    """The logit statistics and the update / weight RMS are taken on logged
+    steps only (the others' metrics are never written); QK-Clip needs the
+    max logits every step."""
     unlogged, logged, _ = _first_steps(log_every=2)
-    assert unlogged == -np.inf and np.isfinite(logged)
-    assert all(np.isfinite(_first_steps(log_every=2, qk_clip=1000.0)))
+    assert unlogged[0] == -np.inf and np.isnan(unlogged[1])
+    assert np.isfinite(logged).all()
+    assert all(np.isfinite(logit) for logit, _ in _first_steps(log_every=2, qk_clip=1000.0))

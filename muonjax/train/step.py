@@ -61,6 +61,22 @@ def _rms(tree) -> jax.Array:
     return jnp.sqrt(total / float(sum(x.size for x in leaves)))
 
 
+def _rms_metrics(updates, params, labels, logged) -> dict:
+    """Each group's update and weight RMS: two passes over every parameter for
+    the metrics alone, so taken on logged steps only (`logged`, traced); NaN
+    on the others, whose metrics are never written."""
+    names = [(f"{kind}_rms_{g}", kind, g) for g in GROUPS for kind in ("update", "weight")]
+
+    def measure(updates, params):
+        trees = {"update": updates, "weight": params}
+        return {name: _rms(_group(trees[kind], labels, g)) for name, kind, g in names}
+
+    def skip(updates, params):
+        return {name: jnp.full((), jnp.nan, jnp.float32) for name, _, _ in names}
+
+    return jax.lax.cond(logged, measure, skip, updates, params)
+
+
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -294,9 +310,8 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
         clipped_LH = muonjax.qk_clip_factors(aux.max_logit_LH, config.qk_clip) < 1.0
         metrics["qk_clipped_heads"] = jnp.sum(clipped_LH, dtype=jnp.int32)
         metrics["qk_clipped_heads_per_layer"] = jnp.sum(clipped_LH, axis=-1, dtype=jnp.int32)
-    for group in GROUPS:
-        metrics[f"update_rms_{group}"] = _rms(_group(updates, labels, group))
-        metrics[f"weight_rms_{group}"] = _rms(_group(new_state.params, labels, group))
+    logged = config.due(state.step + 1, config.log_every)
+    metrics.update(_rms_metrics(updates, new_state.params, labels, logged))
     return new_state, metrics
 
 

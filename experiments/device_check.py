@@ -1,6 +1,6 @@
 """Device check: muonjax's speed on this machine's accelerator, in one command.
 
-    python experiments/device_check.py            # on a GPU or TPU: ~8 minutes
+    python experiments/device_check.py            # on a GPU or TPU (not yet timed at these sizes)
     python experiments/device_check.py --quick    # tiny sizes, any backend (the test suite's CPU)
 
 Measures, on the first device, each section on its own (a failure is recorded

@@ -71,9 +71,9 @@ INHERITED = ("preset", "model", "tokenizer", "bpe_vocab_size")
 TOKENIZATION_FIELDS = ("data_format", "tokenizer", "bpe_vocab_size", "validation_fraction")
 
 # ModelConfig fields with flags of their own (--dtype, --remat, --moe-dispatch,
-# --attention-kernel), which
-# --model may not set; and the model fields a fine-tune may change, since they compute
-# the same function of the same parameters (precision, recomputation, the MoE kernel).
+# --attention-kernel), which --model may not set; and the model fields a fine-tune may
+# change, since they compute the same function of the same parameters (precision,
+# recomputation, the MoE and attention kernels).
 # The vocabulary is the tokenizer's unless --model sets a larger one (a checkpoint's
 # padded vocabulary).
 FREE_MODEL_FIELDS = frozenset({"dtype", "remat", "moe_dispatch", "attention_kernel"})

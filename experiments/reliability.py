@@ -16,7 +16,11 @@ the reference. Then, each into a fresh --out:
   checkpointed) or, if the run had logged its last step, 0 (nothing on stderr),
   and the relaunch then ends bit-identical to the reference as above. During
   start-up (Python importing JAX, before --out exists) the default actions
-  apply: passed when nothing was written.
+  apply: passed when nothing was written. Twice, in full test-suite runs on a
+  loaded 2-core machine, a SIGTERM sent there did not end the process: it ran
+  on and exited 0 (cause not found: SIGTERM is not ignored or caught there);
+  such a trial is recorded as `ran_on`, counted in the summary, and passes
+  only if the run ended complete and bit-identical, as a relaunch would.
 - bad_inputs: invocations that must exit 2 within 60 s with one stderr line and
   no traceback, writing nothing (run in an empty folder, --out inside it).
 - untrusted: hostile and damaged shards, Hugging Face checkpoints, model
@@ -222,11 +226,14 @@ def trial(i, kind, sig, command, out, steps, reference, rng, tmp) -> dict:
     record = {"trial": i, "signal": sig.name}
     record.update(hit(command, out, sig, trigger, rng.uniform(0, span), steps, tmp / "stderr"))
     failures = []
+    record["ran_on"] = False
     if kind == "signal" and record["phase"] == "start-up":
         # Python is still importing JAX: the trainer's handlers are not installed yet, and
         # the default actions apply (SIGTERM ends it, SIGINT is a KeyboardInterrupt); all
-        # that is asked is that nothing was written, so that the relaunch starts afresh
-        if out.exists():
+        # that is asked is that nothing was written, so that the relaunch starts afresh,
+        # or (seen under load, see the docstring) that the run went on to a whole end
+        record["ran_on"] = record["exit_code"] == 0
+        if out.exists() and not record["ran_on"]:
             failures.append(f"{sig.name} during start-up left {listing(out)}")
     elif kind == "signal" and record["phase"] != "exited":
         # the last step logged, or being taken: the run finishes it and exits 0 (or stops
@@ -309,7 +316,8 @@ def summarize(kill9: list, signals: list, bad: list, hostile: list) -> dict:
         "kill9": {"identical": sum(r["identical"] for r in kill9), "trials": len(kill9),
                   "by_phase": by(kill9, "phase")},
         "signal": {"handled": sum(r["passed"] for r in signals), "trials": len(signals),
-                   "by_signal": by(signals, "signal"), "by_phase": by(signals, "phase")},
+                   "by_signal": by(signals, "signal"), "by_phase": by(signals, "phase"),
+                   "ran_on_after_start_up_signal": sum(r["ran_on"] for r in signals)},
         "bad_inputs": {"passed": sum(r["passed"] for r in bad), "tried": len(bad)},
         "untrusted": {"passed": sum(r["passed"] for r in hostile), "tried": len(hostile),
                       "by_expect": by(hostile, "expect"),
@@ -363,6 +371,7 @@ def main(argv=None) -> int:
             print(f"{kind:6s} {i:2d} {r['signal']:7s} {r['trigger']:5s} +{r['delay_s']:6.2f} s "
                   f"{r['phase']:11s} step {r.get('last_logged_step')!s:4s} "
                   f"{'saving ' if r.get('saving') else ''}exit {r['exit_code']} "
+                  f"{'ran on ' if r['ran_on'] else ''}"
                   f"relaunches {len(r['relaunches'])} identical {r['identical']} "
                   f"{'ok' if r['passed'] else 'FAILED: ' + '; '.join(r['failures'])}", flush=True)  # fmt: skip
         bad = [bad_input(case, base, tmp) for case in BAD_INPUTS[: args.bad_inputs]]
@@ -377,7 +386,9 @@ def main(argv=None) -> int:
     print(
         f"\nkill -9:    {s['kill9']['identical']}/{s['kill9']['trials']} bit-identical after relaunch"
     )
-    print(f"signal:     {s['signal']['handled']}/{s['signal']['trials']} handled ({by_signal})")
+    ran_on = s["signal"]["ran_on_after_start_up_signal"]
+    print(f"signal:     {s['signal']['handled']}/{s['signal']['trials']} handled ({by_signal})"
+          + (f"; {ran_on} ran on after a start-up signal" if ran_on else ""))  # fmt: skip
     print(f"bad inputs: {s['bad_inputs']['passed']}/{s['bad_inputs']['tried']} exit 2 cleanly")
     print(f"untrusted:  {s['untrusted']['passed']}/{s['untrusted']['tried']} as expected")
     versions = {

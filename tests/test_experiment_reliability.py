@@ -9,7 +9,7 @@ from conftest import run_experiment
 pytestmark = pytest.mark.slow
 
 TRIAL_KEYS = {"trial", "signal", "trigger", "delay_s", "phase", "exit_code", "hung", "stderr",
-              "relaunches", "identical", "failures", "passed"}  # fmt: skip
+              "relaunches", "identical", "failures", "passed", "ran_on"}  # fmt: skip
 
 
 def test_smallest_run_records_every_trial_and_each_passes(tmp_path):
@@ -31,6 +31,8 @@ def test_smallest_run_records_every_trial_and_each_passes(tmp_path):
         # the failures first, in full: a long record's repr is cut short
         why = (t["failures"], t["phase"], t["exit_code"], t["relaunches"], t)
         assert t["passed"] and t["identical"] and not t["failures"], why
+        # only a start-up signal may leave the run going on to its end (see the script)
+        assert not t["ran_on"] or (t["phase"], t["exit_code"]) == ("start-up", 0), t
     assert len(bad) == 1
     for b in bad:
         assert (b["exit_code"], b["stderr_lines"], b["wrote"], b["passed"]) == (2, 1, [], True), b

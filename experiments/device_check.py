@@ -170,6 +170,13 @@ def optax_contrib(quick: bool) -> dict:
     return {"shapes": {k: list(v) for k, v in shapes.items()}, **r}
 
 
+def rel_diff(a, b) -> float:
+    """||a - b|| / ||b||, in float32 (bfloat16 arrays included)."""
+    return float(
+        jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32))
+    )
+
+
 def dispatch(quick: bool) -> dict:
     """Every expert dispatch's forward and backward at the train step's shapes
     in bfloat16, each against `blocks` (outputs and gradients)."""
@@ -196,9 +203,6 @@ def dispatch(quick: bool) -> dict:
     methods = ("blocks", "ragged_dot", "tiles")
     fns = {m: loss_and_grads(m) for m in methods}
     results = {m: fn(x, gate, up, down) for m, fn in fns.items()}
-    rel = lambda a, b: float(  # noqa: E731
-        jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(b.astype(jnp.float32))
-    )
     (_, y_b), g_b = results["blocks"]
     out = {**s, "dtype": "bfloat16", "seconds": {}, "output_rel_diff": {}, "grad_rel_diff": {}}
     for m, fn in fns.items():
@@ -206,9 +210,9 @@ def dispatch(quick: bool) -> dict:
             fn, x, gate, up, down, repeats=size("repeats", quick)
         )
         (_, y), g = results[m]
-        out["output_rel_diff"][m] = rel(y, y_b)
+        out["output_rel_diff"][m] = rel_diff(y, y_b)
         out["grad_rel_diff"][m] = {
-            n: rel(a, b) for n, a, b in zip(("x", "gate", "up", "down"), g, g_b)
+            n: rel_diff(a, b) for n, a, b in zip(("x", "gate", "up", "down"), g, g_b)
         }
     return out
 
@@ -239,13 +243,7 @@ def attention(quick: bool) -> dict:
         (lx, gx), (lc, gc) = outputs["xla"], outputs["cudnn"]
         out["cudnn_vs_xla"] = {
             "loss_rel_diff": float(abs(lc - lx) / abs(lx)),
-            "grad_rel_diff": [
-                float(
-                    jnp.linalg.norm((a - b).astype(jnp.float32))
-                    / jnp.linalg.norm(b.astype(jnp.float32))
-                )
-                for a, b in zip(gc, gx)
-            ],
+            "grad_rel_diff": [rel_diff(a, b) for a, b in zip(gc, gx)],
             "xla_over_cudnn": out["seconds"]["xla"] / out["seconds"]["cudnn"],
         }
     return out

@@ -229,13 +229,6 @@ def global_grads(graphdef, config: TrainConfig, params, rest, tokens_BL, stats=T
     )
 
 
-def wants_logit_stats(config: TrainConfig, step):
-    """Whether the step that ends at `step` needs the attention logits'
-    statistics: QK-Clip needs them every step (a Python True), the metrics only
-    on the steps that are logged (a traced bool: the pass runs on those only)."""
-    return config.qk_clip is not None or config.due(step, config.log_every)
-
-
 def attention_logit_metrics(aux, tokens_BL) -> dict:
     """The max attention logit (overall and per layer) and the paper's large
     attention logits ratio (App. D: the fraction of a batch's logits above the
@@ -259,14 +252,18 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
     attention logits (`muonjax.apply_qk_clip`).
 
     `grads_fn(params, rest, tokens, stats)` computes (ce, aux, grads) of the
-    whole batch, the attention logits' statistics only where `stats` (see
-    `wants_logit_stats`: unlogged steps' metrics hold -inf and 0 for them), by
+    whole batch, the attention logits' statistics only where `stats` (every
+    step with QK-Clip, else the logged ones: unlogged steps' metrics, which the
+    loop never writes, hold -inf and 0 for them, and NaN for the RMS ones), by
     default `global_grads` (config.grad_accum micro-batches);
     muonjax.train.program passes a data-parallel one whose gradients arrive
     reduce-scattered into the optimizer state's layout (ZeRO-1).
     """
     grads_fn = grads_fn or functools.partial(global_grads, graphdef, config)
-    stats = wants_logit_stats(config, state.step + 1)
+    logged = config.due(state.step + 1, config.log_every)  # a traced bool
+    # the passes that feed only metrics run on logged steps; QK-Clip needs the
+    # max logits every step (a Python True: no cond)
+    stats = config.qk_clip is not None or logged
     ce, aux, grads = grads_fn(state.params, state.rest, tokens_BL, stats)
     # the rate this update applies: the optimizer's count, which skipped steps do not advance
     learning_rate = learning_rate_schedule(config)(applied_count(state.opt_state))
@@ -310,7 +307,6 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
         clipped_LH = muonjax.qk_clip_factors(aux.max_logit_LH, config.qk_clip) < 1.0
         metrics["qk_clipped_heads"] = jnp.sum(clipped_LH, dtype=jnp.int32)
         metrics["qk_clipped_heads_per_layer"] = jnp.sum(clipped_LH, axis=-1, dtype=jnp.int32)
-    logged = config.due(state.step + 1, config.log_every)
     metrics.update(_rms_metrics(updates, new_state.params, labels, logged))
     return new_state, metrics
 

@@ -31,6 +31,9 @@ def main():
     args = parser.parse_args()
     import jax  # before anything starts the backend
 
+    from muonjax.parallel.tpu import skip_absent_tpu
+
+    skip_absent_tpu()
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
 
     from muonjax.train import ConfigError, TrainConfig, read_metrics, run

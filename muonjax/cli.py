@@ -36,9 +36,10 @@ try:  # the core install (`pip install muonjax`) is the optimizer alone: main() 
     from muonjax.models.memory import is_out_of_memory
     from muonjax.parallel.cluster import ClusterError, start
     from muonjax.parallel.mesh import MeshError, parse_mesh, run_mesh
+    from muonjax.parallel.tpu import TPUError, parse_slice, skip_absent_tpu, slice_devices
     from muonjax.train import convert
     from muonjax.train.config import MAX_CPU_DEVICES, TOKENIZATION_FIELDS, TrainConfig
-    from muonjax.train.costs import step_costs
+    from muonjax.train.costs import on_chip, step_costs
     from muonjax.train.errors import EXIT_PREEMPTED, ConfigError, WriteFailed
     from muonjax.train.flags import add_arguments, given_fields, resolve
     from muonjax.train.loop import Preempted, TrainingStopped, run
@@ -151,31 +152,49 @@ def _inspect_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "inspect",
         help="compile a train step from shapes alone and report its per-device costs",
-        description="Compile the train step that `muonjax train` would run, on a simulated CPU "
-        "mesh from abstract shapes (nothing is allocated, so moonlight-16b-a3b on 64 devices is "
-        "fine) and print, per device: parameter, optimizer-state and peak memory bytes; FLOPs of "
-        "the step and of the optimizer update; bytes sent by each kind of collective. Takes "
+        description="Compile the train step that `muonjax train` would run, from abstract shapes "
+        "(nothing is allocated, so moonlight-16b-a3b on 64 devices is fine), and print, per "
+        "device: parameter, optimizer-state and peak memory bytes; FLOPs of the step and of "
+        "the optimizer update; bytes sent by each kind of collective. The mesh is simulated "
+        "with CPU devices, or with --tpu the TPU compiler compiles it for a TPU slice's chips "
+        "on this machine (needs libtpu: pip install 'muonjax[tpu]'), and the report adds the "
+        "chip's HBM, whether the step fits, and a roofline estimate of its time. Takes "
         "train's flags; --batch-size defaults to data x expert x --grad-accum.",
     )
     add_arguments(p, defaults=INSPECT_DEFAULTS)
+    p.add_argument(
+        "--tpu",
+        metavar="SLICE",
+        help="compile for this TPU slice: v5p-64, v5e-256, v6e-64 (Cloud TPU's names) or "
+        "v5p:4x4x4 (the chip grid); --mesh defaults to data=CHIPS",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
 def _inspect(args) -> int:
     given = given_fields(args)
-    sizes = parse_mesh(given.get("mesh", INSPECT_DEFAULTS["mesh"]))
-    if math.prod(sizes.values()) > MAX_CPU_DEVICES:  # simulated on the CPU, one device each
-        raise ConfigError(
-            f"--mesh {given.get('mesh')}: {math.prod(sizes.values())} devices; "
-            f"inspect simulates at most {MAX_CPU_DEVICES}"
-        )
-    # simulate the mesh's devices on the CPU, before the backend starts
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", math.prod(sizes.values()))
+    jax.config.update("jax_platforms", "cpu")  # the host compiles; nothing runs
+    if args.tpu:
+        tpu = parse_slice(args.tpu)
+        sizes = parse_mesh(given.setdefault("mesh", f"data={tpu.chips}"))
+        devices = slice_devices(tpu)
+    else:
+        tpu, devices = None, None
+        sizes = parse_mesh(given.get("mesh", INSPECT_DEFAULTS["mesh"]))
+        if math.prod(sizes.values()) > MAX_CPU_DEVICES:  # one simulated CPU device each
+            raise ConfigError(
+                f"--mesh {given.get('mesh')}: {math.prod(sizes.values())} devices; "
+                f"inspect simulates at most {MAX_CPU_DEVICES}"
+            )
+        jax.config.update("jax_num_cpu_devices", math.prod(sizes.values()))
     batch = sizes["data"] * sizes["expert"] * given.get("grad_accum", 1)
     config = TrainConfig(**{**INSPECT_DEFAULTS, "batch_size": batch, **given})
-    report = step_costs(config, run_mesh(config.mesh, config.batch_size, config.grad_accum))
+    report = step_costs(
+        config, run_mesh(config.mesh, config.batch_size, config.grad_accum, devices)
+    )
+    if tpu is not None:
+        report = {**report, **on_chip(report, tpu)}
     if args.json:
         print(json.dumps(report))
     else:
@@ -455,11 +474,12 @@ COMMANDS = {
 def main(argv=None) -> int:
     if _MISSING is not None:
         return _no_train_extra(_MISSING)
+    skip_absent_tpu()
     parser = _parser()
     try:
         args = parser.parse_args(argv)
         return COMMANDS[args.command](args)
-    except (ConfigError, MeshError, ClusterError) as e:
+    except (ConfigError, MeshError, ClusterError, TPUError) as e:
         print(f"muonjax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # before run() handles signals: nothing trained, nothing to save

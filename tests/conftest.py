@@ -20,6 +20,11 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
     ).strip()
 
+# The dev extra installs libtpu (to compile for TPU slices): without a TPU at
+# hand, JAX would still try to start a TPU backend and libtpu would log errors.
+# The tests run on the CPU, here and in every subprocess they start.
+os.environ["JAX_PLATFORMS"] = "cpu"
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -81,8 +81,41 @@ def test_logit_stats_equal_the_materialized_ones(monkeypatch, chunk):
 
 def test_auto_kernel_is_xla_off_gpu_and_named_kernels_are_kept():
     config = preset("tiny")
-    assert kernel_for(config, 24) == "xla"  # this CPU
-    assert kernel_for(config.replace(attention_kernel="cudnn"), 24) == "cudnn"
+    assert kernel_for(config) == "xla"  # this CPU
+    assert kernel_for(config.replace(attention_kernel="cudnn")) == "cudnn"
+
+
+class _Device:
+    def __init__(self, platform, compute_capability=None):
+        self.platform = platform
+        if compute_capability is not None:
+            self.compute_capability = compute_capability
+
+
+@pytest.mark.parametrize(
+    "device, changes, attention, experts",
+    [
+        (_Device("cpu"), {}, "xla", "blocks"),
+        (_Device("tpu"), {}, "splash", "megablox"),
+        (_Device("gpu", "9.0"), {"dtype": "bfloat16"}, "cudnn", "ragged_dot"),
+        (_Device("gpu", "9.0"), {}, "xla", "ragged_dot"),  # float32: cuDNN's kernel is bf16
+        # MLA's 192 query/key dims: Hopper's cuDNN takes up to 256, Ampere's 128
+        (_Device("gpu", "8.0"), {"dtype": "bfloat16", "qk_nope_head_dim": 128,
+                                 "qk_rope_head_dim": 64}, "xla", "ragged_dot"),
+        (_Device("gpu", "9.0"), {"dtype": "bfloat16", "qk_nope_head_dim": 128,
+                                 "qk_rope_head_dim": 64}, "cudnn", "ragged_dot"),
+        (_Device("gpu", "9.0"), {"dtype": "bfloat16", "attention": "mha", "head_dim": 20},
+         "xla", "ragged_dot"),  # not a multiple of 8
+    ],
+)  # fmt: skip
+def test_auto_kernels_follow_the_programs_device(device, changes, attention, experts):
+    """A program resolves "auto" for its mesh's devices, which are TPU chips
+    when compiled for a slice from this CPU host; named kernels are kept."""
+    config = preset("tiny").replace(**changes)
+    resolved = config.kernels_for(device)
+    assert (resolved.attention_kernel, resolved.moe_dispatch) == (attention, experts)
+    named = config.replace(attention_kernel="xla", moe_dispatch="tiles").kernels_for(device)
+    assert (named.attention_kernel, named.moe_dispatch) == ("xla", "tiles")
 
 
 def _first_steps(**changes):

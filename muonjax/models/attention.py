@@ -10,11 +10,13 @@ earlier ones (MLA caches only its latent and shared rotary key).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from muonjax.models.config import ModelConfig
 from muonjax.models.layers import Linear, RMSNorm, rope
@@ -34,11 +36,14 @@ STATS_CHUNK = 512  # query rows per pass of `logit_stats`: its logits are (B, H,
 
 
 def causal_attention(q_BLHK, k_BLHK, v_BLHV, scale: float, kernel: str = "xla"):
-    """softmax(q k^T * scale + causal mask) v by `jax.nn.dot_product_attention`:
-    kernel "cudnn" is cuDNN's fused flash attention (GPU, bfloat16: nothing
-    L x L in memory, the masked half skipped), "xla" its plain XLA path. A value
-    head dim other than the query's (MLA) is padded with zeros to it, which
-    the API requires, and cut off the output."""
+    """softmax(q k^T * scale + causal mask) v: kernel "splash" is Pallas TPU
+    splash attention (`splash_attention`), the others `jax.nn.dot_product_attention`'s:
+    "cudnn" cuDNN's fused flash attention (GPU, bfloat16: nothing L x L in
+    memory, the masked half skipped), "xla" its plain XLA path. For those a
+    value head dim other than the query's (MLA) is padded with zeros to it,
+    which the API requires, and cut off the output."""
+    if kernel == "splash":
+        return splash_attention(q_BLHK, k_BLHK, v_BLHV, scale)
     K, V = q_BLHK.shape[-1], v_BLHV.shape[-1]
     pad = lambda t, n: jnp.pad(t, [(0, 0)] * 3 + [(0, n - t.shape[-1])])  # noqa: E731
     width = max(K, V)
@@ -47,6 +52,60 @@ def causal_attention(q_BLHK, k_BLHK, v_BLHV, scale: float, kernel: str = "xla"):
         q, k, v, scale=scale, is_causal=True, implementation=kernel
     )
     return out_BLHX[..., :V]
+
+
+# (q_BLHK, k_BLHK, v_BLHV, scale, kernel) -> out_BLHV: how the attention modules
+# compute causal attention, by default `causal_attention` on this device;
+# muonjax.parallel hands in a sharded one (`with_attention`)
+Attend = Callable[..., jax.Array]
+
+SPLASH_LANES = 128  # splash's key blocks are multiples of this (a TPU vector's lanes)
+SPLASH_BLOCKS = (512, 256, 128)  # query and key rows per block: the largest that divides the length
+
+
+def splash_attention(q_BLHK, k_BLHK, v_BLHV, scale: float):
+    """causal_attention by splash attention, compiled (Mosaic) where the program
+    is lowered for a TPU and interpreted elsewhere: the platform compiled for
+    decides, not the host's default backend, so a CPU host compiles TPU
+    programs with the kernel. Splash has no scale (q is scaled first) and takes
+    the query/key and value head dims as they are (MLA's differ), but its
+    lengths must be multiples of its blocks: rows of zeros pad the end, which
+    no real query sees (the mask is causal) and which are cut off the output."""
+    _, length, H, _ = q_BLHK.shape
+    padded = -(-length // SPLASH_LANES) * SPLASH_LANES
+    block = next(b for b in SPLASH_BLOCKS if padded % b == 0)
+    kernels = {
+        interpret: jax.vmap(_splash_kernel(H, padded, block, interpret))
+        for interpret in (False, True)
+    }
+    q, k, v = (_heads_first(t, padded) for t in (q_BLHK * scale, k_BLHK, v_BLHV))
+    out_BHLV = jax.lax.platform_dependent(q, k, v, tpu=kernels[False], default=kernels[True])
+    return out_BHLV.swapaxes(1, 2)[:, :length]
+
+
+def _heads_first(x_BLHX, length: int):
+    """x (B, L, H, X) -> (B, H, length, X), zeros after its L rows."""
+    padding = [(0, 0), (0, length - x_BLHX.shape[1]), (0, 0), (0, 0)]
+    return jnp.pad(x_BLHX, padding).swapaxes(1, 2)
+
+
+def _splash_kernel(n_heads: int, length: int, block: int, interpret: bool):
+    """splash's causal multi-head kernel for one sequence (H, length, K), every
+    block (forward, dq, dkv) `block` rows square."""
+    sizes = splash.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * n_heads)
+    return splash.make_splash_mha(
+        mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def logit_stats(q_BLHK, k_BLHK, scale: float, large_logit: float = LARGE_LOGIT) -> LogitStats:
@@ -69,12 +128,14 @@ def logit_stats(q_BLHK, k_BLHK, scale: float, large_logit: float = LARGE_LOGIT) 
     return LogitStats(functools.reduce(jnp.maximum, maxima), n_large_H)
 
 
-def attention_with_stats(q, k, v, scale: float, kernel: str, large_logit: float, stats):
-    """`causal_attention` and the logits' LogitStats when `stats` is true (a
+def attention_with_stats(
+    q, k, v, scale: float, kernel: str, large_logit: float, stats, attend: Attend = causal_attention
+):
+    """`attend`'s attention and the logits' LogitStats when `stats` is true (a
     bool, or a traced one: then the statistics pass runs only on the steps
     that ask for it, see muonjax.train.step); when not measured, the maxima and
     counts of no logits: -inf and 0."""
-    out = causal_attention(q, k, v, scale, kernel)
+    out = attend(q, k, v, scale, kernel)
     n_heads = q.shape[2]
     unmeasured = lambda q, k: LogitStats(  # noqa: E731
         jnp.full((n_heads,), -jnp.inf, jnp.float32), jnp.zeros((n_heads,), jnp.float32)
@@ -86,16 +147,10 @@ def attention_with_stats(q, k, v, scale: float, kernel: str, large_logit: float,
     return out, jax.lax.cond(stats, measure, unmeasured, q, k)
 
 
-def kernel_for(config: ModelConfig, head_dim: int) -> str:
-    """config.attention_kernel, "auto" resolved: cuDNN's flash attention on a GPU
-    in bfloat16 for head dims it takes (a multiple of 8, at most 256 from Hopper
-    on, 128 before), else XLA's."""
-    if config.attention_kernel != "auto":
-        return config.attention_kernel
-    if jax.default_backend() != "gpu" or config.dtype != "bfloat16":
-        return "xla"
-    capability = float(getattr(jax.devices()[0], "compute_capability", "0"))
-    return "cudnn" if head_dim % 8 == 0 and head_dim <= (256 if capability >= 9 else 128) else "xla"
+def kernel_for(config: ModelConfig) -> str:
+    """config.attention_kernel, "auto" resolved for this process's first device
+    (ModelConfig.kernels_for; a program on a mesh resolves it for the mesh's)."""
+    return config.kernels_for(jax.devices()[0]).attention_kernel
 
 
 class MHACache(NamedTuple):
@@ -139,6 +194,7 @@ class MultiHeadAttention(nnx.Module):
         self.v_proj = Linear(c.d_model, d_heads, ("embed", "heads"), **kw)
         self.o_proj = Linear(d_heads, c.d_model, ("heads", "embed"), **kw)
         self.config = c
+        self.attend = causal_attention  # static: muonjax.parallel may hand in its own
 
     def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT, stats=True):
         c = self.config
@@ -146,8 +202,9 @@ class MultiHeadAttention(nnx.Module):
         q = rope(split(self.q_proj(x_BLD)), positions_BL, c.rope_theta)
         k = rope(split(self.k_proj(x_BLD)), positions_BL, c.rope_theta)
         v = split(self.v_proj(x_BLD))
+        kernel = kernel_for(c)
         out_BLHK, stats = attention_with_stats(
-            q, k, v, c.head_dim**-0.5, kernel_for(c, c.head_dim), large_logit, stats
+            q, k, v, c.head_dim**-0.5, kernel, large_logit, stats, self.attend
         )
         return self.o_proj(out_BLHK.reshape(*x_BLD.shape[:2], -1)), stats
 
@@ -205,6 +262,7 @@ class MultiHeadLatentAttention(nnx.Module):
         )
         self.o_proj = Linear(c.n_heads * c.v_head_dim, c.d_model, ("heads", "embed"), **kw)
         self.config = c
+        self.attend = causal_attention  # static: muonjax.parallel may hand in its own
 
     def __call__(self, x_BLD, positions_BL, large_logit: float = LARGE_LOGIT, stats=True):
         c = self.config
@@ -225,9 +283,9 @@ class MultiHeadLatentAttention(nnx.Module):
         k = jnp.concatenate(
             [k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], c.qk_rope_head_dim))], -1
         )
-        kernel = kernel_for(c, max(c.qk_head_dim, c.v_head_dim))
+        kernel = kernel_for(c)
         out_BLHV, stats = attention_with_stats(
-            q, k, v, c.qk_head_dim**-0.5, kernel, large_logit, stats
+            q, k, v, c.qk_head_dim**-0.5, kernel, large_logit, stats, self.attend
         )
         return self.o_proj(out_BLHV.reshape(B, L, -1)), stats
 
@@ -291,3 +349,14 @@ ATTENTION = {"mla": MultiHeadLatentAttention, "mha": MultiHeadAttention}
 
 def attention(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     return ATTENTION[config.attention](config, rngs=rngs)
+
+
+def with_attention(graphdef: nnx.GraphDef, state, attend: Attend) -> nnx.GraphDef:
+    """`graphdef` with every attention module's causal attention computed by
+    `attend` (hashable: the graph is static); `state`: a tuple of the model's
+    variable states (arrays or ShapeDtypeStructs), e.g. (params, rest)."""
+    model = nnx.merge(graphdef, *state)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, tuple(ATTENTION.values())):
+            node.attend = attend
+    return nnx.graphdef(model)

@@ -6,8 +6,11 @@ import dataclasses
 import math
 
 ATTENTION_KINDS = ("mla", "mha")
-DISPATCH_METHODS = ("auto", "blocks", "tiles", "ragged_dot")
-ATTENTION_KERNELS = ("auto", "xla", "cudnn")
+DISPATCH_METHODS = ("auto", "blocks", "tiles", "ragged_dot", "megablox")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")
+# moe_dispatch "auto" by jax.Device.platform (see muonjax.models.dispatch; TPU:
+# megablox, MaxText's choice there, unmeasured here: no TPU has run muonjax)
+AUTO_DISPATCH = {"cpu": "blocks", "gpu": "ragged_dot", "tpu": "megablox"}
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # what the backward pass recomputes: nothing (store every activation), everything
 # but the matmul outputs ("dots"), or each layer whole from its input ("full")
@@ -52,7 +55,8 @@ class ModelConfig:
     n_heads: int = 4
     attention: str = "mla"  # "mla" (DeepSeek-V2/V3) or "mha"
     head_dim: int = 16  # mha only
-    # jax.nn.dot_product_attention's implementation; "auto": cudnn on a GPU in bfloat16
+    # "xla" / "cudnn" (jax.nn.dot_product_attention's), "splash" (Pallas TPU);
+    # "auto" picks by the device (kernels_for)
     attention_kernel: str = "auto"
     q_lora_rank: int | None = None  # mla: None = full-rank query projection
     kv_lora_rank: int = 32
@@ -65,7 +69,7 @@ class ModelConfig:
     n_shared_experts: int = 1
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
-    moe_dispatch: str = "auto"  # "blocks" (CPU), "ragged_dot" (GPU/TPU), "tiles"; "auto" picks
+    moe_dispatch: str = "auto"  # a DISPATCH_METHODS name; "auto" picks by the device (kernels_for)
     aux_loss_coef: float = 1e-4  # sequence-wise balance loss (Moonlight: 1e-4)
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
@@ -97,6 +101,30 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def kernels_for(self, device) -> ModelConfig:
+        """This config with its "auto" kernels chosen for `device` (a jax.Device:
+        the program's, which may be a TPU chip compiled for from a CPU host):
+        experts by AUTO_DISPATCH; attention by splash on a TPU, cuDNN's flash
+        attention on a GPU in bfloat16 for head dims it takes (a multiple of 8,
+        at most 256 from Hopper on, 128 before), XLA's path elsewhere."""
+        changes = {}
+        if self.moe_dispatch == "auto":
+            changes["moe_dispatch"] = AUTO_DISPATCH.get(device.platform, "ragged_dot")
+        if self.attention_kernel == "auto":
+            changes["attention_kernel"] = self._auto_attention(device)
+        return self.replace(**changes)
+
+    def _auto_attention(self, device) -> str:
+        if device.platform == "tpu":
+            return "splash"
+        if device.platform != "gpu" or self.dtype != "bfloat16":
+            return "xla"
+        head_dim = (
+            self.head_dim if self.attention == "mha" else max(self.qk_head_dim, self.v_head_dim)
+        )
+        most = 256 if float(getattr(device, "compute_capability", "0")) >= 9 else 128
+        return "cudnn" if head_dim % 8 == 0 and head_dim <= most else "xla"
 
 
 # Each field's rule: ints and their least valid value (every dimension >= 1), floats

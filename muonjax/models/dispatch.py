@@ -1,7 +1,8 @@
 """Dropless routed experts: y_t = sum_j w_tj SwiGLU_{e_tj}(x_t), no token dropped.
 
-Three methods, chosen by measurement (experiments/bench_dispatch.py,
-experiments/bench_model.py and the notes on issues 3 and 25):
+Four methods, the first three chosen by measurement (experiments/bench_dispatch.py,
+experiments/bench_model.py and the notes on issues 3 and 25; "megablox" is not
+measured on a TPU yet):
 
 - "tiles": assignments sorted by expert, each expert's group padded to whole
   row tiles (a static number of them), then ONE batched matmul over all tiles,
@@ -21,6 +22,13 @@ experiments/bench_model.py and the notes on issues 3 and 25):
 - "ragged_dot" (default on GPU/TPU): the sorted rows through
   jax.lax.ragged_dot, which accelerators lower to grouped matmuls. On CPU it
   expands to a dense masked matmul (E times the FLOPs), hence not used there.
+- "megablox": the sorted rows through the Pallas TPU grouped matmul that JAX
+  ships (jax.experimental.pallas.ops.tpu.megablox, `gmm`, whose VJP is built on
+  `tgmm`): one kernel per matrix, visiting only the row tiles that hold each
+  expert's rows. Compiled (Mosaic) when lowered for TPU -- also from a CPU host
+  compiling for a slice -- and run in Pallas interpret mode elsewhere (slow:
+  for tests). Rows past the routed ones (another shard's experts, row padding)
+  belong to no group: the kernel leaves them unwritten, so they are masked.
 """
 
 from __future__ import annotations
@@ -30,17 +38,22 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+from muonjax.models.config import AUTO_DISPATCH
 
 
 def routed_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD, *, method="auto"):
     """Each token's k chosen SwiGLU experts, weighted and summed."""
-    if method == "auto":
-        method = "blocks" if jax.default_backend() == "cpu" else "ragged_dot"
+    if method == "auto":  # a program on a mesh resolves it for the mesh's devices
+        method = AUTO_DISPATCH.get(jax.default_backend(), "ragged_dot")
     T, K = experts_TK.shape
     E = gate_EDF.shape[0]
     if method == "tiles":
         swiglu = lambda x_RD, expert_N, _: tiled_swiglu(x_RD, expert_N, gate_EDF, up_EDF, down_EFD)
         return _in_sorted_rows(swiglu, x_TD, experts_TK, weights_TK, E, tile_rows(T * K, E))
+    if method == "megablox":
+        return megablox_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD)
     if method == "ragged_dot":
         flat_N = experts_TK.reshape(-1)
         order_N = jnp.argsort(flat_N, stable=True)
@@ -242,3 +255,78 @@ def _grouped_swiglu_bwd(block, residuals, dy_RD):
 
 
 grouped_swiglu.defvjp(_grouped_swiglu_fwd, _grouped_swiglu_bwd)
+
+
+def megablox_experts(x_TD, experts_TK, weights_TK, gate_EDF, up_EDF, down_EFD):
+    """`routed_experts` by megablox: the T*k assignments sorted by expert into
+    R = `gmm_rows(T*k)` rows, expert e's sizes_E[e] rows through its SwiGLU
+    (`gmm_swiglu`), each row's output weighted and added to its token in float32.
+
+    Rows from sum(sizes_E) on (ids >= E, another shard's experts, sort last;
+    then the padding) are in no group: gmm leaves them unwritten (NaN in
+    interpret mode), so `where` zeroes them (0 * NaN would be NaN) on the way
+    out, and on the way in, which also drops what gmm's VJP leaves in their dx.
+    """
+    T, K = experts_TK.shape
+    E, N = gate_EDF.shape[0], T * K
+    expert_N = experts_TK.reshape(-1)
+    order_N = jnp.argsort(expert_N, stable=True).astype(jnp.int32)
+    assignment_R = jnp.pad(order_N, (0, gmm_rows(N) - N), constant_values=N)
+    sizes_E = jnp.bincount(expert_N, length=E).astype(jnp.int32)  # ids >= E: no group
+    routed_R1 = (jnp.arange(assignment_R.shape[0]) < jnp.sum(sizes_E))[:, None]
+    token_R = assignment_R // K  # == T on padding rows: gathers 0, scatter drops
+    x_RD = jnp.where(routed_R1, jnp.take(x_TD, token_R, axis=0, mode="fill", fill_value=0), 0)
+    # interpret mode unless lowered for TPU: a CPU host compiling for a TPU
+    # slice gets the Mosaic kernel (jax.default_backend() would say cpu)
+    y_RD = lax.platform_dependent(
+        x_RD,
+        sizes_E,
+        gate_EDF,
+        up_EDF,
+        down_EFD,
+        tpu=functools.partial(gmm_swiglu, interpret=False),
+        default=functools.partial(gmm_swiglu, interpret=True),
+    )
+    w_R = jnp.take(weights_TK.reshape(-1), assignment_R, mode="fill", fill_value=0)
+    y_RD = jnp.where(routed_R1, y_RD.astype(jnp.float32), 0) * w_R[:, None].astype(jnp.float32)
+    y_TD = jnp.zeros(x_TD.shape, jnp.float32).at[token_R].add(y_RD, mode="drop")
+    return y_TD.astype(x_TD.dtype)
+
+
+def gmm_swiglu(x_RD, sizes_E, gate_EDF, up_EDF, down_EFD, *, interpret: bool):
+    """Group e's rows (sizes_E[e] of them, in expert order) through expert e's
+    SwiGLU: three megablox gmm calls. Rows past sum(sizes_E) are left unwritten.
+
+    The kernel accumulates every tile in float32 whatever dtype it stores; it
+    stores the input dtype, so that the VJP's matmuls, which take the
+    cotangents' dtype, stay bfloat16 x bfloat16 on bfloat16 weights."""
+
+    def gmm(a_RX, w_EXY):
+        # positional: megablox.gmm is a custom_vjp with static args 3, 4, 7, 8
+        return megablox.gmm(
+            a_RX, w_EXY, sizes_E, a_RX.dtype, gmm_tiling, None, None, False, interpret
+        )
+
+    h_RF = jax.nn.silu(gmm(x_RD, gate_EDF)) * gmm(x_RD, up_EDF)
+    return gmm(h_RF, down_EFD)
+
+
+def gmm_rows(n_rows: int) -> int:
+    """n_rows padded to whole gmm row tiles: 128 rows (megablox's default tile),
+    or for fewer rows (a decode step) one tile of the next power of two >= 16
+    (bfloat16 packs 16 rows per vector register)."""
+    tile = min(128, max(16, 1 << (n_rows - 1).bit_length()))
+    return -(-n_rows // tile) * tile
+
+
+def gmm_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
+    """Tiles (rows, contraction, output) for an (m, k) @ (k, n) gmm or tgmm.
+
+    Rows: the largest power of two <= 128 dividing m (`gmm_rows`'s tile). k and
+    n: the largest of 512, 256, 128 dividing them (Mosaic blocks span whole
+    multiples of 128 lanes or the whole dim), else the whole dim (the tiny test
+    presets): D=2048 and F=2048 get 512, F=1408 (11 x 128) gets 128, D=7168
+    (14 x 512) 512. A function of the dims, not one tuple, because the VJP's
+    gmm (k and n swapped) and tgmm reuse it on their own dims."""
+    dim_tile = lambda d: next((t for t in (512, 256, 128) if d % t == 0), d)
+    return min(128, m & -m), dim_tile(k), dim_tile(n)

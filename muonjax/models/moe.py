@@ -114,7 +114,7 @@ class RoutedExperts(nnx.Module):
         rngs: nnx.Rngs,
         dispatch: ExpertDispatch = routed_experts,
     ):
-        self.method = method  # "blocks", "tiles", "ragged_dot" or "auto" (see routed_experts)
+        self.method = method  # a DISPATCH_METHODS name (see routed_experts)
         self.dispatch = dispatch
         self.gate = param(rngs, (n_experts, d_model, hidden), ("experts", "embed", "mlp"), std)
         self.up = param(rngs, (n_experts, d_model, hidden), ("experts", "embed", "mlp"), std)

@@ -16,13 +16,14 @@ NS_COEFFS = muonjax.optim.newton_schulz.NAMED_COEFFICIENTS
 NS_DTYPES = ("auto", "float32", "bfloat16")
 
 
-def ns_dtype(config) -> str:
-    """config.ns_dtype, "auto" resolved: bfloat16 on a GPU or TPU, where it ran
-    3 seeds side by side with float32 at no loss difference beyond seed noise
-    (experiments/ns_dtype.py) and its matmuls are the faster; float32 on CPU."""
+def ns_dtype(config, platform: str | None = None) -> str:
+    """config.ns_dtype, "auto" resolved for `platform` (default: JAX's default
+    backend): bfloat16 on a GPU or TPU, where it ran 3 seeds side by side with
+    float32 at no loss difference beyond seed noise (experiments/ns_dtype.py)
+    and its matmuls are the faster; float32 on CPU."""
     if config.ns_dtype != "auto":
         return config.ns_dtype
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
 
 
 def _moonlight(config, schedule, *, hidden_size: int, mesh=None):

@@ -11,12 +11,14 @@ import jax
 from flax import nnx
 
 from muonjax.models import ModelConfig, abstract_model
+from muonjax.models.attention import with_attention
 from muonjax.models.moe import with_expert_dispatch
 from muonjax.parallel import Plan
+from muonjax.parallel.attention import ShardedAttention
 from muonjax.parallel.experts import ShardedExperts
 from muonjax.parallel.gradients import data_parallel_grads
 from muonjax.train.config import TrainConfig
-from muonjax.train.optimizers import make_optimizer
+from muonjax.train.optimizers import make_optimizer, ns_dtype
 from muonjax.train.step import (
     TrainState,
     abstract_state,
@@ -88,16 +90,28 @@ def _state_shardings(plan: Plan, shapes: TrainState) -> TrainState:
     )
 
 
+def _on_mesh(graphdef, variables, experts: ShardedExperts, attention: ShardedAttention):
+    """`graphdef` with its experts and its attention computed by the given ones."""
+    graphdef = with_expert_dispatch(graphdef, variables, experts)
+    return with_attention(graphdef, variables, attention)
+
+
 def build(config: TrainConfig, model_config: ModelConfig, mesh: jax.sharding.Mesh) -> Program:
     """The run's program on `mesh`, one already checked against the batch
-    (muonjax.parallel.run_mesh). The model's experts and the step's gradient
-    reduction are the expert- and data-parallel ones of muonjax.parallel."""
+    (muonjax.parallel.run_mesh). The model's experts and attention and the
+    step's gradient reduction are the sharded ones of muonjax.parallel.
+    Kernels and the Newton-Schulz dtype left "auto" are chosen for the mesh's
+    devices (a TPU slice's when compiling for one from a CPU host)."""
+    device = mesh.devices.flat[0]
+    model_config = model_config.kernels_for(device)
+    config = config.replace(ns_dtype=ns_dtype(config, device.platform))
     plan = Plan(mesh, nnx.state(abstract_model(model_config), nnx.Param), zero1=config.zero1)
     tx = make_optimizer(config, hidden_size=model_config.d_model, mesh=plan.newton_schulz_mesh)
     graphdef, shapes = abstract_state(model_config, tx, config.seed)
-    experts, variables = ShardedExperts(mesh), (shapes.params, shapes.rest)
-    model = with_expert_dispatch(graphdef, variables, experts)
-    device_model = with_expert_dispatch(graphdef, variables, experts.per_device())
+    experts, attention = ShardedExperts(mesh), ShardedAttention(mesh)
+    variables = (shapes.params, shapes.rest)
+    model = _on_mesh(graphdef, variables, experts, attention)
+    device_model = _on_mesh(graphdef, variables, experts.per_device(), attention.per_device())
     grads_fn = data_parallel_grads(
         plan,
         whole=functools.partial(global_grads, model, config),

@@ -167,3 +167,31 @@ def test_newton_schulz_dtype_auto_follows_the_platform_compiled_for():
     assert (ns_dtype(config, "tpu"), ns_dtype(config, "gpu")) == ("bfloat16", "bfloat16")
     assert ns_dtype(config, "cpu") == ns_dtype(config) == "float32"  # this host
     assert ns_dtype(config.replace(ns_dtype="float32"), "tpu") == "float32"
+
+
+@needs_libtpu
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+def test_collectives_in_a_scan_count_once_per_iteration(platform):
+    """The CPU compiler annotates a scan's trip count, the TPU compiler does
+    not (its loop condition compares the counter with a constant): both count
+    the all-reduce in a 64-step scan 64 times."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from muonjax.parallel import hlo
+
+    devices = slice_devices(parse_slice("v5p-8")) if platform == "tpu" else jax.devices()[:4]
+    mesh = Mesh(np.asarray(devices), ("x",))
+
+    def scanned(x):
+        step = lambda c, _: (jnp.tanh(c + jax.lax.psum(c, "x")), None)
+        return jax.lax.scan(step, x, None, length=64)[0]
+
+    f = jax.jit(jax.shard_map(scanned, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+    x = jax.ShapeDtypeStruct((32, 128), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+    comm = hlo.collective_bytes(f.lower(x).compile().as_text(), 4)
+    assert comm["in_loops_of_unknown_trip_count"] == 0
+    assert comm["bytes"]["all-reduce"] == 64 * 2 * 3 / 4 * 8 * 128 * 4

@@ -5,7 +5,8 @@ size n of its replica groups, and count the bytes one device sends in a ring
 algorithm: all-reduce 2(n-1)/n x size, all-gather (n-1)/n x result,
 reduce-scatter (n-1)/n x operand (= (n-1) x result), all-to-all (n-1)/n x
 size, collective-permute the size. Collectives inside while loops count once per
-iteration when the loop's trip count is known (scans over layers), once
+iteration when the loop's trip count is known (scans over layers and
+micro-batches: XLA's annotation, or a counter compared with a constant), once
 otherwise (their number is `in_loops_of_unknown_trip_count`).
 """
 
@@ -24,7 +25,9 @@ _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) (" + "|".join(KINDS) + r")(?:-start)?\("
 )
 _WHILE = re.compile(r"while\(.*body=%?([\w.\-]+)")
+_CONDITION = re.compile(r"condition=%?([\w.\-]+)")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_COUNTER_BOUND = re.compile(r"ROOT .*compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT")
 _CALLS = re.compile(r"(?:to_apply|calls|body|condition|branch_computations)=\{?%?([\w.\-]+)")
 
 
@@ -111,17 +114,34 @@ def _multipliers(computations: dict, entry: str | None) -> tuple[dict[str, int],
             unknown.add(name)
         for line in computations[name]:
             loop = _WHILE.search(line)
-            trip = _TRIP.search(line)
+            trip = _trip_count(line, computations) if loop else None
             for callee in _CALLS.findall(line):
                 inner, inner_unknown = factor, in_unknown
                 if loop and callee == loop.group(1):
-                    inner = factor * (int(trip.group(1)) if trip else 1)
-                    inner_unknown = in_unknown or not trip
+                    inner = factor * (trip or 1)
+                    inner_unknown = in_unknown or trip is None
                 visit(callee, inner, inner_unknown, (*seen, name))
 
     if entry:
         visit(entry, 1, False)
     return multiplier, unknown
+
+
+def _trip_count(while_line: str, computations: dict) -> int | None:
+    """A while loop's trip count: XLA's known_trip_count where it annotates one
+    (the CPU compiler), else a condition `counter < constant N` (the TPU
+    compiler leaves scans unannotated; JAX's scan counters start at 0)."""
+    known = _TRIP.search(while_line)
+    if known:
+        return int(known.group(1))
+    condition = _CONDITION.search(while_line)
+    lines = computations.get(condition.group(1), []) if condition else []
+    bound = next(filter(None, map(_COUNTER_BOUND.search, lines)), None)
+    if bound is None:
+        return None
+    constant = re.compile(rf"%?{re.escape(bound.group(1))} = s32\[\]\S* constant\((\d+)\)")
+    value = next(filter(None, map(constant.search, lines)), None)
+    return int(value.group(1)) if value else None
 
 
 def _ring_share(kind: str, n: int) -> float:

@@ -151,19 +151,78 @@ def record(path: pathlib.Path, key: str, report: dict) -> dict:
 
 
 def table(ledger: dict) -> str:
-    """One line per configuration: per-chip HBM, fits, estimated step time."""
-    lines = [f"{'slice':8s} {'mesh':24s} {'optimizer':6s} {'platform':4s} {'peak GiB':>9s} "
-             f"{'fits':5s} {'est. step s':>11s} {'compile s':>9s}"]  # fmt: skip
-    for key, r in ledger.items():
-        if "error" in r:
-            lines.append(f"{key}: {r['error']}")
+    """The docs' tables (markdown): per part, one row per configuration, Muon
+    beside AdamW where both ran."""
+    out = []
+    for part in ("16b", "dense", "cpu", "kernels"):
+        rows = {k: r for k, r in ledger.items() if r.get("part") == part}
+        if rows:
+            out += ["", f"{part}:", "", *ROWS[part](rows)]
+    return "\n".join(out)
+
+
+GIB = 2**30
+
+
+def _model(key: str, r: dict) -> str:
+    """Table 2's name of a dense model (non-embedding parameters), else the preset's."""
+    from compute_efficiency import PAPER
+
+    hidden = {f"d_model={row['hidden']},": size for size, row in PAPER["table2"].items()}
+    name = next((f"dense {size}" for h, size in hidden.items() if h in key), r["preset"])
+    return f"{name}, {r['batch_size']} x {r['seq_len']}"
+
+
+def _pairs(rows: dict) -> list[str]:
+    """Muon and AdamW side by side: HBM, fits, estimated step, ratio, optimizer share."""
+    lines = ["| model | slice | mesh | HBM per chip, Muon / AdamW (GiB) | fits | estimated step, "
+             "Muon / AdamW (s) | Muon / AdamW | optimizer's share (Muon) | compile (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    muon = {k: r for k, r in rows.items() if r.get("optimizer") == "muon"}
+    for key, m in muon.items():
+        a = rows.get(key.replace("--optimizer muon", "--optimizer adamw"))
+        if "error" in m or a is None or "error" in a:
+            lines.append(f"| `{key}` | {m.get('error') or (a or {}).get('error', 'no AdamW')} |")
             continue
         lines.append(
-            f"{r.get('tpu', '-'):8s} {r['mesh']:24s} {r['optimizer']:6s} {r['platform']:4s} "
-            f"{r['peak_bytes'] / 2**30:9.2f} {str(r.get('fits', '-')):5s} "
-            f"{r.get('estimate_step_seconds', float('nan')):11.3f} {r['compile_seconds']:9.1f}"
+            f"| {_model(key, m)} | {m['tpu']} | {m['mesh']} | {m['peak_bytes'] / GIB:.1f} / "
+            f"{a['peak_bytes'] / GIB:.1f} | {'yes' if m['fits'] and a['fits'] else 'no'} | "
+            f"{m['estimate_step_seconds']:.2f} / {a['estimate_step_seconds']:.2f} | "
+            f"{m['estimate_step_seconds'] / a['estimate_step_seconds']:.3f} | "
+            f"{m['estimate_optimizer_share']:.1%} | {m['compile_seconds']:.0f} |"
         )
-    return "\n".join(lines)
+    return lines
+
+
+def _cpu(rows: dict) -> list[str]:
+    lines = [
+        "| compiled by | mesh | arguments | temporaries | peak (GiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows.values():
+        if "error" not in r:
+            mem = r["memory_bytes"]
+            lines.append(
+                f"| {r['platform'].upper()} | {r['mesh']} | {mem['argument'] / GIB:.2f} | "
+                f"{mem['temp'] / GIB:.2f} | {r['peak_bytes'] / GIB:.2f} |"
+            )
+    return lines
+
+
+def _kernels(rows: dict) -> list[str]:
+    lines = ["| kernels | XLA FLOPs (per loop body) | XLA bytes accessed | peak (GiB) | "
+             "estimated step (s) |", "|---|---|---|---|---|"]  # fmt: skip
+    for key, r in rows.items():
+        if "error" not in r:
+            kernels = "splash, megablox" if "splash" in key else "XLA, ragged_dot"
+            lines.append(
+                f"| {kernels} | {r['xla_flops']:.3g} | {r['xla_bytes_accessed']:.3g} | "
+                f"{r['peak_bytes'] / GIB:.2f} | {r['estimate_step_seconds']:.3f} |"
+            )
+    return lines
+
+
+ROWS = {"16b": _pairs, "dense": _pairs, "cpu": _cpu, "kernels": _kernels}
 
 
 if __name__ == "__main__":

@@ -130,14 +130,16 @@ class TrainConfig:
         "plain matmuls), tiles (sorted rows padded to fixed tiles, one batched matmul over all "
         "tiles with each tile's expert weights gathered: no loop, FLOPs XLA can count), "
         "ragged_dot (jax.lax.ragged_dot, grouped matmuls on GPU/TPU; a dense masked matmul on "
-        "CPU), auto (blocks on CPU, ragged_dot on accelerators); default: the preset's (auto)",
+        "CPU), megablox (Pallas TPU grouped matmul; interpreted, slowly, elsewhere), auto "
+        "(blocks on CPU, ragged_dot on GPU, megablox on TPU); default: the preset's (auto)",
         choices=DISPATCH_METHODS,
     )
     attention_kernel: str | None = _field(
         None,
-        "how attention is computed (jax.nn.dot_product_attention): cudnn (cuDNN's fused "
-        "flash attention: GPU, bfloat16), xla (XLA's path, any backend), auto (cudnn on a "
-        "GPU in bfloat16 where its head dim fits, else xla); default: the preset's (auto)",
+        "how attention is computed: cudnn (jax.nn.dot_product_attention's cuDNN fused flash "
+        "attention: GPU, bfloat16), xla (its XLA path, any backend), splash (Pallas TPU splash "
+        "attention; interpreted, slowly, elsewhere), auto (splash on TPU, cudnn on a GPU in "
+        "bfloat16 where its head dim fits, else xla); default: the preset's (auto)",
         choices=ATTENTION_KERNELS,
     )
     # the optimizer

@@ -176,6 +176,8 @@ def _inspect(args) -> int:
     given = given_fields(args)
     jax.config.update("jax_platforms", "cpu")  # the host compiles; nothing runs
     if args.tpu:
+        # a compile-only TPU client cannot load executables back from a cache
+        jax.config.update("jax_enable_compilation_cache", False)
         tpu = parse_slice(args.tpu)
         sizes = parse_mesh(given.setdefault("mesh", f"data={tpu.chips}"))
         devices = slice_devices(tpu)

@@ -74,13 +74,17 @@ def _run(*args, env=None):
 
 @needs_libtpu
 @pytest.mark.slow
-def test_inspect_tpu_compiles_the_step_for_the_slice():
-    r = _run(
-        "-m", "muonjax", "inspect", "--tpu", "v5p-8", "--preset", "tiny",
-        "--mesh", "data=2,expert=2", "--seq-len", "128", "--remat", "full", "--json",
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    assert r.stderr == ""  # libtpu is quiet
+def test_inspect_tpu_compiles_the_step_for_the_slice(tmp_path):
+    # twice, sharing a persistent compilation cache (as the suite's processes
+    # do): a compile-only TPU client cannot load an executable back from one
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path)}
+    for _ in range(2):
+        r = _run(
+            "-m", "muonjax", "inspect", "--tpu", "v5p-8", "--preset", "tiny",
+            "--mesh", "data=2,expert=2", "--seq-len", "128", "--remat", "full", "--json", env=env,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert r.stderr == ""  # libtpu is quiet, and no cache entry is read back
     report = json.loads(r.stdout)
     assert report["platform"] == "tpu" and report["devices"] == 4
     assert report["tpu"] == "v5p-8" and report["libtpu"] == tpu.libtpu_version()

@@ -440,6 +440,14 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
 POD_QUICK = {"q1": dict(heads=2, layers=1, hidden=64, tokens=None, lr=9e-4, batch=None)}
 
 
+def table2_model(row: dict) -> dict:
+    """--model for a Table 2 row: Llama-style dense, heads = layers, head dim
+    128, SwiGLU 2.75 hidden (rounded to 128)."""
+    return dict(d_model=row["hidden"], n_layers=row["layers"], first_k_dense=row["layers"],
+                n_heads=row["heads"], attention="mha", head_dim=row["hidden"] // row["heads"],
+                intermediate_size=round(2.75 * row["hidden"] / 128) * 128)  # fmt: skip
+
+
 def pod_configs(quick: bool, data_parallel: int, mesh: str) -> dict:
     """Table 2's models: Llama-style dense, heads = layers, head dim 128,
     SwiGLU 2.75 hidden; 8K sequences, Table 2's batch, tokens and AdamW-tuned
@@ -454,9 +462,7 @@ def pod_configs(quick: bool, data_parallel: int, mesh: str) -> dict:
         if batch % data_parallel:
             raise SystemExit(f"--mesh: the data-parallel size {data_parallel} does not divide "
                              f"the paper's batch of {batch} sequences ({size})")  # fmt: skip
-        model = dict(d_model=row["hidden"], n_layers=row["layers"], first_k_dense=row["layers"],
-                     n_heads=row["heads"], attention="mha", head_dim=row["hidden"] // row["heads"],
-                     intermediate_size=round(2.75 * row["hidden"] / 128) * 128)  # fmt: skip
+        model = table2_model(row)
         steps = 20 if quick else round(row["tokens"] / (batch * seq_len))
         for optimizer in OPTIMIZERS:
             configs[(size, optimizer)] = TrainConfig(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -49,14 +50,11 @@ def moonlight(slice_, mesh, optimizer, kernels=(), sequences=SEQUENCES):
 
 
 def dense(size, slice_, mesh, optimizer):
-    """Table 2's model `size` (heads = layers, head dim 128, SwiGLU 2.75 d)."""
-    from compute_efficiency import PAPER
+    """Table 2's model `size` (compute_efficiency.table2_model)."""
+    from compute_efficiency import PAPER, table2_model
 
     row = PAPER["table2"][size]
-    d, layers = row["hidden"], row["layers"]
-    model = (f"d_model={d},n_layers={layers},first_k_dense={layers},n_heads={row['heads']},"
-             f"attention=mha,head_dim={d // row['heads']},"
-             f"intermediate_size={round(2.75 * d / 128) * 128}")  # fmt: skip
+    model = ",".join(f"{k}={v}" for k, v in table2_model(row).items())
     return ("--tpu", slice_, "--preset", "moonlight-16b-a3b", "--model", model, "--mesh", mesh,
             "--optimizer", optimizer, "--seq-len", "8192", "--batch-size", str(row["batch"]),
             "--grad-accum", str(row["batch"] // _data_parallel(mesh)), "--dtype", "bfloat16",
@@ -64,8 +62,10 @@ def dense(size, slice_, mesh, optimizer):
 
 
 def _data_parallel(mesh: str) -> int:
-    sizes = dict(part.split("=") for part in mesh.split(","))
-    return int(sizes.get("data", 1)) * int(sizes.get("expert", 1))
+    from muonjax.parallel.mesh import BATCH_AXES, parse_mesh
+
+    sizes = parse_mesh(mesh)
+    return math.prod(sizes[a] for a in BATCH_AXES)
 
 
 def plan(part: str, quick: bool) -> list[tuple[str, ...]]:

@@ -56,7 +56,7 @@ def causal_attention(q_BLHK, k_BLHK, v_BLHV, scale: float, kernel: str = "xla"):
 
 # (q_BLHK, k_BLHK, v_BLHV, scale, kernel) -> out_BLHV: how the attention modules
 # compute causal attention, by default `causal_attention` on this device;
-# muonjax.parallel hands in a sharded one (`with_attention`)
+# muonjax.parallel hands in a sharded one (muonjax.models.transformer.with_kernels)
 Attend = Callable[..., jax.Array]
 
 SPLASH_LANES = 128  # splash's key blocks are multiples of this (a TPU vector's lanes)
@@ -349,14 +349,3 @@ ATTENTION = {"mla": MultiHeadLatentAttention, "mha": MultiHeadAttention}
 
 def attention(config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     return ATTENTION[config.attention](config, rngs=rngs)
-
-
-def with_attention(graphdef: nnx.GraphDef, state, attend: Attend) -> nnx.GraphDef:
-    """`graphdef` with every attention module's causal attention computed by
-    `attend` (hashable: the graph is static); `state`: a tuple of the model's
-    variable states (arrays or ShapeDtypeStructs), e.g. (params, rest)."""
-    model = nnx.merge(graphdef, *state)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, tuple(ATTENTION.values())):
-            node.attend = attend
-    return nnx.graphdef(model)

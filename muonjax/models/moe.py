@@ -99,7 +99,7 @@ class RoutedExperts(nnx.Module):
     """E SwiGLU experts stored as stacks (E, D, F), (E, D, F), (E, F, D).
 
     `dispatch` computes them, by default on this device (`routed_experts`);
-    muonjax.parallel hands in an expert-parallel one (`with_expert_dispatch`).
+    muonjax.parallel hands in an expert-parallel one (`with_kernels`).
     It is static (part of the graph, not of the state), so it must be hashable.
     """
 
@@ -128,17 +128,6 @@ class RoutedExperts(nnx.Module):
             self.down[...].astype(dtype),
         )
         return self.dispatch(x_TD, experts_TK, weights_TK, *weights, method=self.method)
-
-
-def with_expert_dispatch(graphdef: nnx.GraphDef, state, dispatch: ExpertDispatch) -> nnx.GraphDef:
-    """`graphdef` with every RoutedExperts computed by `dispatch`; `state`: a
-    tuple of the model's variable states (arrays or ShapeDtypeStructs), e.g.
-    (params, rest) as nnx.split gives them."""
-    model = nnx.merge(graphdef, *state)
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, RoutedExperts):
-            node.dispatch = dispatch
-    return nnx.graphdef(model)
 
 
 def balance_router_bias(bias_E, load_E, rate: float = 1e-3):

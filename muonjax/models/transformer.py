@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from muonjax.models.attention import ATTENTION, LARGE_LOGIT, attention
+from muonjax.models.attention import ATTENTION, LARGE_LOGIT, Attend, attention
 from muonjax.models.config import ModelConfig
 from muonjax.models.layers import MLP, Linear, RMSNorm
-from muonjax.models.moe import MoE, balance_router_bias
+from muonjax.models.moe import ExpertDispatch, MoE, RoutedExperts, balance_router_bias
 from muonjax.optim.paths import path_names
 from muonjax.optim.qk_clip import QKHeads, QKHeadsFn
 
@@ -270,3 +270,19 @@ def qk_clip_heads(config: ModelConfig) -> QKHeadsFn:
         return None
 
     return heads
+
+
+def with_kernels(
+    graphdef: nnx.GraphDef, state, *, experts: ExpertDispatch, attend: Attend
+) -> nnx.GraphDef:
+    """`graphdef` with every RoutedExperts computed by `experts` and every
+    attention module's causal attention by `attend` (both hashable: the graph
+    is static); `state`: a tuple of the model's variable states (arrays or
+    ShapeDtypeStructs), e.g. (params, rest) as nnx.split gives them."""
+    model = nnx.merge(graphdef, *state)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, RoutedExperts):
+            node.dispatch = experts
+        elif isinstance(node, tuple(ATTENTION.values())):
+            node.attend = attend
+    return nnx.graphdef(model)

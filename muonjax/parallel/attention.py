@@ -1,6 +1,6 @@
 """Attention on a mesh: the attention modules' causal attention (see
 muonjax.models.attention.Attend) that the program hands to the model with
-`with_attention`.
+`muonjax.models.transformer.with_kernels`.
 
 Mosaic kernels (splash attention) cannot be partitioned by the compiler: on a
 mesh they run inside a shard_map, rows split over the batch axes and heads

@@ -1,7 +1,7 @@
 """Expert parallelism: the MoE layers' routed experts split over a mesh.
 
 `ShardedExperts` is an expert dispatch (see muonjax.models.moe.RoutedExperts)
-that the program hands to the model with `with_expert_dispatch`: tokens are
+that the program hands to the model with `with_kernels`: tokens are
 split over the batch axes, experts over the expert axis and their hidden
 width over the tensor axis.
 """

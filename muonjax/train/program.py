@@ -11,8 +11,7 @@ import jax
 from flax import nnx
 
 from muonjax.models import ModelConfig, abstract_model
-from muonjax.models.attention import with_attention
-from muonjax.models.moe import with_expert_dispatch
+from muonjax.models.transformer import with_kernels
 from muonjax.parallel import Plan
 from muonjax.parallel.attention import ShardedAttention
 from muonjax.parallel.experts import ShardedExperts
@@ -90,12 +89,6 @@ def _state_shardings(plan: Plan, shapes: TrainState) -> TrainState:
     )
 
 
-def _on_mesh(graphdef, variables, experts: ShardedExperts, attention: ShardedAttention):
-    """`graphdef` with its experts and its attention computed by the given ones."""
-    graphdef = with_expert_dispatch(graphdef, variables, experts)
-    return with_attention(graphdef, variables, attention)
-
-
 def build(config: TrainConfig, model_config: ModelConfig, mesh: jax.sharding.Mesh) -> Program:
     """The run's program on `mesh`, one already checked against the batch
     (muonjax.parallel.run_mesh). The model's experts and attention and the
@@ -110,8 +103,10 @@ def build(config: TrainConfig, model_config: ModelConfig, mesh: jax.sharding.Mes
     graphdef, shapes = abstract_state(model_config, tx, config.seed)
     experts, attention = ShardedExperts(mesh), ShardedAttention(mesh)
     variables = (shapes.params, shapes.rest)
-    model = _on_mesh(graphdef, variables, experts, attention)
-    device_model = _on_mesh(graphdef, variables, experts.per_device(), attention.per_device())
+    model = with_kernels(graphdef, variables, experts=experts, attend=attention)
+    device_model = with_kernels(
+        graphdef, variables, experts=experts.per_device(), attend=attention.per_device()
+    )
     grads_fn = data_parallel_grads(
         plan,
         whole=functools.partial(global_grads, model, config),

@@ -203,7 +203,7 @@ def pretrained_sft_loss(run_dir: pathlib.Path, sft: pathlib.Path, task: dict, sf
     from muonjax.models import Transformer
     from muonjax.train import TrainConfig
     from muonjax.train.data import load_data
-    from muonjax.train.pipeline import eval_batches
+    from muonjax.train.pipeline import TokenWindows, eval_batches
     from muonjax.train.step import lm_loss
 
     saved = json.loads((run_dir / "config.json").read_text())
@@ -215,8 +215,8 @@ def pretrained_sft_loss(run_dir: pathlib.Path, sft: pathlib.Path, task: dict, sf
     graphdef, params, rest = nnx.split(Transformer(model_config, rngs=nnx.Rngs(0)), nnx.Param, ...)
     nnx.replace_by_pure_dict(params, common.strip_values(common.params_at(run_dir)))
     data = load_data(config, run_dir)
-    batches = eval_batches(data.validation_tokens, config.seq_len, config.batch_size,
-                           config.eval_batches)  # fmt: skip
+    batches = eval_batches(TokenWindows(data.validation_tokens, config.seq_len),
+                           config.batch_size, config.eval_batches, spread=False)  # fmt: skip
     return float(np.mean([lm_loss(graphdef, params, rest, jnp.asarray(b))[0] for b in batches]))
 
 

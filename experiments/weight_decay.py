@@ -155,10 +155,11 @@ def layer_output_rms_fn(model_config):
 def validation_batch(config) -> np.ndarray:
     """The first evaluation batch's inputs (B, L), as the trainer evaluates on."""
     from muonjax.train.data import load_data
-    from muonjax.train.pipeline import eval_batches
+    from muonjax.train.pipeline import TokenWindows, eval_batches
 
     data = load_data(config, pathlib.Path(config.out))
-    return eval_batches(data.validation_tokens, config.seq_len, config.batch_size, 1)[0][:, :-1]
+    windows = TokenWindows(data.validation_tokens, config.seq_len)
+    return eval_batches(windows, config.batch_size, 1, spread=False)[0][:, :-1]
 
 
 def train_one(config, tokens_BL, log) -> dict:

@@ -221,7 +221,7 @@ def _tokenize_parser(subparsers) -> argparse.ArgumentParser:
         f"all. Exit codes: 0 done, {EXIT_USAGE} bad input, {EXIT_IO} the shards could not be "
         "written (disk full), 130 / 143 stopped by SIGINT / SIGTERM (nothing written).",
     )
-    add_arguments(p, fields=("data", *TOKENIZATION_FIELDS))  # what makes the token streams
+    add_arguments(p, fields=("data", "corpus", *TOKENIZATION_FIELDS))  # makes the token streams
     p.add_argument("--out", required=True, help="the folder to write; must not exist")
     p.add_argument(
         "--shard-tokens",

@@ -92,7 +92,7 @@ def _step_and_eval(kernel: str, mesh_text: str):
     losses = [
         float(metrics["loss"]),
         float(metrics["grad_norm"]),
-        float(program.eval(state, batch)),
+        float(np.divide(*program.eval(state, batch))),
     ]
     return losses, jax.device_get(state.params)
 

@@ -1,17 +1,21 @@
-"""experiments/compute_efficiency.py (paper Fig. 1a, Fig. 3, Table 3): the fits
-and ratios against values computed by hand, --quick end to end (sweeps, seeds,
-frontiers, results.json, plot) and --scale pod --quick (configs, memory)."""
+"""experiments/compute_efficiency.py (paper Fig. 1a, Fig. 3, Table 3): the fits,
+frontiers and ratios against values computed by hand; --quick end to end at
+every scale (sweeps, seeds, the ledger, results.json, plot) and --dry-run."""
 
+import json
 import math
 
+import numpy as np
 import pytest
-from conftest import load_experiment, run_experiment, run_pod_experiment
+import sweep
+from conftest import load_experiment, run_experiment
+
+from muonjax.train import TrainConfig
 
 # trains, starts processes or runs an experiment: left out of make test-fast
 pytestmark = pytest.mark.slow
 
 ce = load_experiment("compute_efficiency")
-common = load_experiment("common")
 
 
 def test_fit_recovers_a_power_law():
@@ -40,72 +44,111 @@ def test_paper_ratio_from_table3():
         assert 0.44 < ratio < 0.5
 
 
-def test_frontiers_follow_the_protocol():
-    def run(size, opt, lr, loss, seed=0):
-        return dict(
-            size=size, optimizer=opt, learning_rate=lr, eval_loss=loss, seed=seed, flops=1.0
-        )
+def _run(size, opt, lr, loss, seed=0, flops=1.0):
+    return dict(size=size, optimizer=opt, learning_rate=lr, final_eval_loss=loss, seed=seed,
+                flops=flops)  # fmt: skip
 
+
+def test_frontiers_choose_on_seed_means_and_keep_the_near_best_rates():
     runs = [
-        run("s", "adamw", 0.01, 3.0), run("s", "adamw", 0.03, 2.9), run("s", "adamw", 0.1, None),
-        run("s", "muon", 0.01, 2.7), run("s", "muon", 0.03, 2.8), run("s", "muon", 0.1, 2.95),
-        run("s", "adamw", 0.03, 2.95, seed=1), run("s", "muon", 0.03, 2.85, seed=1),
+        _run("s", "adamw", 0.01, 3.0), _run("s", "adamw", 0.01, 2.8, seed=1),  # mean 2.9
+        _run("s", "adamw", 0.0178, 2.85), _run("s", "adamw", 0.0178, 2.99, seed=1),  # 2.92
+        _run("s", "adamw", 0.0316, 3.2), _run("s", "adamw", 0.0316, 3.3, seed=1),
+        _run("s", "adamw", 0.0562, None),  # diverged
+        _run("s", "muon", 0.01, 2.7), _run("s", "muon", 0.01, 2.72, seed=1),
+        _run("s", "muon", 0.0178, 2.6),  # one seed only: not a candidate
     ]  # fmt: skip
-    f = ce.frontiers(runs, ["s"])
-    assert f["adamw"]["s"]["learning_rate"] == 0.03 and f["adamw"]["s"]["eval_loss"] == 2.9
-    assert f["muon_at_adamw_lr"]["s"]["eval_loss"] == 2.8  # AdamW's best rate, not Muon's
-    assert f["muon"]["s"]["learning_rate"] == 0.01
-    assert ce.seed_losses(runs, f["muon_at_adamw_lr"]["s"], "s") == [2.8, 2.85]
+    f = ce.frontier(runs, ["s"], "adamw")["s"]
+    assert f["learning_rate"] == 0.01 and f["loss"]["mean"] == pytest.approx(2.9)
+    assert f["near_best_rates"] == [0.01, 0.0178]  # 2.92 is within the best's spread 0.2
+    assert f["at_grid_edge"]
+    m = ce.frontier(runs, ["s"], "muon")["s"]
+    assert m["learning_rate"] == 0.01 and m["near_best_rates"] == [0.01]
+    at = ce.frontier(runs, ["s"], "muon", {"s": 0.01})["s"]
+    assert at["by_seed"] == {"0": 2.7, "1": 2.72}
 
 
-def test_quick_cpu_end_to_end(tmp_path):
+def test_interpolation_reads_muons_frontier_at_adamws_losses():
+    # Muon's frontier: L = 3 C^-0.1 at C = 1e8, 1e9, 1e10; AdamW's: 5% more loss
+    muon = [(c, 3 * c**-0.1) for c in (1e8, 1e9, 1e10)]
+    adamw = [(c, 1.05 * 3 * c**-0.1) for c in (1e8, 1e9, 1e10)]
+    ratios = ce.interpolated_ratios(adamw, muon)
+    assert ratios[0] is None  # AdamW's smallest loss... its largest is above Muon's range
+    assert ratios[1] == pytest.approx(1.05 ** (-1 / 0.1), rel=1e-6)  # exact on a power law
+    assert ratios[2] == pytest.approx(1.05 ** (-1 / 0.1), rel=1e-6)
+
+
+def test_fit_with_a_floor_recovers_it():
+    flops = np.geomspace(1e8, 1e12, 6)
+    fit = ce.fit_with_floor(flops, 1.2 + 4.0 * flops**-0.15)
+    assert fit["e"] == pytest.approx(1.2, abs=0.01) and fit["b"] == pytest.approx(-0.15, abs=0.01)
+    assert ce.compute_ratio(fit, fit, 1e10) == pytest.approx(1.0)
+
+
+def test_quick_cpu_end_to_end_and_resumed_from_its_ledger(tmp_path):
     results = run_experiment("compute_efficiency", tmp_path, "--quick")
     assert (tmp_path / "compute_efficiency.png").stat().st_size > 0
-    sizes, rates = list(results["sizes"]), results["learning_rates"]
-    seed0 = [r for r in results["runs"] if r["seed"] == 0]
-    assert len(seed0) == len(sizes) * len(rates) * 2
-    assert all(math.isfinite(r["eval_loss"]) for r in results["runs"])
+    sizes, runs = list(results["sizes"]), results["runs"]
+    assert len(runs) == len(sizes) * 2 * len(results["seeds"])  # one rate each, every seed
+    assert all(math.isfinite(r["final_eval_loss"]) for r in runs)
+    for r in runs:  # Muon's Newton-Schulz counted, AdamW's none
+        assert (r["optimizer_flops"] > 0) == (r["optimizer"] == "muon")
+        assert r["flops"] == r["model_flops"] + r["optimizer_flops"]
     a = results["analysis"]
-    for curve in ("adamw", "muon_at_adamw_lr", "muon"):
-        assert set(a["frontiers"][curve]) == set(sizes)
-        # every frontier point was rerun with the second seed
-        for s, p in a["frontiers"][curve].items():
-            assert len(ce.seed_losses(results["runs"], p, s)) == 2, (curve, s)
-    for s in sizes:  # a size's FLOPs: the same for every run at that size
-        assert len({r["flops"] for r in results["runs"] if r["size"] == s}) == 1
-    c = a["curves"]["muon_at_adamw_lr"]
-    assert c["seed_fits"] == 2 ** (2 * len(sizes))
-    lo, hi = c["compute_ratio_seed_range"]
-    assert lo <= c["compute_ratio_seed_median"] <= hi and lo > 0
+    for curve in ("adamw", "muon", "muon_at_adamw_lr"):
+        for p in a["frontiers"][curve].values():
+            assert sorted(p["by_seed"]) == ["0", "1"] and p["loss"]["n"] == 2
+    c = a["curves"]["muon"]
+    assert c["choices"] == 2 ** (2 * len(sizes)) and c["verdict"] in (
+        "reproduced", "not reproduced", "inconclusive")  # fmt: skip
+    lo, hi = c["compute_ratio_range"]
+    assert 0 < lo <= hi
+    # relaunched, it trains nothing: every run comes from the ledger
+    again = run_experiment("compute_efficiency", tmp_path, "--quick")
+    assert again["runs"] == runs and again["training_time_s"] == results["training_time_s"]
 
 
-def test_quick_pod_reports_each_config(tmp_path):
-    pod = run_pod_experiment("compute_efficiency", tmp_path)["pod"]
-    assert len(pod["runs"]) == 2 * len(ce.POD_QUICK)
-    for name, r in pod["runs"].items():
-        assert (
-            r["peak_bytes_per_device"] > 0 and r["run_flops"] == r["flops_per_token"] * r["tokens"]
-        )
-        assert r["model"]["first_k_dense"] == r["model"]["n_layers"], name
-        assert r["config"]["batch_size"] // r["config"]["grad_accum"] == 8  # data=8
+@pytest.mark.parametrize("scale", ["gpu", "pod"])
+def test_quick_gpu_and_pod_train_through_their_data_paths(tmp_path, scale):
+    """gpu: a BPE tokenized once into the sweep's shards; pod: 8 simulated devices."""
+    results = run_experiment("compute_efficiency", tmp_path, "--scale", scale, "--quick")
+    runs = results["runs"]
+    assert len(runs) == 8 and all(math.isfinite(r["final_eval_loss"]) for r in runs)
+    data = {tuple(r["fields"]["data"]) for r in runs}
+    if scale == "gpu":
+        assert len(data) == 1 and len(list((tmp_path / "data").iterdir())) == 1
+        assert all(r["fields"]["tokenizer"] == "bpe" for r in runs)
+    else:
+        assert results["devices"] == 8
+
+
+def test_dry_run_reports_each_config(tmp_path):
+    assert ce.main(["--scale", "pod", "--quick", "--dry-run", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())["dry_run"]
+    assert len(report) == 2 * 2  # sizes x optimizers
+    for name, r in report.items():
+        assert r["peak_bytes"] > 0 and r["model_flops"] > 0, name
+        assert r["config"]["model"]["first_k_dense"] == r["config"]["model"]["n_layers"]
+    assert not (tmp_path / "ledger.json").exists()  # nothing trained
 
 
 def test_pod_configs_are_table2():
-    configs = ce.pod_configs(False, 8, "data=8")
+    setup = ce.scale_setup("pod", quick=False, devices=8)
     for size, row in ce.PAPER["table2"].items():
-        c = configs[(size, "adamw")]
+        fields = ce.size_fields(setup, size, "pod", quick=False)
+        c = TrainConfig(**fields, learning_rate=setup["start"]["muon"][size][0])
         m = c.model_config()
         assert (m.d_model, m.n_layers, m.n_heads) == (row["hidden"], row["layers"], row["heads"])
         assert c.batch_size == row["batch"] and c.seq_len == 8192
         assert c.steps * c.batch_size * c.seq_len == pytest.approx(row["tokens"], rel=1e-3)
-        assert configs[(size, "muon")].learning_rate == c.learning_rate == row["lr"]
+        assert c.learning_rate == row["lr"] == setup["start"]["adamw"][size][0]
 
 
 def test_sweep_extends_past_an_edge():
-    assert common.next_rate({0.3: 2.3, 1.0: 2.0}) is None  # the ladder ends
-    assert common.next_rate({1e-4: 2.0, 3e-4: 2.1}) is None
-    assert common.next_rate({0.01: 2.0, 0.03: 2.1, 0.1: 2.3}) == 3e-3  # best at the low edge
-    assert common.next_rate({0.01: 2.3, 0.03: 2.1, 0.1: 2.0}) == 0.3  # at the high edge
-    assert common.next_rate({0.01: 2.3, 0.03: 2.0, 0.1: 2.1}) is None  # interior
-    assert common.next_rate({0.01: 2.3, 0.03: 2.0, 0.1: None}) is None  # 0.1 diverged
-    assert common.next_rate({0.3: 2.3, 1.0: 2.0}) is None  # the ladder ends
+    rates = sweep.ladder(1e-4, 1.0)
+    assert rates[:5] == (1e-4, 0.000178, 0.000316, 0.000562, 0.001) and rates[-1] == 1.0
+    assert sweep.next_rate({0.316: 2.3, 0.562: 2.1, 1.0: 2.0}, rates) is None  # the grid ends
+    assert sweep.next_rate({0.01: 2.0, 0.0178: 2.1, 0.0316: 2.3}, rates) == 0.00562  # low edge
+    assert sweep.next_rate({0.01: 2.3, 0.0178: 2.1, 0.0316: 2.0}, rates) == 0.0562  # high edge
+    assert sweep.next_rate({0.01: 2.3, 0.0178: 2.0, 0.0316: 2.1}, rates) is None  # inside
+    assert sweep.next_rate({0.01: 2.3, 0.0178: 2.0, 0.0316: None}, rates) is None

@@ -87,8 +87,8 @@ def test_each_process_reads_its_own_rows_and_two_make_one(shards):
     text = np.concatenate([s[:] for s in _streams(shards)[:1]])
     windows = TokenWindows(text, seq)
     assert len(windows) == len(TokenWindows(parts[0], seq))
-    e_text = eval_batches(text, seq, batch, 2)
-    e_shards = eval_batches(parts[0], seq, batch, 2)
+    e_text = eval_batches(TokenWindows(text, seq), batch, 2)
+    e_shards = eval_batches(TokenWindows(parts[0], seq), batch, 2)
     np.testing.assert_array_equal(np.stack(e_text), np.stack(e_shards))
 
 

@@ -18,7 +18,7 @@ from muonjax.models import param_counts
 from muonjax.train import TrainingStopped, read_metrics, run
 from muonjax.train.corpus import load_corpus, split_texts
 from muonjax.train.optimizers import learning_rate_schedule
-from muonjax.train.pipeline import eval_batches, train_batches
+from muonjax.train.pipeline import TokenWindows, eval_batches, train_batches
 from muonjax.train.tokenizer import tokenizer_for_run
 
 # trains, starts processes or runs an experiment: left out of make test-fast
@@ -172,17 +172,19 @@ def test_data_pipeline_is_deterministic_and_resumes_exactly():
     ]
     for b in batches[:10]:
         np.testing.assert_array_equal(np.concatenate([next(h) for h in halves]), b)
-    assert len(eval_batches(tokens, 31, 4, 3)) == 3
-    np.testing.assert_array_equal(
-        np.concatenate([eval_batches(tokens, 31, 4, 3, i, 2)[1] for i in range(2)]),
-        eval_batches(tokens, 31, 4, 3)[1],
-    )
+    windows = TokenWindows(tokens, 31)
+    for spread in (True, False):
+        assert len(eval_batches(windows, 4, 3, spread=spread)) == 3
+        np.testing.assert_array_equal(
+            np.concatenate([eval_batches(windows, 4, 3, i, 2, spread)[1] for i in range(2)]),
+            eval_batches(windows, 4, 3, spread=spread)[1],
+        )
 
 
-def test_validation_split_holds_out_the_end():
-    train_texts, validation = split_texts(("abcdefgh", "ijkl"), 0.25)
+def test_tail_split_holds_out_the_end():
+    train_texts, validation = split_texts(("abcdefgh", "ijkl"), 0.25, "tail")
     assert "".join(train_texts) == "abcdefghi" and "".join(validation) == "jkl"
-    train_texts, validation = split_texts(("abcd", "efgh"), 0.5)
+    train_texts, validation = split_texts(("abcd", "efgh"), 0.5, "tail")
     assert train_texts == ["abcd"] and validation == ["efgh"]
 
 

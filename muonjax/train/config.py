@@ -30,6 +30,8 @@ from muonjax.train.optimizers import NS_COEFFS, NS_DTYPES, OPTIMIZERS, SCHEDULES
 
 TOKENIZERS = ("byte", "bpe", "checkpoint")
 DATA_FORMATS = ("text", "sft-jsonl")
+CORPORA = ("stdlib", "python")  # --corpus: the built-in corpora (corpus.load_corpus)
+HOLDOUTS = ("documents", "tail")
 # simulated CPU devices: each is a thread pool of XLA's; far more than any real
 # mesh to simulate, and far fewer than the count at which start-up never ends
 MAX_CPU_DEVICES = 4096
@@ -43,6 +45,7 @@ RESUMABLE = frozenset(
         "log_every",
         "svd_entropy_every",  # a metric's cadence, not part of the training
         "large_logit_threshold",  # a metric's threshold, not part of the training
+        "final_eval_tokens",  # an evaluation's size, not part of the training
         "keep_checkpoints",
         "progress",
         "cpu_devices",
@@ -59,7 +62,7 @@ RESUMABLE = frozenset(
 # run directory is the run; the data's fingerprint; the source's checkpoint),
 # not how the paths are spelled, so a run can be resumed from another working
 # directory or after its folder was moved.
-LOCATIONS = frozenset({"out", "data", "init_from"})
+LOCATIONS = frozenset({"out", "data", "corpus", "init_from"})
 # Fields a resumed run may change to recover from a divergence or to extend its
 # schedule: each change is logged and recorded in config.json's "history".
 # QK-Clip too: turning it on is how a run whose attention logits blew up goes on.
@@ -68,7 +71,16 @@ RECOVERY = frozenset({"learning_rate", "decay_steps", "qk_clip"})
 INHERITED = ("preset", "model", "tokenizer", "bpe_vocab_size")
 # Fields that, with --data, make a run's token streams: `muonjax tokenize` takes them,
 # and a shards folder fixes them (a run that does not give them takes its manifest's).
-TOKENIZATION_FIELDS = ("data_format", "tokenizer", "bpe_vocab_size", "validation_fraction")
+TOKENIZATION_FIELDS = (
+    "data_format",
+    "tokenizer",
+    "bpe_vocab_size",
+    "validation_fraction",
+    "holdout",
+)
+# Values of fields whose default changed, for configs (and shards manifests) saved
+# before the field existed: an old run resumes as it was made.
+SAVED_BEFORE = {"holdout": "tail"}
 
 # ModelConfig fields with flags of their own (--dtype, --remat, --moe-dispatch,
 # --attention-kernel), which --model may not set; and the model fields a fine-tune may
@@ -194,7 +206,15 @@ class TrainConfig:
     # the data
     data: tuple[str, ...] = _field(
         (),
-        "text files, folders or globs (several allowed); default: the Python standard library's source",
+        "text files, folders or globs (several allowed); default: the built-in --corpus",
+    )
+    corpus: str = _field(
+        "stdlib",
+        "the built-in corpus when --data is not given: stdlib: the Python standard library's "
+        "source (12M characters); python: that plus every installed package's Python source "
+        "(112M characters in the project's environment; fingerprinted, and the packages' "
+        "versions recorded with the run)",
+        choices=CORPORA,
     )
     data_format: str = _field(
         "text",
@@ -211,7 +231,15 @@ class TrainConfig:
     )
     bpe_vocab_size: int = _field(1024, "vocabulary size of the BPE tokenizer")
     validation_fraction: float = _field(
-        0.02, "fraction of the text held out for evaluation (the end of the corpus)"
+        0.02, "fraction of the text (or of the SFT examples) held out for evaluation"
+    )
+    holdout: str = _field(
+        "documents",
+        "documents: whole files (SFT examples) chosen by content hash are held out, and "
+        "evaluations read windows spread over all of them (SFT: one example per row); "
+        "tail: the end of the corpus in order, evaluated on its first windows (runs made "
+        "before this flag resume so)",
+        choices=HOLDOUTS,
     )
     # fine-tuning
     init_from: str | None = _field(
@@ -226,6 +254,12 @@ class TrainConfig:
     # logging, evaluation, checkpoints
     eval_every: int = _field(50, "steps between evaluations on the held-out text")
     eval_batches: int = _field(4, "batches per evaluation (at least 1)")
+    final_eval_tokens: int = _field(
+        2**18,
+        "after the last step, the held-out loss on at least this many tokens (windows "
+        "spread over the held-out text; all of it when it holds fewer; SFT: every held-out "
+        "example), logged as final_eval_loss; 0: none",
+    )
     log_every: int = _field(10, "steps between metrics lines")
     svd_entropy_every: int = _field(
         0,
@@ -312,7 +346,7 @@ class TrainConfig:
                 getattr(self, name) >= 1,
                 f"{flag_name(name)} must be at least 1, got {getattr(self, name)}",
             )
-        for name in ("warmup_steps", "svd_entropy_every"):
+        for name in ("warmup_steps", "svd_entropy_every", "final_eval_tokens"):
             problems.check(
                 getattr(self, name) >= 0,
                 f"{flag_name(name)} must be >= 0, got {getattr(self, name)}",
@@ -389,6 +423,11 @@ class TrainConfig:
             not self.init_optimizer_state or self.init_from,
             "--init-optimizer-state needs --init-from",
         )
+        check(
+            not self.data or self.corpus == "stdlib",
+            f"--corpus {self.corpus} goes without --data: --corpus picks the built-in corpus, "
+            "--data replaces it; give one of them",
+        )
 
     def _check_finite(self, problems: _Problems) -> None:
         """Every float field is finite, whether or not it has a rule of its own."""
@@ -443,12 +482,13 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> TrainConfig:
-        """A saved config; fields added since it was saved take their defaults."""
+        """A saved config; fields added since it was saved take their defaults, or
+        the value that was implied before they existed (SAVED_BEFORE)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"config.json has unknown fields {sorted(unknown)}")
-        return cls(**data)
+        return cls(**{**SAVED_BEFORE, **data})
 
     def resume_changes(self, saved: TrainConfig) -> list[str]:
         """The fields that differ from a saved run's and may not change on resume."""

@@ -1,5 +1,6 @@
 """The text a run trains on: files, folders or globs, or by default the Python
-standard library's own source, read in a fixed order and fingerprinted; or, for
+standard library's own source (--corpus python: and every installed package's,
+python_corpus.py), read in a fixed order and fingerprinted; or, for
 fine-tuning (--data-format sft-jsonl), prompt/response examples from JSONL files.
 `tokenize` makes its training and validation token streams (which data.py trains
 on and shards.py writes)."""
@@ -18,6 +19,7 @@ import numpy as np
 
 from muonjax.train.config import TrainConfig
 from muonjax.train.errors import ConfigError
+from muonjax.train.python_corpus import distribution_files, site_dirs
 from muonjax.train.tokenizer import encode_examples, tokenizer_for_run
 
 # Left out of the default corpus: third-party code, and the test suites,
@@ -34,6 +36,8 @@ class Corpus:
     # sha256 over the files' bytes, in order: what a run computes from, not where the
     # files lie (a resumed run may spell --data differently, or the files may move)
     fingerprint: str
+    # ((name, version), ...) of the installed packages read (--corpus python), to rebuild it
+    distributions: tuple[tuple[str, str], ...] = ()
 
     def summary(self) -> dict:
         return {
@@ -42,6 +46,7 @@ class Corpus:
             "fingerprint": self.fingerprint,
             "first": self.paths[0],
             "last": self.paths[-1],
+            **({"distributions": dict(self.distributions)} if self.distributions else {}),
         }
 
 
@@ -88,15 +93,18 @@ def _decode(path: pathlib.Path, data: bytes) -> str:
         ) from None
 
 
-def _add(digest, data: bytes) -> None:
+def fingerprint_add(digest, data: bytes) -> None:
     """One file into a fingerprint: its length, then its bytes (so that where one
     file ends and the next begins counts, as it does for the token streams)."""
     digest.update(len(data).to_bytes(8, "little") + data)
 
 
-def load_corpus(patterns: tuple[str, ...] = ()) -> Corpus:
-    """Reads the corpus; user files must be non-empty UTF-8 text."""
+def load_corpus(patterns: tuple[str, ...] = (), corpus: str = "stdlib") -> Corpus:
+    """Reads the corpus: the user's files, which must be non-empty UTF-8 text, or
+    else the built-in `corpus` (config.CORPORA; python: python_corpus.py)."""
     if not patterns:
+        if corpus == "python":
+            return python_corpus()
         return _stdlib_corpus()
     digest = hashlib.sha256()
     texts, paths = [], []
@@ -104,7 +112,7 @@ def load_corpus(patterns: tuple[str, ...] = ()) -> Corpus:
         data = path.read_bytes()
         texts.append(_decode(path, data))
         paths.append(str(path))
-        _add(digest, data)
+        fingerprint_add(digest, data)
     if not any(texts):
         raise ConfigError(f"--data {' '.join(patterns)} holds no text (all files are empty)")
     return Corpus(texts=tuple(texts), paths=tuple(paths), fingerprint=digest.hexdigest())
@@ -125,25 +133,83 @@ def _stdlib_corpus() -> Corpus:
             continue
         relative = str(path.relative_to(root))
         paths.append(relative)
-        _add(digest, data)
+        fingerprint_add(digest, data)
     return Corpus(texts=tuple(texts), paths=tuple(paths), fingerprint=digest.hexdigest())
 
 
-def split_texts(texts: tuple[str, ...], validation_fraction: float) -> tuple[list[str], list[str]]:
-    """The last `validation_fraction` of the characters, in corpus order, held out."""
-    total = sum(len(t) for t in texts)
-    cut = round(total * (1 - validation_fraction))
-    train, validation, seen = [], [], 0
-    for text in texts:
+def read_python_corpus(roots: tuple[pathlib.Path, ...]) -> Corpus:
+    """The standard-library corpus followed by the distributions' files in `roots`
+    (see the module's docstring), fingerprinted over every file's bytes in order."""
+    stdlib = _stdlib_corpus()
+    digest = hashlib.sha256()
+    for text in stdlib.texts:  # UTF-8 round-trips exactly: these are the files' bytes
+        fingerprint_add(digest, text.encode("utf-8"))
+    texts, paths, versions = list(stdlib.texts), list(stdlib.paths), {}
+    for name, version, files in distribution_files(roots):
+        for relative, path in files:
+            data = path.read_bytes()
+            if b"\0" in data:
+                continue
+            try:
+                texts.append(data.decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+            paths.append(relative)
+            fingerprint_add(digest, data)
+            versions[name] = version
+    return Corpus(
+        texts=tuple(texts),
+        paths=tuple(paths),
+        fingerprint=digest.hexdigest(),
+        distributions=tuple(versions.items()),
+    )
+
+
+def python_corpus() -> Corpus:
+    """The "python" corpus of this environment, read once per process."""
+    return _read_once(site_dirs())
+
+
+@functools.cache
+def _read_once(roots: tuple[pathlib.Path, ...]) -> Corpus:
+    # the installed packages do not change under a running process; sweeps and
+    # tests start many runs
+    return read_python_corpus(roots)
+
+
+def _order(keys: list[bytes], holdout: str) -> list[int]:
+    """Corpus order for "tail"; for "documents", the order of the documents'
+    sha256 (identical documents side by side, so they fall on the same side of
+    the cut but for the one document it passes through)."""
+    order = list(range(len(keys)))
+    if holdout == "documents":
+        order.sort(key=lambda i: (hashlib.sha256(keys[i]).digest(), i))
+    return order
+
+
+def split_texts(
+    texts: tuple[str, ...], validation_fraction: float, holdout: str = "documents"
+) -> tuple[list[str], list[str]]:
+    """(training texts in corpus order, held-out texts): the last
+    `validation_fraction` of the characters in `_order` held out. "documents"
+    holds out whole files chosen by content hash, so the held-out text spreads
+    over the corpus; the one file the cut passes through gives its start to
+    training and its end to the held-out part (a corpus of one file is split so).
+    "tail" holds out the end of the corpus, as runs made before --holdout did."""
+    order = _order([t.encode() for t in texts], holdout)
+    cut = round(sum(len(t) for t in texts) * (1 - validation_fraction))
+    train, validation, seen = {}, [], 0
+    for i in order:
+        text = texts[i]
         if seen + len(text) <= cut:
-            train.append(text)
+            train[i] = text
         elif seen >= cut:
             validation.append(text)
         else:
-            train.append(text[: cut - seen])
+            train[i] = text[: cut - seen]
             validation.append(text[cut - seen :])
         seen += len(text)
-    return train, validation
+    return [train[i] for i in sorted(train)], validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,16 +272,20 @@ def load_examples(patterns: tuple[str, ...]) -> Examples:
         data = path.read_bytes()
         pairs.extend(_examples_in(path, _decode(path, data)))
         paths.append(str(path))
-        _add(digest, data)
+        fingerprint_add(digest, data)
     if not pairs:
         raise ConfigError(f"--data {' '.join(patterns)} holds no examples (every line is blank)")
     return Examples(pairs=tuple(pairs), paths=tuple(paths), fingerprint=digest.hexdigest())
 
 
-def split_examples(pairs, validation_fraction: float) -> tuple[list, list]:
-    """The last `validation_fraction` of the examples, in file order, held out."""
-    cut = round(len(pairs) * (1 - validation_fraction))
-    return list(pairs[:cut]), list(pairs[cut:])
+def split_examples(pairs, validation_fraction: float, holdout: str = "documents"):
+    """(training pairs in file order, held-out pairs): the last `validation_fraction`
+    of the examples in `_order` (by each pair's hash for "documents", file order
+    for "tail")."""
+    order = _order([json.dumps(pair).encode() for pair in pairs], holdout)
+    held = set(order[round(len(pairs) * (1 - validation_fraction)) :])
+    train = [pair for i, pair in enumerate(pairs) if i not in held]
+    return train, [pairs[i] for i in sorted(held)]
 
 
 def tokenize(config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None = None):
@@ -224,7 +294,9 @@ def tokenize(config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None
     --init-from run fine-tunes, whose BPE tokenizer it uses."""
     if config.data_format == "sft-jsonl":  # prompt tokens stored as -(id + 1): not targets
         corpus = load_examples(config.data)
-        train_pairs, validation_pairs = split_examples(corpus.pairs, config.validation_fraction)
+        train_pairs, validation_pairs = split_examples(
+            corpus.pairs, config.validation_fraction, config.holdout
+        )
         bpe_texts = [text for pair in train_pairs for text in pair]
         tokenizer = _tokenizer(config, out, bpe_texts, source)
         train, validation = (encode_examples(tokenizer, p) for p in (train_pairs, validation_pairs))
@@ -235,8 +307,10 @@ def tokenize(config: TrainConfig, out: pathlib.Path, source: pathlib.Path | None
             "validation_target_tokens": int(np.sum(validation >= 0)),
         }
     else:
-        corpus, sft = load_corpus(config.data), {}
-        train_texts, validation_texts = split_texts(corpus.texts, config.validation_fraction)
+        corpus, sft = load_corpus(config.data, config.corpus), {}
+        train_texts, validation_texts = split_texts(
+            corpus.texts, config.validation_fraction, config.holdout
+        )
         tokenizer = _tokenizer(config, out, train_texts, source)
         train, validation = (
             np.concatenate([np.zeros(0, np.uint8), *tokenizer.encode(t)])

@@ -85,7 +85,7 @@ def step_costs(config: TrainConfig, mesh: jax.sharding.Mesh) -> dict:
     update_flops = float(update["flops"])
     tokens = config.batch_size * config.seq_len
     model_flops = flops_per_token(model_config, config.seq_len) * tokens / devices
-    ns_total, ns_per_device = _newton_schulz_costs(config, program, mesh)
+    ns_total, ns_per_device = newton_schulz_costs(config, program, mesh)
     comm = hlo.collective_bytes(compiled.as_text(), devices)
     xla_cost = compiled.cost_analysis() or {}
     counts = param_counts(model_config)
@@ -190,7 +190,7 @@ def on_chip(report: dict, tpu: Slice) -> dict:
     }
 
 
-def _newton_schulz_costs(config: TrainConfig, program: Program, mesh) -> tuple[int, int]:
+def newton_schulz_costs(config: TrainConfig, program: Program, mesh) -> tuple[int, int]:
     """Newton-Schulz FLOPs of one step: over the whole model, and on the busiest
     device (0 and 0 for AdamW)."""
     if config.optimizer != "muon":

@@ -4,6 +4,7 @@ loop with logging, evaluation and checkpoints, and exact resume."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import platform
 import signal
@@ -16,7 +17,7 @@ import numpy as np
 from muonjax.models import flops_per_token, param_counts, svd_entropy_by_group
 from muonjax.models.memory import TooLarge, check_fits, is_out_of_memory
 from muonjax.parallel.mesh import format_mesh, run_mesh
-from muonjax.train import checkpoint, finetune, pipeline
+from muonjax.train import checkpoint, costs, finetune, pipeline
 from muonjax.train.config import TrainConfig
 from muonjax.train.data import RunData, load_data
 from muonjax.train.errors import EXIT_PREEMPTED, ConfigError, WriteFailed
@@ -56,8 +57,11 @@ class Summary:
     steps: int  # steps done, over all starts of the run
     loss: float | None  # last logged training loss
     eval_loss: float | None  # last evaluation
+    final_eval_loss: float | None  # the end-of-run evaluation (--final-eval-tokens)
     tokens: int  # tokens trained on, over all starts of the run
-    flops: float  # training FLOPs (model forward+backward, PaLM's count) for those tokens
+    flops: float  # training FLOPs for those tokens: model_flops + optimizer_flops
+    model_flops: float  # the model's forward and backward (PaLM's count)
+    optimizer_flops: float  # Newton-Schulz (Muon; 0 for AdamW)
     wall_time_s: float  # of this start, set-up and compilation included
     tokens_per_s: float | None  # median over logged intervals (after the first step)
     skipped_steps: int  # non-finite steps whose update was dropped
@@ -440,16 +444,27 @@ def _train_batches(prepared: _PreparedRun, skip_batches: int, log):
     return batches
 
 
-def _validation_batches(prepared: _PreparedRun) -> list:
-    """The validation batches, on the devices, for every evaluation of this start."""
+def _evaluation_batches(prepared: _PreparedRun, final: bool = False) -> list:
+    """The batches, on the devices, of every evaluation of this start; or (final)
+    of the end-of-run evaluation: --final-eval-tokens of text, or every held-out
+    SFT example."""
     config = prepared.config
+    sft = config.data_format == "sft-jsonl"
+    spread = final or config.holdout == "documents"
+    rows = pipeline.eval_rows(
+        prepared.data.validation_tokens, config.seq_len, examples=sft and spread
+    )
+    n_batches = config.eval_batches
+    if final:
+        n_tokens = len(rows) * config.seq_len if sft else config.final_eval_tokens
+        n_batches = math.ceil(n_tokens / (config.batch_size * config.seq_len))
     batches = pipeline.eval_batches(
-        prepared.data.validation_tokens,
-        config.seq_len,
+        rows,
         config.batch_size,
-        config.eval_batches,
+        n_batches,
         jax.process_index(),
         jax.process_count(),
+        spread=spread,
     )
     return [jax.make_array_from_process_local_data(prepared.program.batch, b) for b in batches]
 
@@ -481,7 +496,7 @@ def _run(config, resume, resume_from, skip_batches, signals, window, log) -> Sum
     stopped = lambda name: _stopped_in_set_up(name, start, config, resume_from, skip_batches)
     window.after_set_up(stopped)
     batches = _train_batches(prepared, skip_batches, log)
-    validation = _validation_batches(prepared)
+    validation = _evaluation_batches(prepared)
     writer = _metrics_writer(prepared, start, resume, resume_from)
     bar = _progress(config, start, enabled=prepared.lead and config.progress)
     steps = _Steps(prepared, batches, validation, writer, bar)
@@ -520,10 +535,16 @@ class _Steps:
         logged = (
             _last_logged(prepared.out) if prepared.lead and self.done == self.config.steps else {}
         )
-        self.last = {"loss": logged.get("loss"), "eval_loss": logged.get("eval_loss")}
+        self.last = {k: logged.get(k) for k in ("loss", "eval_loss", "final_eval_loss")}
         self.tokens_per_step = self.config.batch_size * self.config.seq_len
-        flops = flops_per_token(prepared.model_config, self.config.seq_len)
-        self.flops_per_step = flops * self.tokens_per_step
+        # training FLOPs of a step: the model's forward and backward (PaLM's count)
+        # and the optimizer's Newton-Schulz iterations (0 for AdamW; elementwise
+        # updates are not counted)
+        model_flops = flops_per_token(prepared.model_config, self.config.seq_len)
+        self.model_flops_per_step = model_flops * self.tokens_per_step
+        self.optimizer_flops_per_step, _ = costs.newton_schulz_costs(
+            self.config, prepared.program, prepared.program.mesh
+        )
         self.rates = []  # tokens/s of each logged interval
         self.clock, self.timed_steps = None, 0  # the interval timed since the last logged step
         self._meta = {
@@ -550,6 +571,8 @@ class _Steps:
                 _log_svd_entropy(self.writer, self.done, self.state.params)
             if self._due(config.eval_every):
                 self._evaluate()
+            if self.done == config.steps and config.final_eval_tokens:
+                self._evaluate(final=True)
             self._save_or_stop(nonfinite, signals)
 
     def finish(self) -> None:
@@ -567,13 +590,20 @@ class _Steps:
             steps=self.done,
             loss=self.last["loss"],
             eval_loss=self.last["eval_loss"],
+            final_eval_loss=self.last["final_eval_loss"],
             tokens=self.done * self.tokens_per_step,
-            flops=float(self.done * self.flops_per_step),
+            **self._flops(),
             wall_time_s=wall_time_s,
             tokens_per_s=statistics.median(self.rates) if self.rates else None,
             skipped_steps=int(self.state.skipped),
             metrics_path=str(out / METRICS_FILE),
         )
+
+    def _flops(self) -> dict[str, float]:
+        """Training FLOPs of the steps done: the model's, the optimizer's, their sum."""
+        model = float(self.done * self.model_flops_per_step)
+        optimizer = float(self.done * self.optimizer_flops_per_step)
+        return {"model_flops": model, "optimizer_flops": optimizer, "flops": model + optimizer}
 
     def _due(self, every: int) -> bool:
         """Whether the step just done is one of every `every`, or the last."""
@@ -590,7 +620,7 @@ class _Steps:
         """A metrics line: the step's metrics, tokens, FLOPs and tokens/s."""
         record = jax.device_get(metrics)
         record["tokens"] = self.done * self.tokens_per_step
-        record["flops"] = self.done * self.flops_per_step
+        record.update(self._flops())
         if self.timed_steps:
             elapsed = time.perf_counter() - self.clock
             record["tokens_per_s"] = self.tokens_per_step * self.timed_steps / elapsed
@@ -604,13 +634,18 @@ class _Steps:
             loss=f"{record['loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}"
         )
 
-    def _evaluate(self) -> None:
-        """The mean loss over the validation batches, logged."""
-        program = self.prepared.program
-        value = float(np.mean([program.eval(self.state, b) for b in self.validation]))
-        self.last["eval_loss"] = value
+    def _evaluate(self, final: bool = False) -> None:
+        """The loss over the validation batches (or the final evaluation's), logged:
+        the sum over their targets over their count."""
+        program, name = self.prepared.program, "final_eval_loss" if final else "eval_loss"
+        batches = _evaluation_batches(self.prepared, final=True) if final else self.validation
+        total, count = np.sum([np.asarray(program.eval(self.state, b)) for b in batches], axis=0)
+        record = {name: float(total / max(count, 1.0))}
+        if final:
+            record["final_eval_tokens"] = int(count)
+        self.last[name] = record[name]
         if self.writer:
-            self.writer.write(self.done, {"eval_loss": value})
+            self.writer.write(self.done, record)
 
     def _save_or_stop(self, nonfinite: int, signals: StopOnSignal) -> None:
         """The checkpoint due after this step; TrainingStopped after --max-nonfinite

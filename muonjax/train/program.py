@@ -40,7 +40,7 @@ class Program:
     shardings: TrainState  # NamedShardings of the state
     init: Any  # () -> TrainState
     step: Any  # (TrainState, tokens) -> (TrainState, metrics); donates the state
-    eval: Any  # (TrainState, tokens) -> loss
+    eval: Any  # (TrainState, tokens) -> [sum of the loss over targets, count of targets]
 
     @property
     def batch(self) -> jax.sharding.NamedSharding:

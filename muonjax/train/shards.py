@@ -33,7 +33,14 @@ import re
 import numpy as np
 
 from muonjax.files import NotRegularFile, is_plain_name, regular_file_size, written_whole
-from muonjax.train.config import DATA_FORMATS, TOKENIZATION_FIELDS, TrainConfig, flag_name
+from muonjax.train.config import (
+    DATA_FORMATS,
+    HOLDOUTS,
+    SAVED_BEFORE,
+    TOKENIZATION_FIELDS,
+    TrainConfig,
+    flag_name,
+)
 from muonjax.train.corpus import tokenize
 from muonjax.train.errors import ConfigError, WriteFailed
 
@@ -66,6 +73,9 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             f"(format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
             f"expected {FORMAT!r}); run muonjax tokenize again"
         )
+    if isinstance(manifest.get("config"), dict):  # made before a field existed: as it was
+        saved_before = {k: v for k, v in SAVED_BEFORE.items() if k in TOKENIZATION_FIELDS}
+        manifest["config"] = {**saved_before, **manifest["config"]}
     _check_schema(manifest, f"{where}: {MANIFEST}")
     return manifest
 
@@ -93,6 +103,7 @@ _CONFIG_KEYS = {  # the ranges of --bpe-vocab-size and --validation-fraction: Tr
     "tokenizer": (lambda v: v in ("byte", "bpe"), "'byte' or 'bpe'"),
     "bpe_vocab_size": _integer(1),
     "validation_fraction": (lambda v: type(v) in (int, float), "a number"),
+    "holdout": (lambda v: v in HOLDOUTS, " or ".join(map(repr, HOLDOUTS))),
 }
 _SPLIT_KEYS = {
     "tokens": _integer(0),

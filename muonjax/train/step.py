@@ -312,8 +312,10 @@ def train_step(graphdef, tx, config: TrainConfig, state: TrainState, tokens_BL, 
 
 
 def eval_loss(graphdef, state: TrainState, tokens_BL) -> jax.Array:
-    """The batch's masked mean cross-entropy (see `split_targets`)."""
-    return lm_loss(graphdef, state.params, state.rest, tokens_BL, stats=False)[0]
+    """[the sum of the batch's masked cross-entropy, its count of targets] (see
+    `split_targets`): batches with different counts average by their sums."""
+    total = lm_loss(graphdef, state.params, state.rest, tokens_BL, 1.0, stats=False)[0]
+    return jnp.stack([total, count_targets(tokens_BL)])
 
 
 def param_groups(params: Any) -> dict[str, int]:

@@ -1,0 +1,287 @@
+"""What every finding's script shares: the scale ladder and its command line,
+a ledger of training runs keyed by their config, seeds and their statistics,
+results.json, the side-by-side table row and the figures' conventions.
+
+A script describes its protocol as TrainConfig fields per run and calls
+`Ledger.train` for each: a run already in the ledger is not trained again, a
+run stopped half-way resumes from its last checkpoint, so a killed sweep
+relaunched with the same command trains only what is missing. On several
+hosts every process runs the script and trains each run on the whole mesh;
+process 0 writes."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shutil
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# The scale ladder: cpu trains here in tens of minutes; gpu, on one GPU, runs of
+# minutes each; pod, the paper's sizes on a mesh. --quick shrinks any of them to
+# toy sizes (the test suite runs gpu and pod so, on 8 simulated CPU devices).
+SCALES = ("cpu", "gpu", "pod")
+
+# Two-sided 95% critical values of Student's t by degrees of freedom (n - 1).
+_T95 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}  # fmt: skip
+
+
+def arguments(name: str, doc: str, argv=None) -> argparse.Namespace:
+    """--scale cpu|gpu|pod, --quick (toy sizes), --dry-run (the configs and their
+    memory, no training), --mesh (default: every device on data), --out (default
+    results/NAME/SCALE, or results/NAME/SCALE-quick: never committed)."""
+    first = doc.strip().splitlines()[0] if doc else None
+    parser = argparse.ArgumentParser(description=first)
+    parser.add_argument("--scale", choices=SCALES, default="cpu")
+    parser.add_argument("--quick", action="store_true", help="toy sizes, end to end in a minute")
+    parser.add_argument("--dry-run", action="store_true", help="report configs and memory only")
+    parser.add_argument("--mesh", default=None, help="the mesh runs train on (default data=all)")
+    parser.add_argument("--out", help="results folder (default: results/NAME/SCALE)")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(ROOT / "results" / name / (args.scale + ("-quick" if args.quick else "")))
+    return args
+
+
+def start_jax(devices: int = 1) -> None:
+    """For a script's `__main__`, before JAX's backend starts: `devices` simulated
+    CPU devices when there is no accelerator (a pod's mesh, simulated), none
+    skipped otherwise; and a scratch persistent compilation cache (unless
+    JAX_COMPILATION_CACHE_DIR names one), which turns the compiles a sweep
+    repeats into loads."""
+    import atexit
+    import tempfile
+
+    import jax
+
+    from muonjax.parallel.tpu import skip_absent_tpu
+
+    skip_absent_tpu()
+    jax.config.update("jax_num_cpu_devices", devices)
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if cache is None:
+        cache = tempfile.mkdtemp(prefix="muonjax-experiment-jax-cache-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+# --- the ledger ------------------------------------------------------------------------
+
+
+def run_key(config, root: pathlib.Path | None = None) -> str:
+    """The ledger's key of a run: a hash of everything its config computes from
+    (where it is written and how it reports progress left out; data inside the
+    ledger's `root` by its path relative to it, so a ledger moved or copied to
+    another machine keeps its keys)."""
+    fields = {k: v for k, v in config.to_json().items() if k not in ("out", "progress")}
+    if root is not None:
+        fields["data"] = [_relative(p, root) for p in fields["data"]]
+    return _hash(fields)
+
+
+def _relative(path: str, root: pathlib.Path) -> str:
+    inside = pathlib.Path(path).resolve().is_relative_to(root.resolve())
+    return os.path.relpath(pathlib.Path(path).resolve(), root.resolve()) if inside else path
+
+
+def _hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Ledger:
+    """OUT/ledger.json: {key: record} of every run trained, and OUT/runs/KEY/, each
+    run's directory (checkpoints, metrics.jsonl): what a relaunch resumes from."""
+
+    def __init__(self, out: str | os.PathLike, log=print):
+        import jax
+
+        self.out, self.log = pathlib.Path(out), log
+        self.path = self.out / "ledger.json"
+        self.lead = jax.process_index() == 0
+        self.records = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def train(self, fields: dict, name: str, measure=None) -> dict:
+        """The record of the run of TrainConfig `fields`: from the ledger, or
+        trained (resumed if it was stopped half-way) and recorded. `measure(run_dir,
+        summary)` adds the script's own numbers (read from the run's files) to it.
+        A run that diverges is recorded with status "diverged" and no losses."""
+        from muonjax.train import TrainConfig, TrainingStopped, run
+
+        key = run_key(TrainConfig(**fields), self.out)
+        if key in self.records:
+            return self.records[key]
+        run_dir = self.out / "runs" / key
+        config = TrainConfig(**{**fields, "out": str(run_dir), "progress": False})
+        started = time.perf_counter()
+        resume = (run_dir / "checkpoints").is_dir()
+        if not resume and run_dir.exists() and self.lead:
+            shutil.rmtree(run_dir)  # stopped before its first checkpoint: start again
+        try:
+            summary = run(config, resume=resume, log=lambda *_: None)
+        except TrainingStopped:
+            record = {"status": "diverged", "final_eval_loss": None, "eval_loss": None}
+        else:
+            record = {"status": "done", **_numbers(summary)}
+            if measure is not None:
+                record.update(measure(run_dir, summary))
+        record.update(name=name, key=key, fields=fields, resumed=resume,
+                      wall_time_s=time.perf_counter() - started)  # fmt: skip
+        self.records[key] = record
+        if self.lead:
+            write_json(self.path, self.records)
+        loss = record["final_eval_loss"]
+        self.log(f"{name}: {'diverged' if loss is None else f'{loss:.4f}'} "
+                 f"({record['wall_time_s']:.0f} s{', resumed' if resume else ''})")  # fmt: skip
+        return record
+
+    def tokenized(self, fields: dict) -> dict:
+        """`fields` reading their text from shards written once into OUT/data/KEY
+        (`muonjax tokenize`), so that a sweep tokenizes (and trains its BPE) once,
+        not once per run."""
+        from muonjax.train import TrainConfig
+        from muonjax.train.config import TOKENIZATION_FIELDS
+        from muonjax.train.shards import write_shards
+
+        config = TrainConfig(**fields)
+        making = {k: getattr(config, k) for k in ("data", "corpus", *TOKENIZATION_FIELDS)}
+        folder = self.out / "data" / _hash(making)
+        if self.lead and not folder.exists():
+            write_shards(config, folder, log=self.log)
+        _wait_for_lead("muonjax_sweep_tokenized")
+        return {**{k: v for k, v in fields.items() if k != "corpus"}, "data": (str(folder),)}
+
+
+def _wait_for_lead(name: str) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _numbers(summary) -> dict:
+    keys = ("final_eval_loss", "eval_loss", "loss", "flops", "model_flops", "optimizer_flops",
+            "tokens", "steps", "tokens_per_s")  # fmt: skip
+    return {k: getattr(summary, k) for k in keys}
+
+
+def write_json(path: pathlib.Path, data) -> None:
+    """Written whole: to a temporary file, then renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+# --- seeds -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A mean over seeds (or of paired differences) with its spread."""
+
+    mean: float
+    std: float  # sample standard deviation (0 for one value)
+    n: int
+    half_width: float  # of the 95% confidence interval (Student's t); inf for one value
+    values: tuple[float, ...]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        if self.n < 2:
+            return f"{self.mean:+.4f} (1 seed)"
+        return f"{self.mean:+.4f} ± {self.half_width:.4f} (n={self.n})"
+
+
+def estimate(values) -> Estimate:
+    values = tuple(float(v) for v in values)
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = _t95(n - 1) * std / math.sqrt(n) if n > 1 else math.inf
+    return Estimate(mean, std, n, half, values)
+
+
+def _t95(df: int) -> float:
+    return _T95[max(d for d in _T95 if d <= df)] if df < 30 else 1.96
+
+
+def paired(a: dict, b: dict) -> Estimate:
+    """a - b over the seeds both have ({seed: value})."""
+    seeds = sorted(set(a) & set(b))
+    return estimate(a[s] - b[s] for s in seeds)
+
+
+def verdict(difference: Estimate, paper_sign: int) -> str:
+    """reproduced: the 95% interval of the difference lies on the paper's side of
+    0 (`paper_sign` +1 or -1); not reproduced: on the other side; else inconclusive."""
+    if difference.n < 2:
+        return "inconclusive"
+    lo, hi = difference.mean - difference.half_width, difference.mean + difference.half_width
+    if lo > 0 or hi < 0:
+        return "reproduced" if (lo > 0) == (paper_sign > 0) else "not reproduced"
+    return "inconclusive"
+
+
+# --- results, tables, figures ------------------------------------------------------------
+
+
+def write_results(out: str | os.PathLike, results: dict) -> pathlib.Path:
+    """OUT/results.json, with the scale and the time it was written."""
+    path = pathlib.Path(out) / "results.json"
+    write_json(path, {**results, "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return path
+
+
+def table_row(*cells) -> str:
+    """A markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def error_bars(ax, xs, estimates, label=None, **style):
+    """Means with 95% intervals over seeds (a point without an interval for one seed)."""
+    ys = [e.mean for e in estimates]
+    spans = [0.0 if e.n < 2 else e.half_width for e in estimates]
+    return ax.errorbar(xs, ys, yerr=spans, label=label, **{"capsize": 3, "marker": "o", **style})
+
+
+def paper_line(ax, value: float, label: str = "paper", horizontal: bool = True):
+    """The paper's value as a dashed reference line."""
+    draw = ax.axhline if horizontal else ax.axvline
+    return draw(value, color="0.4", linestyle="--", linewidth=1, label=label)
+
+
+# --- learning-rate grids -----------------------------------------------------------------
+
+
+def ladder(lo: float, hi: float, per_decade: int = 4) -> tuple[float, ...]:
+    """Learning rates 10^(k / per_decade) from `lo` to `hi`, to 3 significant digits."""
+    k0, k1 = round(math.log10(lo) * per_decade), round(math.log10(hi) * per_decade)
+    return tuple(float(f"{10 ** (k / per_decade):.3g}") for k in range(k0, k1 + 1))
+
+
+def next_rate(losses: dict, rates: tuple[float, ...]) -> float | None:
+    """The next rate of a sweep on the grid `rates` ({rate: loss, None if it
+    diverged}): one step beyond the best when the best is at the edge of those
+    tried (and the grid goes on), else None: the best is inside."""
+    done = {lr: v for lr, v in losses.items() if v is not None}
+    if not done:
+        return None
+    best, tried = min(done, key=done.get), sorted(losses)
+    i = rates.index(best)
+    if best == tried[0] and i > 0:
+        return rates[i - 1]
+    if best == tried[-1] and i + 1 < len(rates):
+        return rates[i + 1]
+    return None

@@ -418,24 +418,14 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
 # --- main --------------------------------------------------------------------------------
 
 
-def dry_run(args, setup: dict) -> dict:
-    """The configs of the scale with their parameters, FLOPs and per-device peak memory."""
-    from muonjax.parallel.mesh import run_mesh
+def configs(args, setup: dict) -> dict:
+    """Each size's TrainConfig per optimizer at its first rate (for --dry-run)."""
     from muonjax.train import TrainConfig
-    from muonjax.train.costs import step_costs
 
-    report = {}
-    for size in setup["sizes"]:
-        for optimizer in OPTIMIZERS:
-            fields = dict(size_fields(setup, size, args.scale, args.quick), optimizer=optimizer,
-                          learning_rate=_start_rates(setup, optimizer, size)[0], mesh=args.mesh)  # fmt: skip
-            config = TrainConfig(**fields)
-            mesh = run_mesh(config.mesh, config.batch_size, config.grad_accum)
-            costs = step_costs(config.replace(tokenizer="byte"), mesh)
-            report[f"{size}-{optimizer}"] = {"config": config.to_json(), **costs}
-            print(f"{size} {optimizer}: {costs['peak_bytes'] / 2**30:.2f} GiB/device, "
-                  f"{config.steps} steps x {config.batch_size} x {config.seq_len}", flush=True)  # fmt: skip
-    return report
+    return {f"{size}-{opt}": TrainConfig(**size_fields(setup, size, args.scale, args.quick),
+                                         optimizer=opt, mesh=args.mesh,
+                                         learning_rate=_start_rates(setup, opt, size)[0])
+            for size in setup["sizes"] for opt in OPTIMIZERS}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -446,7 +436,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     if args.dry_run:
         path = sweep.write_results(args.out, {"scale": args.scale, "quick": args.quick,
-                                              "dry_run": dry_run(args, setup)})  # fmt: skip
+                                              "dry_run": sweep.dry_run(configs(args, setup))})  # fmt: skip
         print(f"wrote {path}")
         return 0
     ledger = sweep.Ledger(args.out)

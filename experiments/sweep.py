@@ -182,6 +182,22 @@ def write_json(path: pathlib.Path, data) -> None:
     tmp.replace(path)
 
 
+def dry_run(configs: dict) -> dict:
+    """{name: TrainConfig} -> {name: its config, parameters, FLOPs and per-device
+    memory (muonjax.train.costs.step_costs, compiled from shapes; nothing trains)}."""
+    from muonjax.parallel.mesh import run_mesh
+    from muonjax.train.costs import step_costs
+
+    report = {}
+    for name, config in configs.items():
+        mesh = run_mesh(config.mesh, config.batch_size, config.grad_accum)
+        costs = step_costs(config.replace(tokenizer="byte"), mesh)  # shapes: no BPE to train
+        report[name] = {"config": config.to_json(), **costs}
+        print(f"{name}: {costs['peak_bytes'] / 2**30:.2f} GiB/device, {config.steps} steps x "
+              f"{config.batch_size} x {config.seq_len}", flush=True)  # fmt: skip
+    return report
+
+
 # --- seeds -----------------------------------------------------------------------------
 
 

@@ -72,12 +72,13 @@ def main():
     for name, (summary, metrics) in runs.items():
         steps = [r for r in metrics if "loss" in r]
         print(
-            f"{name:10s} {np.mean([r['loss'] for r in steps[-5:]]):10.3f} {summary.eval_loss:10.3f} "
+            f"{name:10s} {np.mean([r['loss'] for r in steps[-5:]]):10.3f} {summary.final_eval_loss:10.3f} "
             f"{summary.tokens_per_s:9.0f} {per_lr(steps, 'update_rms_muon'):26.3f} "
             f"{per_lr(steps, 'update_rms_adamw'):12.3f}"
         )
     print(
-        "\ntrain loss: mean of the last 5 logged steps; eval loss: held-out end of the corpus.\n"
+        "\ntrain loss: mean of the last 5 logged steps; eval loss: the end-of-run evaluation on "
+        "2^18 tokens\nspread over the held-out files (2% of the corpus, chosen by content hash).\n"
         "muon group: hidden matrices (Muon under the Moonlight recipe); adamw group: embedding, LM head, norms."
     )
     plot = _plot(runs, out / "loss.png", args)

@@ -14,7 +14,7 @@ import pytest
 
 from muonjax.parallel.mesh import make_mesh, parse_mesh
 from muonjax.train import ConfigError, TrainConfig, read_metrics, run, step
-from muonjax.train.corpus import load_examples, stdlib_files
+from muonjax.train.corpus import load_examples, split_examples, stdlib_files
 from muonjax.train.finetune import inherit_from_source, initial_state, load_source
 from muonjax.train.loop import load_data
 from muonjax.train.pipeline import TokenWindows, train_batches
@@ -118,8 +118,9 @@ def test_sft_data_splits_by_example(tmp_path, sft_file):
     assert len(d["fingerprint"]) == 64
     # every example: prompt (negative) "Q: a+b=", then " sum" and the end byte
     pairs = load_examples((sft_file,)).pairs
-    want = encode_examples(ByteTokenizer(), pairs[270:])
-    np.testing.assert_array_equal(data.validation_tokens, want)
+    held = split_examples(pairs, 0.1)[1]  # by each pair's hash (--holdout documents)
+    assert len(held) == 30 and held != list(pairs[270:])
+    np.testing.assert_array_equal(data.validation_tokens, encode_examples(ByteTokenizer(), held))
     assert np.sum(data.train_tokens == 0xFF) == 270
     # with --tokenizer bpe, the BPE is trained on the training prompts and responses
     bpe = load_data(config.replace(tokenizer="bpe", bpe_vocab_size=300), tmp_path / "x")

@@ -1,568 +1,393 @@
-"""Update RMS: Table 1 and Table 8 of "Muon is Scalable for LLM Training".
+"""Update RMS: Table 1 and Table 8 of "Muon is Scalable for LLM Training" (Sec. 3.1, App.).
 
-    python experiments/update_rms.py                 # --scale cpu: 10 runs, ~17 min on 2 cores
-    python experiments/update_rms.py --quick         # toy sizes, end to end in seconds
-    python experiments/update_rms.py --scale pod [--mesh data=8]   # build + inspect, no training
+    python experiments/update_rms.py [--scale cpu|gpu|pod] [--quick] [--dry-run]
 
-First AdamW with learning rates 3e-3, 1e-2, 3e-2 (weight decay 0.1, betas
-0.9 / 0.95); every Muon run then uses AdamW's best rate, the paper's protocol
-(its RMS matching lets Muon reuse AdamW's tuned learning rate and decay).
+Dense models, MLP [H, 4H] (the paper's Table 1), full MHA, weight decay 0.1.
+AdamW's rate (betas 0.9 / 0.95) first: a quarter-decade grid from three rates,
+extended while the best is at an edge, on SEEDS, chosen on seed means of
+final_eval_loss. Table 1 at that rate on TABLE1_SEEDS: AdamW and Muon's rules
+Baseline (hidden, Eq. 5: 0.2 sqrt(H) O), Update Norm (update_norm, Eq. 6: 0.2 O
+/ RMS(O)), Adjusted LR (moonlight, Eq. 7: 0.2 sqrt(max(A, B)) O), with weight
+RMS per matrix group and the last step's update RMS from the last two
+checkpoints, U = -(W_N - W_{N-1}) / lr - wd W_{N-1}. Verdicts on paired
+differences over seeds: Baseline - Update Norm > 0, Baseline - Adjusted LR > 0
+(paper: +0.023 each);
+RMS matching (Sec. 2.2, AdamW's "0.2 to 0.4"): per seed m = max over groups of
+|ln(U_AdjustedLR / U_AdamW)|, reproduced when the 95% interval of ln 2 - m is
+above 0 (all within a factor 2, the width of the paper's range), not when below.
+Table 8: Adjusted LR over learning rate (three quarter-decade rates around
+AdamW's, extended to MAX_RATES while a scale's best is at an edge) x rms_scale
+0.05-0.8, on SEEDS. rms_scale multiplies the hidden matrices' update as the rate
+does, so at one rate (the paper's table; this script before) it is a Muon
+learning-rate sweep in disguise: each scale is judged at its own best rate, and
+the best products lr x rms_scale are compared (equal products: only the AdamW-
+trained embeddings, head and norms tell scales apart). "0.2 is near-best": 0.2's
+loss minus the best scale's (paired, each at its best rate) below NEAR_BEST x
+0.2's loss with 95% confidence (paper: 0.4 beats it by 0.3%); not when above.
 
-Part A (Table 1, Sec. 3.1): Muon with the three update-scale rules at that
-learning rate and weight decay 0.1 --
-  Baseline     (Eq. 5)  W -= lr (0.2 sqrt(H) O + wd W),          H = d_model
-  Update Norm  (Eq. 6)  W -= lr (0.2 O / RMS(O) + wd W)
-  Adjusted LR  (Eq. 7)  W -= lr (0.2 sqrt(max(A, B)) O + wd W)
-on a dense model whose MLP matrices are [H, 4H] (SwiGLU gate/up D x 4D, down
-4D x D; the paper swapped in a plain 2-layer MLP of the same shape), so that
-Baseline's MLP update RMS is half the others'. Reported: eval loss, the weight
-RMS of every matrix group (the paper shows AttnQ [H, H] and MLP [H, 4H]) and the
-update RMS of the last step per group, measured from the last two checkpoints:
-  U = -(W_N - W_{N-1}) / lr_N - wd W_{N-1}     (the scaled O, or AdamW's step)
-
-Part B (Table 8, App.): Adjusted LR with rms_scale 0.05 .. 0.8 (0.2 is Part
-A's run) against AdamW at the same (its best) learning rate: train/eval loss, AttnQ and MLP
-weight RMS.
-
-Writes results/update_rms/results.json (every number, the configs, the paper's
-numbers, wall times) and update_rms.png; prints both tables beside the paper's.
---scale pod builds the paper's configs (Table 2's 822M row, dense, MLP [H, 4H])
-and reports parameters, FLOPs and `inspect`'s per-device peak memory on --mesh.
+cpu: byte-level stdlib, d48 x 2, 301 steps of 16 x 128: 44-68 runs (as the
+grids extend) of ~35 s (~55 s of CPU time), 30-40 min on 2 idle cores. gpu:
+python corpus, BPE 8192, bfloat16, d256 x 6, 2001 steps of 64 x 512 (Table 8's
+2k; 1.6 TFLOP a step, about a minute a run on an H100: estimated, not run).
+pod: Table 2's 822M made dense, 160 x 8K (micro-batches of a sequence a device,
+full remat), 4B tokens of a 20B-token schedule (Table 1's; Table 8's too),
+AdamW at Table 2's 8.825e-4, Table 8 on one seed (its verdict inconclusive).
+The ledger (OUT/ledger.json, OUT/runs/) makes every sweep resumable.
 """
 
 from __future__ import annotations
 
 import math
 import pathlib
-import sys
-import tempfile
+import sysconfig
 import time
 
+import common
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402
+import sweep
 
 NAME = "update_rms"
-
-RULES = {  # update_scale -> the paper's name (Table 1)
-    "hidden": "Baseline",
-    "update_norm": "Update Norm",
-    "moonlight": "Adjusted LR",
-}
+RULES = {"hidden": "Baseline", "update_norm": "Update Norm", "moonlight": "Adjusted LR"}
 RMS_SCALES = (0.05, 0.1, 0.2, 0.4, 0.8)
-QUICK_RMS_SCALES = (0.2, 0.8)  # --quick: Part A's 0.2 and one more, for the scale check
-ADAMW_LEARNING_RATES = (3e-3, 1e-2, 3e-2)  # AdamW's sweep; every Muon run uses its best
-
+SEEDS, TABLE1_SEEDS = (0, 1), (0, 1, 2)
+MAX_RATES = 5  # per rms_scale in Table 8 (and AdamW's sweep)
+NEAR_BEST = 0.005  # Table 8: "near-best" = within 0.5% of the best scale's loss
+MATCH_FACTOR = 2.0  # RMS matching: every group's update RMS within 2x AdamW's
+RATES = sweep.ladder(1e-5, 1.0)
+_KEYS = ("train_loss", "eval_loss", "AttnQ_weight_rms", "Dense_weight_rms")
 PAPER = {
-    "table1": {  # 800M model, 4B of a 20B-token schedule, MLP [H, 4H]
-        "Baseline": {
-            "train_loss": 2.734,
-            "eval_loss": 2.812,
-            "AttnQ_weight_rms": 3.586e-2,
-            "Dense_weight_rms": 2.52e-2,
-        },
-        "Update Norm": {
-            "train_loss": 2.72,
-            "eval_loss": 2.789,
-            "AttnQ_weight_rms": 4.918e-2,
-            "Dense_weight_rms": 5.01e-2,
-        },
-        "Adjusted LR": {
-            "train_loss": 2.721,
-            "eval_loss": 2.789,
-            "AttnQ_weight_rms": 3.496e-2,
-            "Dense_weight_rms": 4.89e-2,
-        },
-    },
-    "table8": {  # "small-scale models", 2k steps (about 2B tokens)
-        "AdamW": {
-            "train_loss": 3.512,
-            "eval_loss": 3.679,
-            "AttnQ_weight_rms": 1.01e-2,
-            "Dense_weight_rms": 1.25e-2,
-        },
-        "0.05": {
-            "train_loss": 3.355,
-            "eval_loss": 3.503,
-            "AttnQ_weight_rms": 5.74e-3,
-            "Dense_weight_rms": 8.01e-3,
-        },
-        "0.1": {
-            "train_loss": 3.239,
-            "eval_loss": 3.374,
-            "AttnQ_weight_rms": 8.44e-3,
-            "Dense_weight_rms": 1.27e-2,
-        },
-        "0.2": {
-            "train_loss": 3.198,
-            "eval_loss": 3.325,
-            "AttnQ_weight_rms": 1.57e-2,
-            "Dense_weight_rms": 2.35e-2,
-        },
-        "0.4": {
-            "train_loss": 3.199,
-            "eval_loss": 3.314,
-            "AttnQ_weight_rms": 2.95e-2,
-            "Dense_weight_rms": 4.51e-2,
-        },
-        "0.8": {
-            "train_loss": 3.386,
-            "eval_loss": 3.543,
-            "AttnQ_weight_rms": 7.23e-2,
-            "Dense_weight_rms": 8.73e-2,
-        },
-    },
-}
+    "table1": {k: dict(zip(_KEYS, v)) for k, v in {  # 800M, 4B of 20B tokens, MLP [H, 4H]
+        "Baseline": (2.734, 2.812, 3.586e-2, 2.52e-2),
+        "Update Norm": (2.72, 2.789, 4.918e-2, 5.01e-2),
+        "Adjusted LR": (2.721, 2.789, 3.496e-2, 4.89e-2)}.items()},
+    "table8": {k: dict(zip(_KEYS, v)) for k, v in {  # "small-scale models", 2k steps, one rate
+        "AdamW": (3.512, 3.679, 1.01e-2, 1.25e-2), "0.05": (3.355, 3.503, 5.74e-3, 8.01e-3),
+        "0.1": (3.239, 3.374, 8.44e-3, 1.27e-2), "0.2": (3.198, 3.325, 1.57e-2, 2.35e-2),
+        "0.4": (3.199, 3.314, 2.95e-2, 4.51e-2), "0.8": (3.386, 3.543, 7.23e-2, 8.73e-2)}.items()},
+    "adamw_update_rms": (0.2, 0.4),  # Sec. 2.2: "typically ... 0.2 to 0.4"
+    "claims": ["Table 1: Update Norm and Adjusted LR beat Baseline (eval loss 2.789 vs 2.812)",
+               "Sec. 2.2: Adjusted LR's rms_scale 0.2 matches AdamW's update RMS (0.2-0.4)",
+               "Table 8: rms_scale 0.2 is near-best (0.4: -0.011; 0.05, 0.1, 0.8: +0.05-0.23)"],
+}  # fmt: skip
 
 
-def rms_scales(quick: bool = False) -> tuple[float, ...]:
-    return QUICK_RMS_SCALES if quick else RMS_SCALES
+def _dense(d: int, layers: int, heads: int) -> dict:
+    return dict(d_model=d, n_layers=layers, first_k_dense=layers, n_heads=heads,
+                attention="mha", head_dim=d // heads, intermediate_size=4 * d)  # fmt: skip
 
 
-def settings(quick: bool = False) -> dict[str, dict]:
-    """name -> the TrainConfig fields that make it; 8 runs, 5 with --quick
-    (Adjusted LR at 0.2 is both Table 1's third row and Table 8's 0.2 column)."""
-    runs = {
-        f"muon-{rule}": dict(optimizer="muon", update_scale=rule, rms_scale=0.2) for rule in RULES
-    }
-    for scale in rms_scales(quick):
-        if scale != 0.2:
-            runs[f"muon-rms{scale}"] = dict(
-                optimizer="muon", update_scale="moonlight", rms_scale=scale
-            )
-    runs["adamw"] = dict(optimizer="adamw")
-    return runs
-
-
-def table1_rows() -> dict[str, str]:  # paper row -> our setting
-    return {paper: f"muon-{rule}" for rule, paper in RULES.items()}
-
-
-def table8_columns(quick: bool = False) -> dict[str, str]:  # paper column -> our setting
-    columns = {"AdamW": "adamw"}
-    for scale in rms_scales(quick):
-        columns[str(scale)] = "muon-moonlight" if scale == 0.2 else f"muon-rms{scale}"
-    return columns
-
-
-# --- scale cpu: train -------------------------------------------------------------------
-
-
-def cpu_base(quick: bool) -> dict:
-    """The shared TrainConfig fields of the CPU runs. A dense model (every layer
-    dense) with MLP width 4 d_model and full MHA (q_proj [D, D]), byte-level on
-    the Python standard library's source."""
+def scale_setup(scale: str, quick: bool, devices: int) -> dict:
+    """Shared TrainConfig fields (steps = 4k + 1: checkpoints every k keep N-1 and
+    N), AdamW's first rates, rms_scales, Table 8's rate offsets, seeds, extend."""
     if quick:
-        model = dict(
-            d_model=32,
-            n_layers=1,
-            first_k_dense=1,
-            intermediate_size=128,
-            n_heads=2,
-            attention="mha",
-            head_dim=16,
-        )
-        return dict(
-            preset="tiny",
-            model=model,
-            steps=4,
-            batch_size=8,
-            seq_len=32,
-            learning_rate=3e-3,
-            weight_decay=0.1,
-            warmup_steps=1,
-            eval_batches=1,
-        )
-    model = dict(
-        d_model=128,
-        n_layers=4,
-        first_k_dense=4,
-        intermediate_size=512,
-        n_heads=4,
-        attention="mha",
-        head_dim=32,
-    )
-    return dict(
-        preset="tiny",
-        model=model,
-        steps=240,
-        batch_size=16,
-        seq_len=128,
-        learning_rate=3e-3,
-        weight_decay=0.1,
-        warmup_steps=15,
-        eval_batches=8,
-    )
+        data = (str(pathlib.Path(sysconfig.get_paths()["stdlib"]) / "json"),)
+        base = dict(model=_dense(32, 1, 2), batch_size=max(8, devices), seq_len=32, steps=5,
+                    warmup_steps=1, eval_batches=1, final_eval_tokens=2048, data=data,
+                    validation_fraction=0.1)  # fmt: skip
+        if scale == "gpu":  # its data path: a BPE over the sweep's shards
+            base.update(tokenizer="bpe", bpe_vocab_size=320, dtype="bfloat16")
+        if scale != "cpu":  # gpu, pod: their data path and mesh, not statistics: 4 runs
+            return dict(base=base, adamw=(0.01,), scales=(0.2,), offsets=(0,), seeds=(0,),
+                        table1_seeds=(0,), extend=False)  # fmt: skip
+        return dict(base=base, adamw=(0.01,), scales=(0.2, 0.8), offsets=(0, 1), seeds=SEEDS,
+                    table1_seeds=SEEDS, extend=False)  # fmt: skip
+    setup = dict(scales=RMS_SCALES, offsets=(-1, 0, 1), seeds=SEEDS, table1_seeds=TABLE1_SEEDS,
+                 extend=True)  # fmt: skip
+    if scale == "cpu":
+        base = dict(model=_dense(48, 2, 3), batch_size=16, seq_len=128, steps=301,
+                    warmup_steps=20, eval_batches=8)  # fmt: skip
+        return dict(setup, base=base, adamw=(0.01, 0.0178, 0.0316))
+    bpe = dict(corpus="python", tokenizer="bpe", dtype="bfloat16")
+    if scale == "gpu":
+        base = dict(model=_dense(256, 6, 4), batch_size=64, seq_len=512, steps=2001,
+                    warmup_steps=200, eval_batches=8, bpe_vocab_size=8192, **bpe)  # fmt: skip
+        return dict(setup, base=base, adamw=(3.16e-3, 5.62e-3, 0.01))
+    base = dict(model=_dense(2048, 16, 16), batch_size=160, seq_len=8192, steps=3053,
+                decay_steps=15259, warmup_steps=500, bpe_vocab_size=32768, remat="full",
+                grad_accum=160 // math.gcd(160, devices), **bpe)  # fmt: skip
+    return dict(setup, base=base, adamw=(8.825e-4,), seeds=(0,), extend=False)
+
+
+def fields_of(setup: dict, mesh) -> dict:
+    n = setup["base"]["steps"]
+    return dict(setup["base"], preset="tiny", weight_decay=0.1, eval_every=n, mesh=mesh,
+                checkpoint_every=(n - 1) // (4 if n > 9 else 1), keep_checkpoints=2,
+                log_every=max(n // 20, 1))  # fmt: skip
+
+
+def rate_grid(best: float) -> tuple[float, ...]:
+    """The quarter-decade ladder through `best`: RATES, or one of its own."""
+    own = tuple(float(f"{best * 10 ** (k / 4):.4g}") for k in range(-8, 9))
+    return RATES if best in RATES else own
 
 
 def rms(arrays) -> float:
-    """RMS over every entry of a list of arrays."""
-    squares = sum(float(np.sum(np.square(np.asarray(a, np.float64)))) for a in arrays)
-    return math.sqrt(squares / sum(np.size(a) for a in arrays))
+    return float(np.sqrt(np.mean(np.concatenate([np.ravel(a) for a in arrays]) ** 2)))
 
 
-def group_rms(params) -> dict[str, float]:
-    return {g: rms(leaves) for g, leaves in common.leaves_by_group(params).items()}
+def measure(fields: dict):
+    """The ledger's `measure`: per group, the weight RMS at the end and the RMS of
+    the last update U (Muon's scaled O, AdamW's m / sqrt(v): W -= lr (U + wd W))."""
+
+    def read(run_dir, summary) -> dict:
+        from muonjax.train import TrainConfig
+        from muonjax.train.optimizers import learning_rate_schedule
+
+        config, n = TrainConfig(**fields), summary.steps
+        lr = float(learning_rate_schedule(config)(n - 1))  # the last update's count is N-1
+        old, new = (common.leaves_by_group(common.params_at(run_dir, k)) for k in (n - 1, n))
+        f64, wd = lambda x: np.asarray(x, np.float64), config.weight_decay
+        update = {g: rms([(f64(a) - f64(b)) / lr - wd * f64(a) for a, b in zip(old[g], new[g])])
+                  for g in old}  # fmt: skip
+        return {"weight_rms": {g: rms(leaves) for g, leaves in new.items()},
+                "update_rms": None if summary.skipped_steps else update}  # fmt: skip
+
+    return read
 
 
-def update_rms(before, after, lr: float, wd: float) -> dict[str, float]:
-    """Per group, the RMS of the last step's update before the learning rate and
-    the decay: U = -(W_N - W_{N-1}) / lr - wd W_{N-1} (Muon's scaled O, AdamW's
-    m/sqrt(v)); both optimizers apply W -= lr (U + wd W)."""
-    old, new = common.leaves_by_group(before), common.leaves_by_group(after)
-    out = {}
-    for group in old:
-        steps = [
-            -(np.asarray(b, np.float64) - np.asarray(a, np.float64)) / lr
-            - wd * np.asarray(a, np.float64)
-            for a, b in zip(old[group], new[group], strict=True)
-        ]
-        out[group] = rms(steps)
+def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> tuple[dict, float]:
+    """Every run of the protocol (module docstring), and AdamW's rate."""
+    runs, base = {}, fields_of(setup, args.mesh)
+
+    def train(seeds, lr, optimizer="muon", rule=None, rms_scale=None):
+        for seed in seeds:
+            fields = dict(base, optimizer=optimizer, learning_rate=lr, seed=seed)
+            if optimizer == "muon":
+                fields.update(update_scale=rule, rms_scale=rms_scale)
+            if fields.get("tokenizer") == "bpe":
+                fields = ledger.tokenized(fields)
+            what = "adamw" if rule is None else f"muon {rule} rms {rms_scale:g}"
+            r = ledger.train(fields, f"{what} lr {lr:g} seed {seed}", measure(fields))
+            tags = dict(optimizer=optimizer, rule=rule, rms_scale=rms_scale, seed=seed)
+            runs[r["key"]] = dict(r, learning_rate=lr, **tags)
+
+    def tune(rates, grid, **tags):
+        for lr in rates:
+            train(setup["seeds"], lr, **tags)
+        while setup["extend"] and len(rates) < MAX_RATES:
+            lr = sweep.next_rate(best_rate(runs.values(), setup["seeds"], **tags)[1], grid)
+            if lr is None:
+                break
+            rates = (*rates, lr)
+            train(setup["seeds"], lr, **tags)
+
+    tune(setup["adamw"], RATES, optimizer="adamw")
+    lr = best_rate(runs.values(), setup["seeds"], optimizer="adamw")[0]
+    train(setup["table1_seeds"], lr, optimizer="adamw")
+    for rule in RULES:
+        train(setup["table1_seeds"], lr, rule=rule, rms_scale=0.2)
+    grid = rate_grid(lr)
+    for scale in setup["scales"]:
+        start = tuple(grid[grid.index(lr) + k] for k in setup["offsets"])
+        tune(start, grid, optimizer="muon", rule="moonlight", rms_scale=scale)
+    return runs, lr
+
+
+def seeds_of(runs, **match) -> dict:
+    """{seed: run} of the finished runs whose tags match."""
+    return {r["seed"]: r for r in runs if r["final_eval_loss"] is not None
+            and all(r.get(k) == v for k, v in match.items())}  # fmt: skip
+
+
+def best_rate(runs, seeds, **match) -> tuple[float | None, dict]:
+    """The rate with the best seed mean over `seeds`, and {rate: mean, None when a
+    seed diverged or is missing}."""
+    runs = [r for r in runs if all(r.get(k) == v for k, v in match.items())]
+    means = {}
+    for lr in sorted({r["learning_rate"] for r in runs}):
+        done = seeds_of(runs, learning_rate=lr)
+        ok = set(seeds) <= set(done)
+        means[lr] = float(np.mean([done[s]["final_eval_loss"] for s in seeds])) if ok else None
+    finished = {lr: m for lr, m in means.items() if m is not None}
+    return (min(finished, key=finished.get) if finished else None), means
+
+
+def _losses(by_seed: dict) -> dict:
+    return {s: r["final_eval_loss"] for s, r in by_seed.items()}
+
+
+def _group_means(by_seed: dict, key: str) -> dict:
+    values = [r[key] for r in by_seed.values() if r.get(key)]
+    return {g: float(np.mean([v[g] for v in values])) for g in values[0]} if values else {}
+
+
+def table1(runs: list, lr: float) -> dict:
+    rows = {"AdamW": seeds_of(runs, optimizer="adamw", learning_rate=lr)}
+    for rule, name in RULES.items():
+        rows[name] = seeds_of(runs, rule=rule, rms_scale=0.2, learning_rate=lr)
+    out = {"rows": {name: {"loss": sweep.estimate(_losses(s).values()).to_json(),
+                           "by_seed": _losses(s), "weight_rms": _group_means(s, "weight_rms"),
+                           "update_rms": _group_means(s, "update_rms")}
+                    for name, s in rows.items()}, "differences": {}}  # fmt: skip
+    for a, b, sign in (("Baseline", "Update Norm", 1), ("Baseline", "Adjusted LR", 1),
+                       ("Update Norm", "Adjusted LR", 0)):  # fmt: skip
+        d = sweep.paired(_losses(rows[a]), _losses(rows[b]))
+        out["differences"][f"{a} - {b}"] = {"estimate": d.to_json(), "paper": round(
+            PAPER["table1"][a]["eval_loss"] - PAPER["table1"][b]["eval_loss"], 4),
+            "verdict": sweep.verdict(d, sign) if sign else None}  # fmt: skip
+    adjusted, adamw = rows["Adjusted LR"], rows["AdamW"]
+    out["rms_match"] = rms_match({s: r["update_rms"] for s, r in adjusted.items()},
+                                 {s: r["update_rms"] for s, r in adamw.items()})  # fmt: skip
     return out
 
 
-def train_one(config, log):
-    """Trains `config`, checkpointing only steps N-1 and N (checkpoint_every =
-    N-1, keep_checkpoints = 2), and returns the run's numbers."""
-    from muonjax.train import read_metrics, run
-    from muonjax.train.optimizers import learning_rate_schedule
-
-    steps = config.steps
-    started = time.perf_counter()
-    summary = run(config, log=log)
-    wall = time.perf_counter() - started
-    before, after = common.params_at(config.out, steps - 1), common.params_at(config.out)
-    if summary.skipped_steps:
-        raise RuntimeError(f"{config.out}: skipped (non-finite) steps; the lr below would be off")
-    # the last update is the optimizer's count N-1 on the schedule
-    lr = float(learning_rate_schedule(config)(steps - 1))
-    metrics = read_metrics(config.out)
-    losses = [(r["step"], r["loss"]) for r in metrics if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
-    tail = [loss for _, loss in losses[-max(len(losses) // 10, 1) :]]
-    last_logged = next((r for r in reversed(metrics) if "loss" in r), {})
-    return {
-        # mean of the last tenth of the logged steps' training losses
-        "train_loss": float(np.mean(tail)),
-        "eval_loss": float(summary.eval_loss),
-        "weight_rms": group_rms(after),
-        "update_rms": update_rms(before, after, lr, config.weight_decay),
-        "last_learning_rate": lr,
-        # the trainer's own RMS per optimizer group (its update: times lr, with decay)
-        "last_logged": {k: float(v) for k, v in last_logged.items() if "rms" in k},
-        "loss_curve": losses,
-        "eval_curve": evals,
-        "tokens": summary.tokens,
-        "tokens_per_s": summary.tokens_per_s,
-        "wall_time_s": wall,
-    }
+def rms_match(muon: dict, adamw: dict) -> dict:
+    """{seed: {group: update RMS}} each: per seed, m = max over groups of
+    |ln(muon / adamw)|; the verdict on ln MATCH_FACTOR - m (docstring)."""
+    seeds = [s for s in sorted(set(muon) & set(adamw)) if muon[s] and adamw[s]]
+    worst = [max(abs(math.log(muon[s][g] / adamw[s][g])) for g in muon[s]) for s in seeds]
+    margin = sweep.estimate([math.log(MATCH_FACTOR) - m for m in worst] or [math.nan])
+    return {"worst_log_ratio_by_seed": dict(zip(seeds, worst)), "margin": margin.to_json(),
+            "verdict": sweep.verdict(margin, +1) if worst else "inconclusive"}  # fmt: skip
 
 
-def run_cpu(args) -> dict:
-    import jax
-
-    from muonjax.train import TrainConfig
-
-    base = cpu_base(args.quick)
-    steps = base["steps"]
-    results = {"scale": "cpu", "quick": args.quick, "base": base, "runs": {}, "configs": {}}
-    started = time.perf_counter()
-    quiet = lambda *_: None
-    with tempfile.TemporaryDirectory(prefix="update_rms-") as tmp:
-
-        def train(name, fields):
-            config = TrainConfig(
-                out=str(pathlib.Path(tmp) / name),
-                **{**base, **fields},
-                eval_every=steps,
-                log_every=max(steps // 30, 1),
-                checkpoint_every=steps - 1,  # saves N-1 and N: the last update
-                keep_checkpoints=2,
-                progress=False,
-                mesh=None,  # every device on data
-            )
-            print(f"{name}: training {steps} steps ...", flush=True)
-            r = train_one(config, quiet)
-            results["configs"][name] = {**config.to_json(), "out": None}
-            print(
-                f"{name}: eval loss {r['eval_loss']:.4f}, train loss {r['train_loss']:.4f}, "
-                f"{r['wall_time_s']:.0f} s",
-                flush=True,
-            )
-            return r
-
-        # The paper's protocol: AdamW's learning rate, tuned, then reused by Muon.
-        lrs = (base["learning_rate"],) if args.quick else ADAMW_LEARNING_RATES
-        sweep = {
-            lr: train(f"adamw-lr{lr}", dict(optimizer="adamw", learning_rate=lr)) for lr in lrs
-        }
-        best = min(sweep, key=lambda lr: sweep[lr]["eval_loss"])
-        results["adamw_sweep"] = {str(lr): r for lr, r in sweep.items()}
-        results["learning_rate"] = best
-        for name, fields in settings(args.quick).items():
-            if name == "adamw":
-                results["runs"][name] = sweep[best]
-            else:
-                results["runs"][name] = train(name, {**fields, "learning_rate": best})
-    results["wall_time_s"] = time.perf_counter() - started
-    results["devices"] = jax.device_count()
-    return results
+def table8(runs: list, seeds, adamw_lr: float) -> dict:
+    rows = {}
+    for scale in sorted({r["rms_scale"] for r in runs if r.get("rule") == "moonlight"}):
+        lr, means = best_rate(runs, seeds, rule="moonlight", rms_scale=scale)
+        if lr is None:
+            continue
+        by_seed = seeds_of(runs, rule="moonlight", rms_scale=scale, learning_rate=lr)
+        by_seed = {s: by_seed[s] for s in seeds}
+        rows[scale] = {"learning_rate": lr, "product": lr * scale, "by_seed": _losses(by_seed),
+                       "loss": sweep.estimate(_losses(by_seed).values()).to_json(),
+                       "means_by_rate": means, "at_adamw_rate": means.get(adamw_lr),
+                       "at_grid_edge": lr in (min(means), max(means)) and len(means) > 1,
+                       "weight_rms": _group_means(by_seed, "weight_rms"),
+                       "update_rms": _group_means(by_seed, "update_rms")}  # fmt: skip
+    out = {"rows": rows}
+    if 0.2 not in rows:
+        return out
+    best = min(rows, key=lambda s: rows[s]["loss"]["mean"])
+    gap = sweep.paired(rows[0.2]["by_seed"], rows[best]["by_seed"])
+    tolerance = NEAR_BEST * rows[0.2]["loss"]["mean"]
+    excess = sweep.estimate(v - tolerance for v in gap.values)
+    at_one = {s: r["at_adamw_rate"] for s, r in rows.items() if r["at_adamw_rate"] is not None}
+    interior = [r["product"] for r in rows.values() if not r["at_grid_edge"]]
+    spread = round(4 * math.log10(max(interior) / min(interior)), 2) if interior else None
+    out.update(best_scale=best, tolerance=tolerance, gap_to_best=gap.to_json(),
+               verdict=sweep.verdict(excess, -1),
+               best_at_adamw_rate=min(at_one, key=at_one.get) if at_one else None,
+               product_spread_quarter_decades=spread,  # of the interior best products
+               vs_0_2={s: sweep.paired(r["by_seed"], rows[0.2]["by_seed"]).to_json()
+                       for s, r in rows.items()})  # fmt: skip
+    return out
 
 
-# --- scale pod: build and inspect -------------------------------------------------------
-
-# Table 2's 822M row (16 layers, hidden 2048, 16 heads), made dense with MLP [H, 4H];
-# the moonlight-16b-a3b preset gives the vocabulary (Moonlight's tokenizer, 163840),
-# bfloat16 activations and remat.
-POD_MODEL = dict(
-    d_model=2048,
-    n_layers=16,
-    first_k_dense=16,
-    intermediate_size=8192,
-    n_heads=16,
-    attention="mha",
-    head_dim=128,
-)
-POD_QUICK_MODEL = dict(
-    d_model=64,
-    n_layers=1,
-    first_k_dense=1,
-    intermediate_size=256,
-    n_heads=4,
-    attention="mha",
-    head_dim=16,
-)
+def _e(e: dict) -> str:
+    return f"{e['mean']:.4f}" + ("" if e["n"] < 2 else f" ± {e['half_width']:.4f}")
 
 
-def pod_setup(quick: bool, data_parallel: int) -> dict:
-    """The paper's runs. Table 1: 4B tokens of a 20B-token schedule at 160 x 8K
-    sequences per step; Table 8: 2k steps (the paper does not say its model or
-    batch: we take the same). One sequence per data-parallel rank per micro-batch."""
-    if quick:
-        preset, model, seq_len, batch = "tiny", POD_QUICK_MODEL, 64, 2 * data_parallel
-        table1_tokens, schedule_tokens, table8_steps = 4 * batch * seq_len, 20 * batch * seq_len, 4
-    else:
-        preset, model, seq_len, batch = "moonlight-16b-a3b", POD_MODEL, 8192, 160
-        table1_tokens, schedule_tokens, table8_steps = 4e9, 20e9, 2000
-    tokens_per_step = batch * seq_len
-    return dict(
-        base=dict(
-            preset=preset,
-            model=model,
-            seq_len=seq_len,
-            batch_size=batch,
-            grad_accum=batch // data_parallel,
-            learning_rate=8.825e-4,
-            weight_decay=0.1,
-        ),
-        # warmup: not stated by the paper; ours
-        table1=dict(
-            steps=round(table1_tokens / tokens_per_step),
-            decay_steps=round(schedule_tokens / tokens_per_step),
-            warmup_steps=1 if quick else 500,
-        ),
-        table8=dict(steps=table8_steps, decay_steps=table8_steps, warmup_steps=1 if quick else 100),
-    )
-
-
-def run_pod(args) -> dict:
-    from muonjax.models import flops_per_token, param_counts
-    from muonjax.parallel.mesh import make_mesh, parse_mesh
-    from muonjax.train import TrainConfig
-    from muonjax.train.costs import step_costs
-
-    sizes = parse_mesh(args.mesh)
-    mesh = make_mesh(sizes)
-    data_parallel = sizes["data"] * sizes["expert"]
-    setup = pod_setup(args.quick, data_parallel)
-    table1 = set(table1_rows().values())
-    started = time.perf_counter()
-    report, inspected = {}, {}
-    for name, fields in settings(args.quick).items():
-        schedule = setup["table1"] if name in table1 else setup["table8"]
-        config = TrainConfig(
-            out=f"runs/{NAME}/{name}", **setup["base"], **fields, **schedule, mesh=args.mesh
-        )
-        model = config.model_config()
-        # The rules and rms_scale change one scalar factor per matrix (Update Norm
-        # also takes each update's norm): every Muon setting has the same shapes,
-        # buffers and, to a few FLOPs per matrix, cost. Inspect one per optimizer.
-        key = config.optimizer
-        if key not in inspected:
-            t = time.perf_counter()
-            inspected[key] = {
-                **step_costs(config, mesh),
-                "inspected_setting": name,
-                "inspect_s": time.perf_counter() - t,
-            }
-            print(f"{name}: inspected in {inspected[key]['inspect_s']:.0f} s", flush=True)
-        per_token = flops_per_token(model, config.seq_len)
-        tokens = config.steps * config.batch_size * config.seq_len
-        report[name] = {
-            "config": config.to_json(),
-            "model": model.__dict__.copy(),
-            "parameters": param_counts(model),
-            "flops_per_token": per_token,
-            "tokens": tokens,
-            "run_flops": float(per_token) * tokens,
-            "inspect": inspected[key],
-            "peak_bytes_per_device": inspected[key]["peak_bytes"],
-        }
-    return {
-        "mesh": args.mesh,
-        "vocab_size": report[next(iter(report))]["model"]["vocab_size"],
-        "setup": setup,
-        "runs": report,
-        "wall_time_s": time.perf_counter() - started,
-    }
-
-
-# --- report -----------------------------------------------------------------------------
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else (f"{x:.3f}" if abs(x) >= 0.1 else f"{x:.3g}")
-
-
-def table1_markdown(runs: dict) -> str:
-    lines = [
-        "| Method | eval loss (paper) | ours | AttnQ weight RMS (paper) | ours | MLP weight RMS "
-        "(paper) | ours | AttnQ update RMS | MLP update RMS |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for paper, name in table1_rows().items():
-        p, r = PAPER["table1"][paper], runs[name]
-        lines.append(
-            f"| {paper} | {_fmt(p['eval_loss'])} | {_fmt(r['eval_loss'])} "
-            f"| {_fmt(p['AttnQ_weight_rms'])} | {_fmt(r['weight_rms'].get('AttnQ'))} "
-            f"| {_fmt(p['Dense_weight_rms'])} | {_fmt(r['weight_rms'].get('Dense'))} "
-            f"| {_fmt(r['update_rms'].get('AttnQ'))} | {_fmt(r['update_rms'].get('Dense'))} |"
-        )
+def markdown(a: dict) -> str:
+    t1, t8, lines = a["table1"], a["table8"], []
+    lines += [f"Table 1 at AdamW's rate {a['adamw_rate']:g}", sweep.table_row(
+        "rule", "final eval loss", "paper", "AttnQ / MLP weight RMS", "paper",
+        "AttnQ / MLP update RMS"), sweep.table_row(*["---"] * 6)]  # fmt: skip
+    for name, r in t1["rows"].items():
+        p, w, u = PAPER["table1"].get(name, {}), r["weight_rms"], r["update_rms"]
+        lines.append(sweep.table_row(name, _e(r["loss"]), p.get("eval_loss", "-"),
+            f"{w.get('AttnQ', 0):.4g} / {w.get('Dense', 0):.4g}",
+            f"{p['AttnQ_weight_rms']} / {p['Dense_weight_rms']}" if p else "-",
+            f"{u.get('AttnQ', 0):.3f} / {u.get('Dense', 0):.3f}"))  # fmt: skip
+    for name, d in t1["differences"].items():
+        claim = d["verdict"] or "no claim"
+        lines.append(f"- {name}: {_e(d['estimate'])} (paper {d['paper']:+.3f}): {claim}")
+    m = t1["rms_match"]
+    lines += [f"- RMS matching (ln 2 - max group |ln(U_AdjLR / U_AdamW)|): {_e(m['margin'])}: "
+              f"{m['verdict']}", "", "Table 8 (Adjusted LR), each rms_scale at its own best rate",
+              sweep.table_row("rms_scale", "best lr", "lr x rms_scale", "final eval loss",
+                              "at AdamW's rate", "paper (one rate)", "minus 0.2's (paired)"),
+              sweep.table_row(*["---"] * 7)]  # fmt: skip
+    for s, r in t8["rows"].items():
+        at = r["at_adamw_rate"]
+        edge = " (edge)" if r["at_grid_edge"] else ""
+        lines.append(sweep.table_row(s, f"{r['learning_rate']:g}{edge}",
+            f"{r['product']:.3g}", _e(r["loss"]), "-" if at is None else f"{at:.4f}",
+            PAPER["table8"].get(f"{s:g}", {}).get("eval_loss", "-"),
+            _e(t8["vs_0_2"][s]) if "vs_0_2" in t8 else "-"))  # fmt: skip
+    if "verdict" in t8:
+        lines.append(f"- 0.2 near-best (gap to {t8['best_scale']:g} < {t8['tolerance']:.4f}): "
+                     f"{_e(t8['gap_to_best'])}: {t8['verdict']}; best at AdamW's rate alone: "
+                     f"{t8['best_at_adamw_rate']}; best products' spread "
+                     f"{t8['product_spread_quarter_decades']} quarter-decades")  # fmt: skip
     return "\n".join(lines)
 
 
-def table8_markdown(runs: dict, quick: bool = False) -> str:
-    columns = table8_columns(quick)
-    lines = [
-        "| | " + " | ".join(c if c == "AdamW" else f"{c} RMS" for c in columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
-    ]
-    rows = [
-        ("train loss", "train_loss", lambda r: r["train_loss"]),
-        ("eval loss", "eval_loss", lambda r: r["eval_loss"]),
-        ("AttnQ weight RMS", "AttnQ_weight_rms", lambda r: r["weight_rms"].get("AttnQ")),
-        ("MLP weight RMS", "Dense_weight_rms", lambda r: r["weight_rms"].get("Dense")),
-    ]
-    for label, key, ours in rows:
-        lines.append(
-            f"| {label}, paper | "
-            + " | ".join(_fmt(PAPER["table8"][c][key]) for c in columns)
-            + " |"
-        )
-        lines.append(
-            f"| {label}, ours | " + " | ".join(_fmt(ours(runs[n])) for n in columns.values()) + " |"
-        )
-    lines.append(
-        "| MLP update RMS, ours | "
-        + " | ".join(_fmt(runs[n]["update_rms"].get("Dense")) for n in columns.values())
-        + " |"
-    )
-    return "\n".join(lines)
-
-
-def plot(runs: dict, path: pathlib.Path, title: str, quick: bool = False) -> None:
+def plot(a: dict, path: pathlib.Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    # Table 1's rules, then Table 8's sweep in order (its 0.2 bar is Adjusted LR's run again)
-    labels = list(table1_rows())
-    names = list(table1_rows().values())
-    for column, name in table8_columns(quick).items():
-        if column != "AdamW":
-            labels.append(f"rms {column}")
-            names.append(name)
-    x = np.arange(len(names))
-    evals = [runs[n]["eval_loss"] for n in names]
-    left.bar(x, evals, color=["C0"] * 3 + ["C1"] * (len(names) - 3))
-    left.axhline(runs["adamw"]["eval_loss"], color="k", ls="--", label="AdamW")
-    low, high = min(evals + [runs["adamw"]["eval_loss"]]), max(evals + [runs["adamw"]["eval_loss"]])
-    left.set_ylim(low - 0.1 * (high - low + 1e-3), high + 0.1 * (high - low + 1e-3))
-    left.set_xticks(x, labels, rotation=30, ha="right")
-    left.set_ylabel("eval loss")
-    left.set_title("Table 1: rules at rms 0.2 (blue); Table 8: Adjusted LR's rms (orange)")
-    left.legend()
-    width = 0.38
-    for i, group in enumerate(("AttnQ", "Dense")):
-        values = [runs[n]["weight_rms"].get(group, np.nan) for n in names]
-        right.bar(x + (i - 0.5) * width, values, width, label=f"{group} weight RMS")
-        right.axhline(
-            runs["adamw"]["weight_rms"].get(group, np.nan),
-            color=f"C{i}",
-            ls="--",
-            label=f"{group}, AdamW",
-        )
-    right.set_xticks(x, labels, rotation=30, ha="right")
-    right.set_ylabel("weight RMS (MLP = Dense group)")
-    right.legend(fontsize=8)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    diffs = {k: d["estimate"]["values"] for k, d in a["table1"]["differences"].items()}
+    sweep.error_bars(
+        ax1, list(diffs), [sweep.estimate(v) for v in diffs.values()], linestyle="none"
+    )
+    sweep.paper_line(ax1, 0.023, "paper: Baseline - either")
+    ax1.axhline(0, color="k", lw=0.5)
+    ax1.legend(fontsize=7)
+    ax1.set(ylabel="paired final eval loss difference (mean ± 95%)",
+            title=f"Table 1 at AdamW's rate {a['adamw_rate']:g}")  # fmt: skip
+    for scale, r in a["table8"]["rows"].items():
+        rates = [lr for lr, m in r["means_by_rate"].items() if m is not None]
+        ax2.plot([lr * scale for lr in rates], [r["means_by_rate"][lr] for lr in rates], "o-",
+                 label=f"rms_scale {scale:g}")  # fmt: skip
+    ax2.set(xscale="log", xlabel="lr x rms_scale (the hidden matrices' step)",
+            title="Table 8: Adjusted LR's lr x rms_scale grid (seed means)")  # fmt: skip
+    ax2.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _count(n: int) -> str:
-    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)
+def dry_run(args, setup: dict) -> dict:
+    """The configs (AdamW; Muon: the rules share shapes and cost) with their memory."""
+    from muonjax.parallel.mesh import run_mesh
+    from muonjax.train import TrainConfig
+    from muonjax.train.costs import step_costs
 
-
-def pod_markdown(pod: dict) -> str:
-    lines = [
-        "| setting | params (total / non-emb.) | FLOPs/token | steps | run FLOPs | peak GiB/device |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in pod["runs"].items():
-        p = r["parameters"]
-        lines.append(
-            f"| {name} | {_count(p['total'])} / {_count(p['total_non_embedding'])} "
-            f"| {r['flops_per_token']:.3g} | {r['config']['steps']} of {r['config']['decay_steps']} "
-            f"| {r['run_flops']:.3g} | {r['peak_bytes_per_device'] / 2**30:.3g} |"
-        )
-    return "\n".join(lines)
+    report = {}
+    for optimizer in ("adamw", "muon"):
+        c = TrainConfig(**fields_of(setup, args.mesh), optimizer=optimizer)
+        mesh = run_mesh(c.mesh, c.batch_size, c.grad_accum)
+        costs = step_costs(c.replace(tokenizer="byte"), mesh)
+        report[optimizer] = {"config": c.to_json(), **costs}
+        print(f"{optimizer}: {costs['peak_bytes'] / 2**30:.2f} GiB/device", flush=True)
+    return report
 
 
 def main(argv=None) -> int:
-    args = common.arguments(NAME, __doc__, argv)
-    out = pathlib.Path(args.out)
-    if args.scale == "pod":
-        pod = run_pod(args)
-        print(f"vocab {pod['vocab_size']}")
-        return common.report_pod(out, PAPER, args.quick, pod, pod_markdown(pod))
+    args = sweep.arguments(NAME, __doc__, argv)
+    import jax
 
-    cpu = run_cpu(args)
-    results = {"paper": PAPER, "quick": args.quick, **cpu}
-    runs = cpu["runs"]
-    print("\nTable 1 (paper: 800M, 4B of 20B tokens; ours: see results.json 'base')\n")
-    print(table1_markdown(runs))
-    print("\nTable 8 (paper: 2k steps, about 2B tokens)\n")
-    print(table8_markdown(runs, args.quick))
-    print(f"\nwall time {cpu['wall_time_s']:.0f} s in all")
-    path = common.write_results(out, results)
-    plot(
-        runs,
-        out / f"{NAME}.png",
-        f"Update RMS rules and scales ({'quick' if args.quick else 'cpu'})",
-        args.quick,
-    )
-    print(f"wrote {path} and {out / f'{NAME}.png'}")
+    setup = scale_setup(args.scale, args.quick, jax.device_count())
+    started, head = time.perf_counter(), {"paper": PAPER, "scale": args.scale, "quick": args.quick}
+    if args.dry_run:
+        print(f"wrote {sweep.write_results(args.out, {**head, 'dry_run': dry_run(args, setup)})}")
+        return 0
+    ledger = sweep.Ledger(args.out)
+    runs, lr = run_sweep(args, ledger, setup)
+    runs = list(runs.values())
+    analysis = {"adamw_rate": lr, "table1": table1(runs, lr),
+                "adamw_rates": best_rate(runs, setup["seeds"], optimizer="adamw")[1],
+                "table8": table8(runs, setup["seeds"], lr)}  # fmt: skip
+    if ledger.lead:
+        print(markdown(analysis))
+        path = sweep.write_results(args.out, {**head, "setup": setup, "runs": runs,
+            "analysis": analysis, "devices": jax.device_count(),
+            "wall_time_s": time.perf_counter() - started,
+            "training_time_s": sum(r["wall_time_s"] for r in runs)})  # fmt: skip
+        plot(analysis, pathlib.Path(args.out) / f"{NAME}.png",
+             f"Update RMS, Tables 1 and 8 ({args.scale}{', quick' * args.quick})")  # fmt: skip
+        print(f"wrote {path} and {NAME}.png")
     return 0
 
 
 if __name__ == "__main__":
-    common.start_jax()
+    import sys
+
+    options = sweep.arguments(NAME, __doc__, sys.argv[1:])
+    sweep.start_jax(8 if options.scale == "pod" and options.quick else 1)
     sys.exit(main())

@@ -138,7 +138,10 @@ class Ledger:
         if self.lead:
             write_json(self.path, self.records)
         loss = record["final_eval_loss"]
-        self.log(f"{name}: {'diverged' if loss is None else f'{loss:.4f}'} "
+        said = (
+            "diverged" if record["status"] == "diverged" else "-" if loss is None else f"{loss:.4f}"
+        )
+        self.log(f"{name}: {said} "
                  f"({record['wall_time_s']:.0f} s{', resumed' if resume else ''})")  # fmt: skip
         return record
 

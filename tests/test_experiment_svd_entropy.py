@@ -1,102 +1,129 @@
-"""experiments/svd_entropy.py (paper Figure 4) end to end at toy size: --quick
-trains Muon and AdamW on the same tokens and writes results.json and the plot;
---scale pod --quick builds and inspects the shrunk pod configs."""
+"""experiments/svd_entropy.py (paper Figure 4): the analysis (best rates, matched
+loss, paired differences, per-matrix fractions) against values computed by
+hand; --quick end to end at every scale (W and W - W0 from the checkpoints,
+the ledger's relaunch) and --dry-run."""
 
 import json
 import math
 
+import common
+import numpy as np
 import pytest
-from conftest import load_experiment, run_experiment, run_pod_experiment
+from conftest import load_experiment, run_experiment
 
 # trains, starts processes or runs an experiment: left out of make test-fast
 pytestmark = pytest.mark.slow
 
-svd_entropy = load_experiment("svd_entropy")
+se = load_experiment("svd_entropy")
 
 
-def _entropies(xs):
-    return len(xs) > 0 and all(isinstance(x, float) and 0 <= x <= 1 for x in xs)
+def _run(opt, lr, seed, loss, evals=(), w=(), dw=(), per_matrix=None):
+    """A ledger record: checkpoints at steps 1.. with these eval losses and
+    Router entropies of W and W - W0."""
+    points = [{"step": i + 1, "eval_loss": e, "W": {"Router": a}, "dW": {"Router": b}}
+              for i, (e, a, b) in enumerate(zip(evals, w, dw))]  # fmt: skip
+    return dict(optimizer=opt, learning_rate=lr, seed=seed, final_eval_loss=loss,
+                checkpoints=points, step0={"Router": 0.9}, per_matrix=per_matrix)  # fmt: skip
 
 
-def test_quick_cpu_writes_curves_and_plot(tmp_path):
+def test_analysis_at_the_best_rates_and_at_matched_loss():
+    pm = lambda *h: {"W": list(h), "dW": list(h)}
+    runs = [
+        _run("adamw", 0.01, 0, 3.0, (3.5, 3.2, 3.0), (0.8, 0.7, 0.6), (0.5, 0.4, 0.3), pm(0.5, 0.5)),
+        _run("adamw", 0.01, 1, 3.1, (3.6, 3.3, 3.1), (0.8, 0.7, 0.5), (0.5, 0.4, 0.2), pm(0.5, 0.5)),
+        _run("adamw", 0.0178, 0, 2.9), _run("adamw", 0.0178, 1, None),  # a seed diverged
+        _run("adamw", 0.00562, 0, 3.4), _run("adamw", 0.00562, 1, 3.4),
+        _run("muon", 0.0316, 0, 2.5, (3.1, 2.9, 2.6), (0.9, 0.9, 0.95), (0.9, 0.8, 0.9), pm(0.6, 0.4)),
+        _run("muon", 0.0316, 1, 2.6, (3.4, 3.0, 2.7), (0.9, 0.8, 0.85), (0.9, 0.7, 0.9), pm(0.6, 0.6)),
+    ]  # fmt: skip
+    a = se.analyse(runs, {0: {"Router": 0.9}, 1: {"Router": 0.9}})
+    assert a["learning_rates"] == {"adamw": 0.01, "muon": 0.0316}  # 0.0178 diverged on seed 1
+    # targets: AdamW's final eval losses (the higher); Muon reaches 3.0 at step 2 (seed 0: 2.9
+    # <= 3.0; step 1's 3.1 is not), 3.1 at step 2 (3.0); AdamW at its last
+    assert a["target_loss"] == {0: 3.0, 1: 3.1}
+    assert a["matched_steps"] == {"adamw": {0: 3, 1: 3}, "muon": {0: 2, 1: 2}}
+    c = a["comparisons"]
+    # at the end, W: seed 0 0.95 - 0.6 = 0.35, seed 1 0.85 - 0.5 = 0.35
+    assert c["end W Router"]["difference"]["mean"] == pytest.approx(0.35)
+    assert c["end W Router"]["difference"]["std"] == pytest.approx(0.0)
+    # matched, W - W0: Muon's step 2 (0.8, 0.7) against AdamW's step 3 (0.3, 0.2): 0.5 both
+    assert c["matched dW Router"]["difference"]["values"] == pytest.approx([0.5, 0.5])
+    assert c["matched W Router"]["difference"]["values"] == pytest.approx([0.3, 0.3])
+    assert c["end dW Router"]["muon"]["mean"] == pytest.approx(0.9)
+    # 0 spread: a zero-width interval above 0, the paper's side
+    assert {v["verdict"] for v in c.values()} == {"reproduced"}
+    # matrices higher under Muon: seed 0 one of two, seed 1 both; mean 0.75 vs the paper's 0.9
+    frac = a["per_matrix_higher"]["W"]
+    assert frac["fraction"]["values"] == (0.5, 1.0) and frac["verdict"] == "inconclusive"
+    assert a["init_check_max_gap"] == pytest.approx(0.0)
+    assert "| Router | 0.900 |" in se.markdown(json.loads(json.dumps(a)))
+
+
+def test_verdicts_against_the_paper():
+    runs = [
+        _run(o, 0.01, s, 3.0, (3.0,), (w,), (w,), {"W": [w], "dW": [w]})
+        for o, s, w in (("adamw", 0, 0.9), ("adamw", 1, 0.8), ("muon", 0, 0.5), ("muon", 1, 0.45))
+    ]
+    a = se.analyse(runs, {0: {"Router": 0.9}, 1: {"Router": 0.9}})
+    assert a["comparisons"]["end W Router"]["verdict"] == "not reproduced"  # -0.4, -0.35
+    assert a["per_matrix_higher"]["dW"]["verdict"] == "not reproduced"  # 0 of 1, both seeds
+
+
+def test_quick_cpu_end_to_end_and_relaunched_from_its_ledger(tmp_path):
     results = run_experiment("svd_entropy", tmp_path, "--quick")
     assert (tmp_path / "svd_entropy.png").stat().st_size > 0
-    names = {"adamw_lr0.01", "muon_lr0.01"}
-    assert set(results["runs"]) == set(results["configs"]) == names
-    configs = results["configs"]
-    # the same tokens, schedule and learning rate; only the optimizer differs
-    for key in ("learning_rate", "schedule", "steps", "batch_size", "seq_len", "model", "seed"):
-        assert len({json.dumps(c[key], sort_keys=True) for c in configs.values()}) == 1, key
-    assert {c["optimizer"] for c in configs.values()} == {"muon", "adamw"}
-    assert all(c["adam_b1"] == 0.9 and c["adam_b2"] == 0.95 for c in configs.values())
-    groups = svd_entropy.GROUPS
-    for name, run in results["runs"].items():
-        curves = run["svd_entropy"]
-        assert curves["step"] == [0, 2, 4, 6, 8], name  # --svd-entropy-every 2
-        assert all(_entropies(curves[g]) and len(curves[g]) == 5 for g in groups), name
-        assert {g: curves[g][0] for g in groups} == results["initial"], name  # the same init
-        per_matrix = run["per_matrix"]
-        assert per_matrix["step"] == [4, 8], name  # every checkpoint
-        assert all(_entropies(svd_entropy._flat(e).tolist()) for e in per_matrix["entropy"])
-        assert math.isfinite(run["final"]["eval_loss"]) and run["wall_time_s"] > 0
-    # 2 layers (1 dense, 1 MoE of 4 experts): 2 x (q, o), 2 x (kv_a, kv_b), 4 x 3, 3, 1, 3
-    assert results["setup"]["matrices"] == 4 + 4 + 12 + 3 + 1 + 3
-    assert results["main_learning_rate"] == 0.01
-    c = results["comparison"]["0.01"]
-    assert set(c["final_gap"]) == set(groups) and c["largest_final_gap"] in groups
-    pm = c["per_matrix"]
-    assert 0 <= pm["final_muon_higher_fraction"] <= 1 and pm["matrices"] == 27
-    assert len(svd_entropy.claims(results)) == 3 and "| claim |" in svd_entropy.markdown(results)
-    assert results["paper"]["per_matrix_fraction"] == 0.9
-    assert math.isfinite(results["wall_time_s"])
+    runs, a = results["runs"], results["analysis"]
+    assert len(runs) == 2 * len(results["seeds"])  # one rate each, every seed
+    for r in runs:
+        assert math.isfinite(r["final_eval_loss"])
+        assert [p["step"] for p in r["checkpoints"]] == [2, 4, 6, 8, 10]
+        for p in r["checkpoints"]:
+            assert set(p["W"]) == set(p["dW"]) == set(se.GROUPS) and p["eval_loss"] > 0
+            assert all(0 <= h <= 1 for h in [*p["W"].values(), *p["dW"].values()])
+        # 2 layers (1 dense, 1 MoE of 4 experts): 2 x (q, o), 2 x (kv_a, kv_b), 4 x 3, 3, 1, 3
+        assert len(r["per_matrix"]["W"]) == len(r["per_matrix"]["dW"]) == 27
+    # W0 is every run's init: the trainer's own step-0 entropies
+    assert a["init_check_max_gap"] < 1e-5
+    # W's Router entropy at the last checkpoint, by hand (numpy's SVD)
+    muon = next(r for r in runs if r["optimizer"] == "muon" and r["seed"] == 0)
+    (router,) = common.leaves_by_group(common.params_at(tmp_path / "runs" / muon["key"]))["Router"]
+    (matrix,) = np.asarray(router, np.float64).reshape(-1, *router.shape[-2:])  # one matrix
+    p = np.linalg.svd(matrix, compute_uv=False) ** 2
+    p /= p.sum()
+    by_hand = -(p * np.log(p)).sum() / math.log(len(p))
+    assert muon["checkpoints"][-1]["W"]["Router"] == pytest.approx(by_hand, abs=1e-5)
+    assert set(a["comparisons"]) == {f"{w} {k} {g}" for w in ("end", "matched")
+                                     for k in ("W", "dW") for g in se.GROUPS}  # fmt: skip
+    assert all(c["difference"]["n"] == 2 for c in a["comparisons"].values())
+    # relaunched, it trains nothing: every run comes from the ledger
+    again = run_experiment("svd_entropy", tmp_path, "--quick")
+    assert again["runs"] == runs and again["training_time_s"] == results["training_time_s"]
 
 
-def test_compare_pairs_matrices_and_groups():
-    """Muon above AdamW in every group but the router's last step (step 0, the
-    shared initialization, does not count); 3 of 4 matrices higher."""
-
-    def run(entropy, per_matrix):
-        curves = {g: [0.95, *entropy] for g in svd_entropy.GROUPS}
-        return {
-            "svd_entropy": {"step": [0, 1, 2], **curves},
-            "per_matrix": {"step": [2], "entropy": [per_matrix]},
-            "final": {"eval_loss": 1.0},
-        }
-
-    runs = {
-        "muon_lr0.01": run([0.9, 0.9], {"moe/router/kernel": [0.9], "moe/experts/up": [0.8, 0.7, 0.6]}),
-        "adamw_lr0.01": run([0.5, 0.6], {"moe/router/kernel": [0.95], "moe/experts/up": [0.5, 0.5, 0.5]}),
-    }  # fmt: skip
-    runs["muon_lr0.01"]["svd_entropy"]["Router"] = [0.95, 0.95, 0.55]
-    c = svd_entropy.compare(runs, 0.01)
-    assert c["muon_minus_adamw"]["AttnQO"] == pytest.approx([0, 0.4, 0.3])
-    assert c["smallest_gap"]["AttnQO"] == pytest.approx(0.3)
-    assert c["mean_gap"]["AttnQO"] == pytest.approx(0.35)
-    assert not c["muon_higher_everywhere"]  # the router's last step
-    assert c["muon_higher_fraction_of_steps"] == {g: 1.0 for g in svd_entropy.GROUPS} | {
-        "Router": 0.5
-    }
-    assert c["largest_final_gap"] == "AttnQO"  # ties: the first in Figure 4's order
-    assert c["per_matrix"]["final_muon_higher_fraction"] == 0.75
-    assert c["per_matrix"]["final_by_group"] == {"Experts": 1.0, "Router": 0.0}
-    runs["muon_lr0.01"]["svd_entropy"]["Router"] = [0.95, 0.95, 0.65]
-    assert svd_entropy.compare(runs, 0.01)["muon_higher_everywhere"]
+@pytest.mark.parametrize("scale", ["gpu", "pod"])
+def test_quick_gpu_and_pod_train_through_their_data_paths(tmp_path, scale):
+    """gpu: a BPE tokenized once into the sweep's shards; pod: 8 simulated devices."""
+    results = run_experiment("svd_entropy", tmp_path, "--scale", scale, "--quick")
+    runs = results["runs"]
+    assert len(runs) == 4 and all(math.isfinite(r["final_eval_loss"]) for r in runs)
+    assert results["analysis"]["init_check_max_gap"] < 1e-3
+    if scale == "gpu":
+        assert len(list((tmp_path / "data").iterdir())) == 1
+        assert all(r["fields"]["tokenizer"] == "bpe" for r in runs)
+    else:
+        assert results["devices"] == 8
 
 
-def test_quick_pod_reports_each_config(tmp_path):
-    pod = run_pod_experiment("svd_entropy", tmp_path)["pod"]
-    assert set(pod["runs"]) == {"muon", "adamw"}
-    for name, report in pod["runs"].items():
-        assert report["parameters"]["total_non_embedding"] > 0, name
-        assert report["flops_per_token"] > 0 and report["peak_bytes_per_device"] > 0, name
-        assert report["run_flops"] == report["flops_per_token"] * report["tokens"]
-        c = report["config"]
-        assert c["optimizer"] == name and c["learning_rate"] == 4.2e-4
-        assert c["batch_size"] // c["grad_accum"] == 8  # one sequence per device of data=8
-        assert c["svd_entropy_every"] > 0
-    metric = pod["svd_entropy_metric"]
-    model = pod["runs"]["muon"]["model"]
-    moe_layers = model["n_layers"] - model["first_k_dense"]
-    assert metric["matrices"]["Experts"] == moe_layers * model["n_routed_experts"] * 3
-    assert metric["matrices"]["Router"] == moe_layers
-    assert 0 < metric["fraction_of_training_flops"] < 1 and metric["measurements"] == 5
+def test_dry_run_and_the_pod_protocol(tmp_path):
+    assert se.main(["--scale", "pod", "--quick", "--dry-run", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())["dry_run"]
+    assert set(report) == set(se.OPTIMIZERS)
+    assert all(
+        r["peak_bytes"] > 0 and r["config"]["checkpoint_every"] == 2 for r in report.values()
+    )
+    assert not (tmp_path / "ledger.json").exists()  # nothing trained
+    pod = se.scale_setup("pod", quick=False, devices=256)
+    fields = se.run_fields(pod, "muon", 4.2e-4, 0, None)
+    tokens = fields["steps"] * fields["batch_size"] * fields["seq_len"]
+    assert tokens == pytest.approx(1.2e12, rel=1e-4) and fields["grad_accum"] == 16
+    assert fields["keep_checkpoints"] == 11 and fields["eval_every"] == fields["steps"] // 10

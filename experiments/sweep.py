@@ -226,6 +226,8 @@ class Estimate:
 def estimate(values) -> Estimate:
     values = tuple(float(v) for v in values)
     n = len(values)
+    if n == 0:  # e.g. every seed diverged: nothing to compare
+        return Estimate(math.nan, math.nan, 0, math.inf, ())
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     half = _t95(n - 1) * std / math.sqrt(n) if n > 1 else math.inf

@@ -1,120 +1,134 @@
 """Weight decay: Figure 2 of "Muon is Scalable for LLM Training" (Sec. 2.2).
 
-    python experiments/weight_decay.py                 # --scale cpu: 3 runs, ~10-13 min on 2 cores
-    python experiments/weight_decay.py --quick         # toy sizes, end to end in seconds
-    python experiments/weight_decay.py --scale pod [--mesh data=8]   # build + inspect, no training
+    python experiments/weight_decay.py [--scale cpu|gpu|pod] [--quick] [--dry-run]
 
-Three runs on the same data, tokens, learning rate and schedule (cosine):
-  AdamW          (wd 0.1)  W -= lr (m / sqrt(v) + 0.1 W)
-  Muon w/o wd    (wd 0)    W -= lr  0.2 sqrt(max(A, B)) O          (vanilla Muon)
-  Muon w/ wd     (wd 0.1)  W -= lr (0.2 sqrt(max(A, B)) O + 0.1 W) (Eq. 3, the Moonlight recipe)
-Both Muon runs are the Moonlight recipe (AdamW for embeddings, head, norms);
-the vanilla run removes the decay from Muon's matrices only: its AdamW group
-keeps wd 0.1 (--weight-decay-adamw), so the runs differ in Eq. 3's lambda alone.
+Over-trained far past compute-optimal on a warmup-stable-decay schedule (the
+peak rate until the last 20%, then linear to 0.1x), so that vanilla Muon's
+weights are free to keep growing (the old cosine decay stopped them): Muon
+with weight decay 0.1 (Eq. 3, the Moonlight recipe) and without (Eq. 3's
+lambda 0; its AdamW group keeps 0.1) at one rate on 3 seeds, and AdamW (wd
+0.1) at the best seed mean of a quarter-decade grid (extended past an edge)
+on 2 seeds. Measured: eval loss every 1/40 of the run, and from 12
+checkpoints each layer's weight RMS (its hidden matrices) and output RMS (the
+residual stream after the block, on 16 held-out windows). Verdicts on paired
+differences over seeds, vanilla - with decay: (a) final_eval_loss > 0; (b)
+the log growth of the hidden matrices' RMS over the run's second half > 0; (c)
+the same for the largest layer-output RMS; (d) AdamW - Muon with decay > 0;
+(e) vanilla's early lead < 0, at the step of its largest mean lead (picked
+after the fact: optimistic). Also the step from which Muon with decay stays
+ahead, per seed (paper: somewhere between 31% and 87% of the run).
 
-The paper trains an 800M model on 100B tokens (about 5x compute-optimal) and
-shows validation loss over the run: vanilla Muon ahead early, Muon with decay
-ahead later and below AdamW; without decay the weight and layer-output RMS keep
-growing. The CPU runs are over-trained the same way: a dense byte-level model
-of ~57k non-embedding parameters trained on ~5.7M tokens (~100 tokens per
-parameter, ~5x the 20 tokens/param compute-optimal rule; half an epoch of the
-default corpus, the Python standard library's source, so no text repeats).
-Logged: eval loss every 20 steps (35 points), the RMS of the Muon-group hidden
-matrices every 10 steps (metrics.jsonl weight_rms_muon; the same matrices in
-the AdamW run), and the RMS of each layer's output (the residual stream after
-each block) on a validation batch, from the checkpoints at every tenth of the run.
-
-Writes results/weight_decay/results.json (curves, final numbers, configs, wall
-times, the paper's claims) and weight_decay.png, and prints the comparison.
---scale pod builds the paper's configs (Table 2's 822M row, dense) and reports
-parameters, FLOPs and `inspect`'s per-device peak memory on --mesh.
+cpu: d16 x 2 layers (6.7k non-embedding parameters), byte-level stdlib, 1200
+steps x 32 x 128 = 4.9M tokens (36x the 20 tokens/parameter optimum, 0.4
+epochs: no text repeats), Muon at 0.0316 (compute_efficiency's cpu Muon
+optimum at 1x is 0.0316-0.0562; longer runs want less), AdamW's grid from
+0.01-0.0316: 12 runs (+2 per grid extension) of ~2 min, ~25-35 min on 2 idle
+cores. gpu: d128 x 4 (0.8M), BPE 8192 on the python corpus, 4900 x 64 x 512 =
+160M tokens (10x; ~5 epochs of the corpus), Muon at 0.01, minutes a run. pod:
+the paper's setting: 822M (Table 2's row, dense), 100B tokens (6x) at 160 x
+8K, Table 2's rate 8.825e-4 for every run (as the paper), 2 Muon seeds and 1
+AdamW (5 runs); its data needs 100B tokens (the python corpus would repeat).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import pathlib
-import sys
-import tempfile
+import sysconfig
 import time
 
+import common
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402
+import sweep
 
 NAME = "weight_decay"
-
-# run name -> (label, TrainConfig fields)
-RUNS = {
-    "adamw": ("AdamW", dict(optimizer="adamw", weight_decay=0.1)),
+CURVES = {
+    "muon_wd": ("Muon w/ weight decay", dict(optimizer="muon", weight_decay=0.1)),
+    # vanilla: Eq. 3's lambda 0 on Muon's matrices alone (its AdamW group keeps 0.1)
     "muon": (
         "Muon w/o weight decay",
-        dict(optimizer="muon", weight_decay=0.0, weight_decay_adamw=0.1),
+        dict(optimizer="muon", weight_decay=0, weight_decay_adamw=0.1),
     ),
-    "muon_wd": ("Muon w/ weight decay", dict(optimizer="muon", weight_decay=0.1)),
+    "adamw": ("AdamW", dict(optimizer="adamw", weight_decay=0.1)),
 }
 COLORS = {"adamw": "tab:green", "muon": "tab:red", "muon_wd": "tab:blue"}
-
-_PAPER_TOKENS_PER_STEP = 160 * 8192  # Table 2: 160 sequences of 8K per step (822M row)
+RATES = sweep.ladder(1e-4, 1.0)
 PAPER = {
-    "setting": "800M parameters (Table 2's 822M row), 100B tokens (~5x compute-optimal), "
-    "validation loss vs training iterations (Figure 2)",
-    "claims": {
-        "weight_rms_without_wd": "keeps growing (Sec. 2.2: 'both the weight and the layer "
-        "output's RMS keep growing to a large scale, exceeding the high-precision range of bf16')",
-        "layer_output_rms_without_wd": "keeps growing",
-        "early": "vanilla Muon initially converges faster than Muon with weight decay",
-        "late": "Muon with weight decay outperforms vanilla Muon in the over-train regime",
-        "vs_adamw": "Muon with weight decay outperforms AdamW (lower validation loss)",
+    "setting": "800M dense (Table 2's 822M row), 100B tokens (~5x compute-optimal), validation "
+    "loss against iterations (Figure 2); one run per curve",
+    "claims": {  # the claim, and the sign of our paired difference that supports it
+        "late": ("Muon w/ wd ends below vanilla Muon (over-trained)", +1),
+        "weight_rms": ("w/o wd the weight RMS keeps growing (past bf16's precise range)", +1),
+        "layer_output_rms": ("w/o wd the layer-output RMS keeps growing", +1),
+        "vs_adamw": ("Muon w/ wd ends below AdamW", +1),
+        "early": ("vanilla Muon converges faster at first", -1),
     },
-    # Figure 2's inset: validation loss of vanilla Muon - Muon with weight decay
+    # Figure 2's inset, vanilla - with decay: -0.023 at iteration 24k, +0.017 at 66k (of ~76k)
     "inset": {
-        "vanilla_wins": {"by": 0.023, "iteration": 24000, "tokens": 24000 * _PAPER_TOKENS_PER_STEP},
-        "muon_wd_wins": {"by": 0.017, "iteration": 66000, "tokens": 66000 * _PAPER_TOKENS_PER_STEP},
+        "vanilla_ahead": {"by": 0.023, "fraction": 24000 / 76294},
+        "muon_wd_ahead": {"by": 0.017, "fraction": 66000 / 76294},
     },
-    "validation_loss_range": [2.25, 2.55],  # the figure's y axis, late in training
+}
+MEASURED = {  # our measure of each claim
+    "late": "final eval loss, w/o - w/ wd",
+    "weight_rms": "log growth of the hidden matrices' RMS over the 2nd half, w/o - w/ wd",
+    "layer_output_rms": "log growth of the largest layer-output RMS, 2nd half, w/o - w/ wd",
+    "vs_adamw": "final eval loss, AdamW - Muon w/ wd",
+    "early": "eval loss w/o - w/ wd at vanilla's largest mean lead (picked after the fact)",
 }
 
 
-# --- scale cpu: train -------------------------------------------------------------------
+def _dense(d: int, layers: int, heads: int) -> dict:
+    return dict(d_model=d, n_layers=layers, first_k_dense=layers, n_heads=heads, attention="mha",
+                head_dim=d // heads, intermediate_size=round(2.75 * d / 8) * 8)  # fmt: skip
 
 
-def cpu_base(quick: bool) -> dict:
-    """The shared TrainConfig fields of the CPU runs: a dense model (every layer
-    dense, SwiGLU width 2.75 d_model like Table 2's models, full MHA),
-    byte-level on the Python standard library's source."""
+def scale_setup(scale: str, quick: bool, devices: int) -> dict:
+    """Shared TrainConfig fields, Muon's rate, AdamW's first grid, the seeds."""
+    bpe = dict(corpus="python", tokenizer="bpe", dtype="bfloat16")
     if quick:
-        model = dict(
-            d_model=32, n_layers=2, first_k_dense=2, intermediate_size=88,
-            n_heads=2, attention="mha", head_dim=16,
-        )  # fmt: skip
-        return dict(
-            preset="tiny", model=model, steps=16, batch_size=8, seq_len=32,
-            learning_rate=1e-2, schedule="cosine", warmup_steps=2,
-            eval_every=2, eval_batches=1, log_every=2, checkpoint_every=8,
-        )  # fmt: skip
-    # ~57k non-embedding parameters; 700 steps x 64 x 128 = 5.7M tokens (~5x
-    # compute-optimal). Sized by throughput: on 2 cores a model this small runs
-    # at 20-30k tokens/s whatever its width (per-step overhead dominates), so
-    # tokens, not parameters, set the time: ~4-5 min per run.
-    model = dict(
-        d_model=48, n_layers=2, first_k_dense=2, intermediate_size=132,
-        n_heads=4, attention="mha", head_dim=12,
-    )  # fmt: skip
-    return dict(
-        preset="tiny", model=model, steps=700, batch_size=64, seq_len=128,
-        learning_rate=1e-2, schedule="cosine", warmup_steps=20,
-        eval_every=20, eval_batches=4, log_every=10, checkpoint_every=70,
-    )  # fmt: skip
+        json_package = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "json"
+        base = dict(model=_dense(16, 2, 2), batch_size=max(8, devices), seq_len=32, steps=24,
+                    warmup_steps=2, eval_batches=1, final_eval_tokens=2048,
+                    data=(str(json_package),), validation_fraction=0.1)  # fmt: skip
+        if scale == "gpu":
+            base.update(tokenizer="bpe", bpe_vocab_size=320, dtype="bfloat16")
+        seeds = (0, 1) if scale == "cpu" else (0,)  # gpu and pod: their data paths, once
+        return dict(base=base, muon_lr=0.0316, adamw=(0.0316,), seeds=seeds, adamw_seeds=(0,),
+                    checkpoints=4)  # fmt: skip
+    if scale == "cpu":
+        base = dict(model=_dense(16, 2, 2), batch_size=32, seq_len=128, steps=1200, warmup_steps=20)
+        return dict(base=base, muon_lr=0.0316, adamw=(0.01, 0.0178, 0.0316), seeds=(0, 1, 2),
+                    adamw_seeds=(0, 1), extend=True)  # fmt: skip
+    if scale == "gpu":
+        base = dict(bpe, model=_dense(128, 4, 4), batch_size=64, seq_len=512, steps=4900,
+                    warmup_steps=200, eval_batches=8, bpe_vocab_size=8192)  # fmt: skip
+        return dict(base=base, muon_lr=0.01, adamw=(3.16e-3, 5.62e-3, 0.01), seeds=(0, 1, 2),
+                    adamw_seeds=(0, 1), extend=True)  # fmt: skip
+    import compute_efficiency as ce  # Table 2's 822M row, as that script builds it
+
+    base = dict(bpe, model=ce.table2_model(ce.PAPER["table2"]["822M"]), batch_size=160,
+                seq_len=8192, steps=76294, warmup_steps=1000, bpe_vocab_size=32768)  # fmt: skip
+    return dict(base=base, muon_lr=8.825e-4, adamw=(8.825e-4,), seeds=(0, 1), adamw_seeds=(0,))
+
+
+def fields_of(setup: dict, curve: str, lr: float, seed: int, mesh) -> dict:
+    """A run's TrainConfig fields: WSD; 40 evaluations, 100 logs, 12 checkpoints (all kept)."""
+    steps, checkpoints = setup["base"]["steps"], setup.get("checkpoints", 12)
+    return dict(setup["base"], **CURVES[curve][1], preset="tiny", learning_rate=lr, seed=seed,
+                mesh=mesh, schedule="wsd", decay_fraction=0.2, eval_every=max(steps // 40, 1),
+                log_every=max(steps // 100, 1), checkpoint_every=steps // checkpoints,
+                keep_checkpoints=checkpoints + 1)  # fmt: skip
+
+
+# --- measurements from a run's files -----------------------------------------------------
 
 
 @functools.lru_cache
 def layer_output_rms_fn(model_config):
-    """f(params, tokens_BL) -> (n_layers,) RMS of the residual stream after each
-    block (a layer's output) on the batch; params: a checkpoint's nested dict.
-    Dense models only (MoE layers would also need the router biases)."""
+    """f(params, tokens_BL) -> the RMS of the residual stream after each block (dense models)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -122,276 +136,210 @@ def layer_output_rms_fn(model_config):
     from muonjax.models import Transformer
     from muonjax.models.transformer import LAYERS
 
-    if model_config.n_moe_layers:
-        raise ValueError("layer_output_rms_fn: dense models only (first_k_dense = n_layers)")
     graphdef, state = nnx.split(Transformer(model_config, rngs=nnx.Rngs(0)), nnx.Param)
 
-    @nnx.scan(
-        in_axes=(0, nnx.Carry, None),
-        out_axes=(nnx.Carry, 0),
-        transform_metadata={nnx.PARTITION_NAME: LAYERS},
-    )
+    @nnx.scan(in_axes=(0, nnx.Carry, None), out_axes=(nnx.Carry, 0),
+              transform_metadata={nnx.PARTITION_NAME: LAYERS})  # fmt: skip
     def blocks(block, x_BLD, positions_BL):
         y_BLD, _ = block(x_BLD, positions_BL)
         return y_BLD, jnp.sqrt(jnp.mean(jnp.square(y_BLD.astype(jnp.float32))))
 
     @jax.jit
-    def rms(params_state, tokens_BL):
-        model = nnx.merge(graphdef, params_state)
-        B, L = tokens_BL.shape
-        positions_BL = jnp.broadcast_to(jnp.arange(L), (B, L))
-        _, rms_N = blocks(
-            model.dense_layers, model.embed(tokens_BL).astype(model_config.dtype), positions_BL
-        )
-        return rms_N
+    def rms(params, tokens_BL):
+        model = nnx.merge(graphdef, params)
+        positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+        x_BLD = model.embed(tokens_BL).astype(model_config.dtype)
+        return blocks(model.dense_layers, x_BLD, positions_BL)[1]
 
     def f(params, tokens_BL):
-        nnx.replace_by_pure_dict(state, common.strip_values(params))
-        return [float(x) for x in rms(state, jnp.asarray(tokens_BL, jnp.int32))]
+        nnx.replace_by_pure_dict(state, params)
+        return rms(state, jnp.asarray(tokens_BL, jnp.int32)).tolist()
 
     return f
 
 
-def validation_batch(config) -> np.ndarray:
-    """The first evaluation batch's inputs (B, L), as the trainer evaluates on."""
+_WINDOWS: dict = {}  # (data, corpus, tokenizer, seq_len) -> held-out windows
+
+
+def held_out_windows(config, run_dir: pathlib.Path) -> np.ndarray:
+    """16 windows (inputs) spread over the held-out text, as evaluations read it."""
+    from muonjax.train import pipeline
     from muonjax.train.data import load_data
-    from muonjax.train.pipeline import TokenWindows, eval_batches
 
-    data = load_data(config, pathlib.Path(config.out))
-    windows = TokenWindows(data.validation_tokens, config.seq_len)
-    return eval_batches(windows, config.batch_size, 1, spread=False)[0][:, :-1]
+    key = (config.data, config.corpus, config.tokenizer, config.seq_len)
+    if key not in _WINDOWS:
+        held_out = load_data(config, run_dir).validation_tokens
+        batch = pipeline.eval_batches(pipeline.eval_rows(held_out, config.seq_len, False), 16, 1)[0]
+        _WINDOWS[key] = batch[(batch >= 0).all(axis=1), :-1]
+    return _WINDOWS[key]
 
 
-def train_one(config, tokens_BL, log) -> dict:
-    """Trains `config`; returns its curves and final numbers."""
-    from muonjax.train import read_metrics, run
+def measure(fields: dict, run_dir: pathlib.Path, summary) -> dict:
+    """The eval-loss curve (metrics.jsonl); per checkpoint, each layer's weight RMS
+    (its hidden matrices) and output RMS (on held-out windows)."""
+    from muonjax.models.spectra import hidden_matrices
+    from muonjax.train import TrainConfig, read_metrics
 
-    started = time.perf_counter()
-    summary = run(config, log=log)
-    wall = time.perf_counter() - started
-    per_step = config.batch_size * config.seq_len
-    metrics = read_metrics(config.out)
-    evals = [r for r in metrics if "eval_loss" in r]
-    logs = [r for r in metrics if "loss" in r]
-    saved = json.loads((pathlib.Path(config.out) / "config.json").read_text())
-    model_config = config.model_config(vocab_size=saved["model"]["vocab_size"])
-    if tokens_BL is None:
-        tokens_BL = validation_batch(config)
-    layer_rms = layer_output_rms_fn(model_config)
-    checkpoints = common.checkpoint_steps(config.out)
-    per_layer = [layer_rms(common.params_at(config.out, s), tokens_BL) for s in checkpoints]
+    evals = [r for r in read_metrics(run_dir) if "eval_loss" in r]
+    config = TrainConfig(**fields)
+    vocab = json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"]
+    output_rms = layer_output_rms_fn(config.model_config(vocab))
+    steps, weight, output = common.checkpoint_steps(run_dir), [], []
+    for step in steps:
+        params = common.strip_values(common.params_at(run_dir, step))
+        stacks = [np.asarray(leaf, np.float32) for _, _, leaf in hidden_matrices(params)]
+        squares = sum(np.sum(np.square(s), axis=(1, 2)) for s in stacks)  # per layer
+        weight.append(np.sqrt(squares / sum(s[0].size for s in stacks)).tolist())
+        output.append(output_rms(params, held_out_windows(config, run_dir)))
+    series = {"eval_step": [r["step"] for r in evals], "eval_loss": [r["eval_loss"] for r in evals]}
+    checkpoints = {"step": steps, "weight_rms": weight, "output_rms": output}
+    return {"series": series, "checkpoints": checkpoints}
+
+
+# --- the protocol ------------------------------------------------------------------------
+
+
+def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> list[dict]:
+    """The Muon pair at its rate on every seed, then AdamW's grid (extended past an edge)."""
+    runs = []
+
+    def train(curve: str, lr: float, seeds) -> float | None:
+        losses = []
+        for seed in seeds:
+            fields = fields_of(setup, curve, lr, seed, args.mesh)
+            if fields.get("tokenizer") == "bpe":
+                fields = ledger.tokenized(fields)
+            how = functools.partial(measure, fields)
+            r = ledger.train(fields, f"{curve} lr {lr:g} seed {seed}", how)
+            runs.append(dict(r, curve=curve, learning_rate=lr, seed=seed))
+            losses.append(runs[-1]["final_eval_loss"])
+        return None if None in losses else float(np.mean(losses))
+
+    for curve in ("muon_wd", "muon"):
+        train(curve, setup["muon_lr"], setup["seeds"])
+    losses = {lr: train("adamw", lr, setup["adamw_seeds"]) for lr in setup["adamw"]}
+    while setup.get("extend") and (lr := sweep.next_rate(losses, RATES)) is not None:
+        losses[lr] = train("adamw", lr, setup["adamw_seeds"])
+    return runs
+
+
+# --- the analysis ------------------------------------------------------------------------
+
+
+def by_seed(runs: list[dict], curve: str, lr: float | None = None) -> dict:
+    return {r["seed"]: r for r in runs if r["curve"] == curve and r["status"] == "done"
+            and lr in (None, r["learning_rate"])}  # fmt: skip
+
+
+def adamw_grid(runs: list[dict]) -> dict:
+    """{rate: AdamW's seed mean of final_eval_loss, None if a seed diverged}."""
+    grid = {}
+    for r in runs:
+        if r["curve"] == "adamw":
+            grid.setdefault(r["learning_rate"], []).append(r["final_eval_loss"])
+    return {lr: None if None in v else float(np.mean(v)) for lr, v in sorted(grid.items())}
+
+
+def growth(steps, values) -> float:
+    """log(value at the end / value at the step nearest half the run): > 0, still growing."""
+    half = int(np.argmin(np.abs(np.asarray(steps) - steps[-1] / 2)))
+    return math.log(values[-1] / values[half])
+
+
+def crossing(steps, difference) -> int | None:
+    """The step from which `difference` (vanilla - w/ wd) stays > 0; None if it ends <= 0."""
+    if difference[-1] <= 0:
+        return None
+    i = len(difference) - 1
+    while i > 0 and difference[i - 1] > 0:
+        i -= 1
+    return steps[i]
+
+
+POOL = {  # a checkpoint's per-layer RMS -> one number
+    "weight_rms": lambda x: np.sqrt(np.mean(np.square(x), 1)),  # of all the hidden matrices
+    "output_rms": lambda x: np.max(x, 1),  # the largest layer's
+}
+
+
+def analyse(runs: list[dict]) -> dict:
+    """Per curve, estimates over seeds; the claims' paired differences and verdicts;
+    the eval-loss difference over the run, and where Muon w/ wd overtakes for good."""
+    grid = adamw_grid(runs)
+    lr = min((x for x in grid if grid[x] is not None), key=grid.get, default=None)
+    rs = {c: by_seed(runs, c, lr if c == "adamw" else None) for c in CURVES}
+    per = {c: {"final": {s: r["final_eval_loss"] for s, r in x.items()}} for c, x in rs.items()}
+    for c, x in rs.items():
+        for k, pool in POOL.items():
+            ck = {s: r["checkpoints"] for s, r in x.items()}
+            per[c][f"{k}_growth"] = {s: growth(p["step"], pool(p[k])) for s, p in ck.items()}
+    seeds = sorted(set(rs["muon"]) & set(rs["muon_wd"]))
+    first = rs["muon"][seeds[0]]
+    steps, total = first["series"]["eval_step"], first["fields"]["steps"]
+    curve = lambda c, s: np.array(rs[c][s]["series"]["eval_loss"])
+    loss = {c: {s: curve(c, s) for s in seeds} for c in ("muon", "muon_wd")}
+    at = lambda c, i: {s: loss[c][s][i] for s in seeds}
+    per_step = [sweep.paired(at("muon", i), at("muon_wd", i)) for i in range(len(steps))]
+    lead = int(np.argmin([e.mean for e in per_step]))
+    crossings = {s: crossing(steps, loss["muon"][s] - loss["muon_wd"][s]) for s in seeds}
+    crossed = [c / total for c in crossings.values() if c is not None]
+    pair = lambda a, key: sweep.paired(per[a][key], per["muon_wd"][key])
+    differences = {"late": pair("muon", "final"), "weight_rms": pair("muon", "weight_rms_growth"),
+                   "layer_output_rms": pair("muon", "output_rms_growth"),
+                   "vs_adamw": pair("adamw", "final"), "early": per_step[lead]}  # fmt: skip
+    sign = lambda k: PAPER["claims"][k][1]
+    end = lambda x, k: np.mean([r["checkpoints"][k][-1] for r in x.values()], 0).tolist()
     return {
-        "eval": {
-            "step": [r["step"] for r in evals],
-            "tokens": [r["step"] * per_step for r in evals],
-            "eval_loss": [float(r["eval_loss"]) for r in evals],
-        },
-        "train": {
-            "step": [r["step"] for r in logs],
-            "tokens": [r["tokens"] for r in logs],
-            **{
-                key: [float(r[key]) for r in logs]
-                for key in (
-                    "loss",
-                    "learning_rate",
-                    "weight_rms_muon",
-                    "weight_rms_adamw",
-                    "update_rms_muon",
-                    "update_rms_adamw",
-                )
-                if key in logs[0]
-            },  # fmt: skip
-        },
-        "layer_output_rms": {
-            "step": checkpoints,
-            "tokens": [s * per_step for s in checkpoints],
-            "per_layer": per_layer,
-            "max": [max(x) for x in per_layer],
-        },
-        "final": {
-            "eval_loss": float(summary.eval_loss),
-            "train_loss": float(np.mean([r["loss"] for r in logs[-max(len(logs) // 10, 1) :]])),
-            "weight_rms_muon": float(logs[-1]["weight_rms_muon"]),
-            "weight_rms_adamw": float(logs[-1]["weight_rms_adamw"]),
-            "layer_output_rms_max": max(per_layer[-1]),
-        },
-        "summary": {**summary.to_json(), "out": None, "metrics_path": None},
-        "wall_time_s": wall,
-        "_vocab_size": saved["model"]["vocab_size"],
-        "_parameters": saved["parameters"],
-        "_train_tokens": saved["data"]["train_tokens"],
-        "_tokens_BL": tokens_BL,
-    }
+        "adamw_rate": lr,
+        "adamw_grid": {f"{x:g}": m for x, m in grid.items()},
+        "curves": {c: {**{k: sweep.estimate(v.values()).to_json() for k, v in per[c].items()},
+                       **{f"end_{k}": end(x, k) for k in POOL}} for c, x in rs.items() if x},
+        "claims": {k: {"difference": e.to_json(), "verdict": sweep.verdict(e, sign(k))}
+                   for k, e in differences.items()},
+        "eval_step": steps,
+        "vanilla_minus_wd": [e.to_json() for e in per_step],
+        "early_lead_step": steps[lead],
+        "crossing": {"by_seed": {str(s): c for s, c in crossings.items()},
+                     "fraction": sweep.estimate(crossed).to_json() if crossed else None},
+    }  # fmt: skip
 
 
-def run_cpu(args) -> dict:
-    import jax
-
-    from muonjax.train import TrainConfig
-
-    base = cpu_base(args.quick)
-    results = {"scale": "cpu", "quick": args.quick, "base": base, "runs": {}, "configs": {}}
-    started = time.perf_counter()
-    quiet = lambda *_: None
-    tokens_BL = None
-    with tempfile.TemporaryDirectory(prefix="weight_decay-") as tmp:
-        for name, (label, fields) in RUNS.items():
-            config = TrainConfig(
-                out=str(pathlib.Path(tmp) / name),
-                **base,
-                **fields,
-                keep_checkpoints=base["steps"] // base["checkpoint_every"] + 1,
-                progress=False,
-                mesh=None,  # every device on data
-            )
-            print(f"{label}: training {config.steps} steps ...", flush=True)
-            r = train_one(config, tokens_BL, quiet)
-            tokens_BL = r.pop("_tokens_BL")
-            info = {k[1:]: r.pop(k) for k in ("_vocab_size", "_parameters", "_train_tokens")}
-            results["runs"][name] = {"label": label, **r}
-            results["configs"][name] = {**config.to_json(), "out": None}
-            print(
-                f"{label}: eval loss {r['final']['eval_loss']:.4f}, weight RMS "
-                f"{r['final']['weight_rms_muon']:.4f}, {r['wall_time_s']:.0f} s "
-                f"({r['summary']['tokens_per_s'] or 0:.0f} tokens/s)",
-                flush=True,
-            )
-    non_embedding = info["parameters"]["total_non_embedding"]
-    tokens = base["steps"] * base["batch_size"] * base["seq_len"]
-    results["setup"] = {
-        "parameters": info["parameters"],
-        "vocab_size": info["vocab_size"],
-        "tokens": tokens,
-        "tokens_per_non_embedding_parameter": tokens / non_embedding,
-        # Chinchilla's ~20 tokens per parameter (the paper's Sec. 3.2 fits its own)
-        "compute_optimal_tokens": 20 * non_embedding,
-        "over_training_factor": tokens / (20 * non_embedding),
-        "epochs": tokens / info["train_tokens"],
-        "train_tokens_in_corpus": info["train_tokens"],
-        "validation_batch_for_layer_rms": list(tokens_BL.shape),
-    }
-    results["comparison"] = compare(results["runs"])
-    results["wall_time_s"] = time.perf_counter() - started
-    results["devices"] = jax.device_count()
-    return results
+# --- report ------------------------------------------------------------------------------
 
 
-def compare(runs: dict) -> dict:
-    """Where vanilla Muon is ahead of / behind Muon with decay (Figure 2's inset:
-    difference = vanilla - with decay, negative = vanilla ahead), and Muon with
-    decay against AdamW."""
-    tokens = runs["muon_wd"]["eval"]["tokens"]
-    assert runs["muon"]["eval"]["tokens"] == tokens == runs["adamw"]["eval"]["tokens"]
-    wd = np.asarray(runs["muon_wd"]["eval"]["eval_loss"])
-    diff = np.asarray(runs["muon"]["eval"]["eval_loss"]) - wd
-    vs_adamw = np.asarray(runs["adamw"]["eval"]["eval_loss"]) - wd  # positive: Muon w/ wd ahead
-
-    def stays_positive_from(d):
-        """Tokens from which d > 0 at every later evaluation (None if it ends <= 0)."""
-        if d[-1] <= 0:
-            return None
-        i = len(d) - 1
-        while i > 0 and d[i - 1] > 0:
-            i -= 1
-        return tokens[i]
-
-    lo, hi = int(np.argmin(diff)), int(np.argmax(diff))
-    behind = [t for t, d in zip(tokens, diff) if d < 0]
-    return {
-        "tokens": tokens,
-        "vanilla_minus_wd": diff.tolist(),
-        "adamw_minus_muon_wd": vs_adamw.tolist(),
-        "vanilla_wins": {"by": float(-diff[lo]), "tokens": tokens[lo]} if diff[lo] < 0 else None,
-        "muon_wd_wins": {"by": float(diff[hi]), "tokens": tokens[hi]} if diff[hi] > 0 else None,
-        "vanilla_ahead_fraction_of_evals": float(np.mean(diff < 0)),
-        "vanilla_last_ahead_tokens": behind[-1] if behind else None,
-        # the token count where Muon w/ wd overtakes vanilla Muon for good
-        "muon_wd_ahead_for_good_from_tokens": stays_positive_from(diff),
-        "muon_wd_ahead_of_adamw_for_good_from_tokens": stays_positive_from(vs_adamw),
-        "final_vanilla_minus_wd": float(diff[-1]),
-        "final_adamw_minus_muon_wd": float(vs_adamw[-1]),
-    }
+def _e(d: dict) -> sweep.Estimate:
+    return sweep.Estimate(**{**d, "values": tuple(d["values"])})
 
 
-def _growth(values, tokens) -> float:
-    """values at the end / values at half the run (> 1: still growing)."""
-    half = int(np.searchsorted(tokens, tokens[-1] / 2))
-    return float(values[-1] / values[min(half, len(values) - 1)])
-
-
-def claims(results: dict) -> list[tuple[str, str, str]]:
-    """(claim, paper, ours) rows."""
-    runs, c = results["runs"], results["comparison"]
-    claims_paper = PAPER["claims"]
-    inset = PAPER["inset"]
-
-    def weight(name):
-        t = runs[name]["train"]
-        return t["weight_rms_muon"], t["tokens"]
-
-    def layer(name):
-        t = runs[name]["layer_output_rms"]
-        return t["max"], t["tokens"]
-
-    def mt(tokens):
-        return f"{tokens / 1e6:.3g}M tokens"
-
-    rows = []
-    for key, get, what in (
-        ("weight_rms_without_wd", weight, "weight RMS"),
-        ("layer_output_rms_without_wd", layer, "max layer-output RMS"),
-    ):
-        v, t = get("muon")
-        w, tw = get("muon_wd")
-        rows.append((
-            f"w/o wd, {what}",
-            claims_paper[key].split(" (")[0],
-            f"{v[0]:.3g} -> {v[-1]:.3g} (x{_growth(v, t):.2f} over the second half); "
-            f"w/ wd {w[-1]:.3g} (x{_growth(w, tw):.2f}); AdamW {get('adamw')[0][-1]:.3g}",
-        ))  # fmt: skip
-    vw, ww = c["vanilla_wins"], c["muon_wd_wins"]
-    rows.append((
-        "early: vanilla Muon ahead",
-        f"by {inset['vanilla_wins']['by']} at iteration {inset['vanilla_wins']['iteration']}",
-        (f"by {vw['by']:.3g} at {mt(vw['tokens'])}; ahead at "
-         f"{c['vanilla_ahead_fraction_of_evals']:.0%} of evaluations, last at "
-         f"{mt(c['vanilla_last_ahead_tokens'])}") if vw else "never",
-    ))  # fmt: skip
-    rows.append((
-        "late: Muon w/ wd ahead",
-        f"by {inset['muon_wd_wins']['by']} at iteration {inset['muon_wd_wins']['iteration']}",
-        (f"by {ww['by']:.3g} at {mt(ww['tokens'])}; ahead for good from "
-         + (mt(c["muon_wd_ahead_for_good_from_tokens"])
-            if c["muon_wd_ahead_for_good_from_tokens"] is not None else "- (not at the end)")
-         + f"; final difference {c['final_vanilla_minus_wd']:+.4f}") if ww else "never",
-    ))  # fmt: skip
-    good = c["muon_wd_ahead_of_adamw_for_good_from_tokens"]
-    rows.append((
-        "Muon w/ wd beats AdamW",
-        "yes, lower validation loss",
-        f"final AdamW - Muon w/ wd {c['final_adamw_minus_muon_wd']:+.4f}"
-        + (f"; ahead for good from {mt(good)}" if good is not None else ""),
-    ))  # fmt: skip
-    return rows
+def _pm(d: dict) -> str:
+    spread = f" ± {d['half_width']:.4f}" if d["n"] > 1 else ""
+    return f"{d['mean']:.4f}{spread} (n={d['n']})"
 
 
 def markdown(results: dict) -> str:
-    runs = results["runs"]
-    lines = [
-        "| run | final eval loss | best eval loss | final train loss | weight RMS (Muon-group "
-        "matrices) | max layer-output RMS | tokens/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in runs.values():
-        f = r["final"]
-        lines.append(
-            f"| {r['label']} | {f['eval_loss']:.4f} | {min(r['eval']['eval_loss']):.4f} "
-            f"| {f['train_loss']:.4f} | {f['weight_rms_muon']:.4g} | {f['layer_output_rms_max']:.4g} "
-            f"| {r['summary']['tokens_per_s'] or 0:.0f} |"
-        )
-    lines += ["", "| claim | paper (800M, 100B tokens) | ours |", "|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in claims(results)]
-    return "\n".join(lines)
+    a, cells = results["analysis"], lambda xs: ", ".join(f"{v:.3f}" for v in xs)
+    head = ("curve", "rate", "final eval loss", "log growth of weight RMS, 2nd half",
+            "of largest layer-output RMS", "weight RMS per layer, end",
+            "output RMS per layer, end")  # fmt: skip
+    lines = [sweep.table_row(*head), sweep.table_row(*["---"] * 7)]
+    for c, x in a["curves"].items():
+        lr = a["adamw_rate"] if c == "adamw" else results["setup"]["muon_lr"]
+        growths = (_pm(x["weight_rms_growth"]), _pm(x["output_rms_growth"]))
+        ends = (cells(x["end_weight_rms"]), cells(x["end_output_rms"]))
+        lines.append(sweep.table_row(CURVES[c][0], f"{lr:g}", _pm(x["final"]), *growths, *ends))
+    lines += ["", sweep.table_row("claim (paper)", "ours", "paired difference (95%)", "verdict"),
+              sweep.table_row(*["---"] * 4)]  # fmt: skip
+    for k, claim in a["claims"].items():
+        lines.append(sweep.table_row(PAPER["claims"][k][0], MEASURED[k], _e(claim["difference"]),
+                                     claim["verdict"]))  # fmt: skip
+    cross, grid = a["crossing"], a["adamw_grid"]
+    fraction = f"; as a fraction of the run {_pm(cross['fraction'])}" if cross["fraction"] else ""
+    return "\n".join([*lines, "",
+        "AdamW's grid, seed means: "
+        + ", ".join(f"{x}: {'diverged' if m is None else round(m, 4)}" for x, m in grid.items()),
+        "Muon w/ wd ahead for good from step (per seed): "
+        + ", ".join(f"{s}: {c or 'never'}" for s, c in cross["by_seed"].items())
+        + f"{fraction} (paper: 0.31-0.87)"])  # fmt: skip
 
 
 def plot(results: dict, path: pathlib.Path, title: str) -> None:
@@ -400,192 +348,91 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs, c = results["runs"], results["comparison"]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    (loss_ax, diff_ax), (weight_ax, layer_ax) = axes
-    millions = lambda xs: np.asarray(xs) / 1e6
+    a = results["analysis"]
+    fig, ((loss_ax, diff_ax), (weight_ax, output_ax)) = plt.subplots(2, 2, figsize=(13, 9))
     late = []
-    for name, r in runs.items():
-        t, v = millions(r["eval"]["tokens"]), np.asarray(r["eval"]["eval_loss"])
-        loss_ax.plot(t, v, color=COLORS[name], label=r["label"])
-        late.extend(v[len(v) // 5 :])
-        weight_ax.plot(millions(r["train"]["tokens"]), r["train"]["weight_rms_muon"],
-                       color=COLORS[name], label=r["label"])  # fmt: skip
-        lr = r["layer_output_rms"]
-        layer_ax.plot(millions(lr["tokens"]), lr["max"], "o-", color=COLORS[name], label=r["label"])
-    if late:  # the paper's view: the later part of the run
-        low, high = min(late), max(late)
-        loss_ax.set_ylim(low - 0.05 * (high - low + 1e-3), high + 0.05 * (high - low + 1e-3))
-    loss_ax.set_title("validation loss (Figure 2)")
-    loss_ax.set_ylabel("eval loss")
-    loss_ax.legend()
-    t = millions(c["tokens"])
-    diff_ax.plot(t, c["vanilla_minus_wd"], color="k", label="vanilla Muon - Muon w/ wd")
-    diff_ax.plot(
-        t, c["adamw_minus_muon_wd"], color="tab:green", ls="--", label="AdamW - Muon w/ wd"
-    )
+    for c, (label, _) in CURVES.items():
+        rs = list(by_seed(results["runs"], c, a["adamw_rate"] if c == "adamw" else None).values())
+        for i, r in enumerate(rs):
+            loss_ax.plot(*r["series"].values(), color=COLORS[c], lw=1, alpha=0.7,
+                         label=label if i == 0 else None)  # fmt: skip
+            late += r["series"]["eval_loss"][len(r["series"]["eval_loss"]) // 4 :]
+        for ax, key in ((weight_ax, "weight_rms"), (output_ax, "output_rms")):
+            layers = np.mean([r["checkpoints"][key] for r in rs], 0).T if rs else []
+            for i, per_layer in enumerate(layers):
+                ax.plot(rs[0]["checkpoints"]["step"], per_layer, ("-", "--", ":", "-.")[i % 4],
+                        marker="o", ms=3, color=COLORS[c], label=f"{label}, layer {i}")  # fmt: skip
+    loss_ax.set_ylim(min(late) - 0.02, max(late) + 0.02)
+    sweep.error_bars(diff_ax, a["eval_step"], [_e(d) for d in a["vanilla_minus_wd"]], color="k",
+                     ms=3, label="Muon w/o - w/ wd (mean ± 95% over seeds)")  # fmt: skip
+    for key, sign in (("muon_wd_ahead", 1), ("vanilla_ahead", -1)):
+        by = PAPER["inset"][key]["by"]
+        sweep.paper_line(diff_ax, sign * by, f"paper: {key.replace('_', ' ')} by {by}")
     diff_ax.axhline(0, color="grey", lw=0.8)
-    for key, where in (("vanilla_wins", "vanilla wins"), ("muon_wd_wins", "Muon w/ wd wins")):
-        w = c[key]
-        if w:
-            sign = -1 if key == "vanilla_wins" else 1
-            diff_ax.annotate(f"{where} {w['by']:.3f}\nat {w['tokens'] / 1e6:.2f}M tokens",
-                             (w["tokens"] / 1e6, sign * w["by"]), fontsize=8,
-                             textcoords="offset points", xytext=(5, 5 * sign))  # fmt: skip
-    diff_ax.set_title("difference in eval loss (Figure 2's inset; > 0: Muon w/ wd ahead)")
-    diff_ax.legend(fontsize=8)
-    weight_ax.set_title("weight RMS, Muon-group hidden matrices")
-    weight_ax.set_ylabel("RMS")
-    layer_ax.set_title("layer-output RMS (max over layers, a validation batch)")
-    for ax in axes.flat:
-        ax.set_xlabel("training tokens (M)")
+    titles = {loss_ax: "eval loss (Figure 2), every seed",
+              diff_ax: "eval-loss difference (Figure 2's inset; > 0: w/ wd ahead)",
+              weight_ax: "weight RMS of the hidden matrices per layer, seed mean",
+              output_ax: "layer-output RMS per layer (held-out windows), seed mean"}  # fmt: skip
+    for ax, name in titles.items():
+        ax.set(title=name, xlabel="step")
         ax.grid(alpha=0.3)
-    weight_ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-# --- scale pod: build and inspect -------------------------------------------------------
-
-# Table 2's 822M row: 16 layers, hidden 2048, 16 heads; dense SwiGLU of width
-# 2.75 x 2048 = 5632, which with full MHA (head dim 128) gives 822M non-embedding
-# parameters. The moonlight-16b-a3b preset gives the vocabulary (Moonlight's
-# tokenizer, 163840: the paper does not state its scaling-law models'),
-# bfloat16 activations and remat.
-POD_MODEL = dict(
-    d_model=2048, n_layers=16, first_k_dense=16, intermediate_size=5632,
-    n_heads=16, attention="mha", head_dim=128,
-)  # fmt: skip
-# Vanilla Muon's step is Muon w/ wd's program with a decay of 0 (same buffers,
-# FLOPs to one multiply-add per parameter): inspected once.
-INSPECT_AS = {"muon": "muon_wd"}
-POD_QUICK_MODEL = dict(
-    d_model=64, n_layers=1, first_k_dense=1, intermediate_size=176,
-    n_heads=4, attention="mha", head_dim=16,
-)  # fmt: skip
+# --- main --------------------------------------------------------------------------------
 
 
-def pod_setup(quick: bool, data_parallel: int) -> dict:
-    """The paper's runs: 100B tokens at 160 x 8K sequences per step (Table 2's
-    822M batch), lr 8.825e-4 (Table 2), cosine; one sequence per data-parallel
-    rank per micro-batch (grad_accum = 160 / data-parallel size)."""
-    if quick:
-        preset, model, seq_len, batch, tokens = "tiny", POD_QUICK_MODEL, 64, 2 * data_parallel, None
-    else:
-        preset, model, seq_len, batch, tokens = "moonlight-16b-a3b", POD_MODEL, 8192, 160, 100e9
-    if batch % data_parallel:
-        raise SystemExit(
-            f"--mesh: the data-parallel size {data_parallel} (data x expert) does not divide "
-            f"the paper's batch of {batch} sequences"
-        )
-    steps = 20 if quick else round(tokens / (batch * seq_len))
-    return dict(
-        preset=preset, model=model, seq_len=seq_len, batch_size=batch,
-        grad_accum=batch // data_parallel, learning_rate=8.825e-4, schedule="cosine",
-        steps=steps, warmup_steps=2 if quick else 1000,  # warmup: not stated by the paper; ours
-    )  # fmt: skip
-
-
-def run_pod(args) -> dict:
-    from muonjax.models import flops_per_token, param_counts
-    from muonjax.parallel.mesh import make_mesh, parse_mesh
+def configs(args, setup: dict) -> dict:
+    """Each curve's TrainConfig at its first rate, seed 0 (for --dry-run)."""
     from muonjax.train import TrainConfig
-    from muonjax.train.costs import step_costs
 
-    sizes = parse_mesh(args.mesh)
-    mesh = make_mesh(sizes)
-    setup = pod_setup(args.quick, sizes["data"] * sizes["expert"])
-    started = time.perf_counter()
-    configs = {
-        name: TrainConfig(out=f"runs/{NAME}/{name}", **setup, **fields, mesh=args.mesh)
-        for name, (_, fields) in RUNS.items()
-    }
-    report, cache = {}, {}
-    for name, config in configs.items():
-        label, model = RUNS[name][0], config.model_config()
-        key = INSPECT_AS.get(name, name)
-        if key not in cache:
-            t = time.perf_counter()
-            cache[key] = {**step_costs(configs[key], mesh), "inspect_s": time.perf_counter() - t}
-            print(f"{RUNS[key][0]}: inspected in {cache[key]['inspect_s']:.0f} s", flush=True)
-        inspected = {**cache[key], "inspected_setting": key}
-        per_token = flops_per_token(model, config.seq_len)
-        tokens = config.steps * config.batch_size * config.seq_len
-        counts = param_counts(model)
-        report[name] = {
-            "label": label,
-            "config": config.to_json(),
-            "model": dict(model.__dict__),
-            "parameters": counts,
-            "flops_per_token": per_token,
-            "six_n_non_embedding": 6 * counts["active_non_embedding"],
-            "tokens": tokens,
-            "over_training_factor": tokens / (20 * counts["total_non_embedding"]),
-            "run_flops": float(per_token) * tokens,
-            "inspect": inspected,
-            "peak_bytes_per_device": inspected["peak_bytes"],
-        }
-    return {
-        "mesh": args.mesh,
-        "vocab_size": report["muon_wd"]["model"]["vocab_size"],
-        "vocab_assumption": "Moonlight's tokenizer (163840), from the moonlight-16b-a3b preset; "
-        "the paper does not state its scaling-law models' vocabulary",
-        "setup": setup,
-        "runs": report,
-        "wall_time_s": time.perf_counter() - started,
-    }
-
-
-def pod_markdown(pod: dict) -> str:
-    lines = [
-        "| run | params (total / non-emb.) | FLOPs/token (6N non-emb.) | steps x batch x seq | tokens "
-        "(x compute-opt.) | run FLOPs | peak GiB/device |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in pod["runs"].values():
-        p, c = r["parameters"], r["config"]
-        lines.append(
-            f"| {r['label']} | {p['total'] / 1e6:.0f}M / {p['total_non_embedding'] / 1e6:.0f}M "
-            f"| {r['flops_per_token']:.3g} ({r['six_n_non_embedding']:.3g}) "
-            f"| {c['steps']} x {c['batch_size']} x {c['seq_len']} (grad_accum {c['grad_accum']}) "
-            f"| {r['tokens']:.3g} (x{r['over_training_factor']:.1f}) | {r['run_flops']:.3g} "
-            f"| {r['peak_bytes_per_device'] / 2**30:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-# --- main -------------------------------------------------------------------------------
+    first = {"adamw": setup["adamw"][0], "muon": setup["muon_lr"], "muon_wd": setup["muon_lr"]}
+    return {c: TrainConfig(**fields_of(setup, c, first[c], 0, args.mesh)) for c in CURVES}
 
 
 def main(argv=None) -> int:
-    args = common.arguments(NAME, __doc__, argv)
-    out = pathlib.Path(args.out)
-    if args.scale == "pod":
-        pod = run_pod(args)
-        print(f"vocab {pod['vocab_size']} ({pod['vocab_assumption']})")
-        return common.report_pod(out, PAPER, args.quick, pod, pod_markdown(pod))
+    args = sweep.arguments(NAME, __doc__, argv)
+    import jax
 
-    results = {"paper": PAPER, **run_cpu(args)}
-    s = results["setup"]
-    print(
-        f"\n{s['parameters']['total_non_embedding']:,} non-embedding parameters, "
-        f"{s['tokens'] / 1e6:.2f}M tokens = {s['tokens_per_non_embedding_parameter']:.3g} "
-        f"tokens/param (x{s['over_training_factor']:.2g} compute-optimal, "
-        f"{s['epochs']:.2f} epochs of the corpus)\n"
-    )
+    from muonjax.models import param_counts
+
+    setup = scale_setup(args.scale, args.quick, jax.device_count())
+    started = time.perf_counter()
+    if args.dry_run:
+        report = sweep.dry_run(configs(args, setup))
+        path = sweep.write_results(args.out, {"scale": args.scale, "quick": args.quick,
+                                              "dry_run": report})  # fmt: skip
+        print(f"wrote {path}")
+        return 0
+    ledger = sweep.Ledger(args.out)
+    runs = run_sweep(args, ledger, setup)
+    params = param_counts(configs(args, setup)["muon"].model_config())["total_non_embedding"]
+    tokens = setup["base"]["steps"] * setup["base"]["batch_size"] * setup["base"]["seq_len"]
+    over = tokens / (20 * params)
+    results = {
+        "paper": PAPER, "scale": args.scale, "quick": args.quick, "devices": jax.device_count(),
+        "setup": {**setup, "non_embedding_params": params, "tokens": tokens, "over_training": over},
+        "runs": runs, "analysis": analyse(runs), "wall_time_s": time.perf_counter() - started,
+        "training_time_s": sum(r["wall_time_s"] for r in runs),
+    }  # fmt: skip
+    if not ledger.lead:
+        return 0
     print(markdown(results))
-    print(f"\nwall time {results['wall_time_s']:.0f} s in all")
-    path = common.write_results(out, results)
-    plot(results, out / f"{NAME}.png",
-         f"Weight decay, Figure 2 ({'quick' if args.quick else 'cpu'}): "
-         f"{s['parameters']['total_non_embedding'] / 1e3:.0f}k non-emb. params, "
-         f"{s['tokens'] / 1e6:.1f}M tokens (x{s['over_training_factor']:.1f} compute-optimal)")  # fmt: skip
-    print(f"wrote {path} and {out / f'{NAME}.png'}")
+    path, figure = sweep.write_results(args.out, results), pathlib.Path(args.out) / f"{NAME}.png"
+    scale = args.scale + (", quick" if args.quick else "")
+    plot(results, figure, f"Weight decay, Figure 2 ({scale}): {params:,} non-emb. params, "
+         f"{tokens:.3g} tokens ({over:.2g}x compute-optimal), WSD")  # fmt: skip
+    print(f"wrote {path} and {figure}")
     return 0
 
 
 if __name__ == "__main__":
-    common.start_jax()
+    import sys
+
+    options = sweep.arguments(NAME, __doc__, sys.argv[1:])
+    sweep.start_jax(8 if options.scale == "pod" and options.quick else 1)
     sys.exit(main())

@@ -26,6 +26,8 @@ def test_estimate_is_the_mean_with_a_student_t_interval():
     )
     assert e.half_width == pytest.approx(4.303 * e.std / math.sqrt(3))  # t(0.975, df=2)
     assert sweep.estimate([5.0]).half_width == math.inf
+    none = sweep.estimate([])  # every seed diverged
+    assert none.n == 0 and math.isnan(none.mean) and sweep.verdict(none, 1) == "inconclusive"
 
 
 def test_paired_differences_use_the_seeds_both_have():

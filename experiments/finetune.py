@@ -1,66 +1,66 @@
 """Fine-tuning: Sec. 3.4 and Table 6 of "Muon is Scalable for LLM Training".
 
-    python experiments/finetune.py                 # --scale cpu: 2 pretraining + 12 SFT runs, ~9 min
-    python experiments/finetune.py --quick         # toy sizes, end to end in seconds
-    python experiments/finetune.py --scale pod [--mesh data=8]   # build + inspect, no training
+    python experiments/finetune.py [--scale cpu|gpu|pod] [--quick] [--dry-run]
 
-2 x 2: pretrain with Muon or AdamW, then fine-tune (SFT) each with Muon or
-AdamW. The SFT task is built offline from this machine's Python standard
-library: prompt = a function's signature and docstring, response = its body
-(loss on the response only, --data-format sft-jsonl). A fixed fifth of the
-standard library's files (by a hash of the path) is held out of pretraining and
-supplies the SFT pairs; the pairs of the last fifth of those files (in path
-order) are held out of SFT too and are what every fine-tune is evaluated on, so
-the evaluation functions were never seen, in pretraining or SFT.
+2 x 2: pretrain with Muon or AdamW, then fine-tune (SFT) each model with Muon
+or AdamW (fresh optimizer state, --init-from the pretrained run). The SFT task
+is built from Python source: prompt = a function's signature and docstring,
+response = its body (loss on the response only, --data-format sft-jsonl). A
+fixed fifth of the source files (by a hash of the path) is held out of
+pretraining and supplies the SFT pairs, of which the trainer holds out
+SFT_EVAL_FRACTION by the pair's hash: final_eval_loss scores every held-out
+pair, one per row, its prompt always present.
 
-Pretraining: one dense byte-level model, both optimizers at the same learning
-rate (AdamW's best at this scale in experiments/update_rms.py; the paper's
-protocol reuses AdamW's rate for Muon), weight decay 0.1, cosine. SFT: fresh
-optimizer state (the paper's setting: the SFT optimizer differs from the
-pretraining one in half the cells), every cell swept over SFT_LEARNING_RATES,
-extended by half-decades while a cell's best rate is at the edge of those tried;
-the best kept (the same rule for both SFT optimizers). Reported: the held-out
-response loss of every cell, and of the pretrained models before SFT.
+Pretraining: each optimizer's rate on a quarter-decade grid from three rates,
+extended while the best is at an edge, PRETRAIN_SEEDS at every rate, chosen on
+seed means of final_eval_loss; the best rate's seed-0 model is fine-tuned. SFT:
+each cell's rate on a quarter-decade grid (extended so too) with SFT seed
+SELECT_SEED, then SFT_SEEDS (other seeds: no seed both picks and measures) at
+the chosen rate. The pretrained models before SFT are scored by a 1-step SFT
+run at learning rate 0 (warmup's first step: the parameters do not change; a
+0-step run has no final evaluation). Reported: the 2 x 2 (mean ± 95% over SFT
+seeds), paired differences over SFT seeds with verdicts (Muon+Muon against each
+other cell: paper lower loss; AdamW-pretrained Muon-SFT - AdamW-SFT: paper "no
+clear advantage", reproduced unless Muon-SFT is lower with 95% confidence, so
+few seeds favour it), and the pretraining optimizer's effect (Muon - AdamW,
+paired over pretraining seeds: paper lower).
 
-Paper (Table 6: Moonlight@1.2T tokens, SFT on tulu-3; MMLU / HumanEval / GSM8K):
-Muon+Muon 55.7 / 57.3 / 68.0 is best; when pretraining and SFT optimizers
-differ, Muon-SFT shows no clear advantage over AdamW-SFT.
-
-Writes results/finetune/results.json and finetune.png. --scale pod builds the
-paper's setting as far as muonjax expresses it (the Moonlight-16B-A3B MoE,
-8K sequences, tulu-3-sized SFT) and reports parameters, FLOPs and `inspect`'s
-per-device peak memory on --mesh.
+cpu: the standard library, byte-level, d48 x 2, 400 steps of 16 x 128; SFT 100
+steps of 16 x 128 on ~820 pairs, ~205 held out: 38-46 runs (2 x 6-8 pretraining,
+2 before SFT, 4 x (3-4 + 3) SFT), ~20-30 min on 2 idle cores (estimated from
+update_rms's d48 x 2 runs; not yet run at full size). gpu: the python
+corpus (stdlib + site-packages), BPE 8192, bfloat16, d256 x 6, 3000 steps of
+64 x 512 (~20 tokens per parameter; about 2 minutes a run on an H100:
+estimated, not run); SFT 400 steps of 64 x 512. pod: the paper's
+Moonlight-16B-A3B on the python corpus (BPE 32768), 1.2T tokens of 2048 x 8K
+at 4.2e-4 (no sweep), one pretraining seed; SFT 200 steps of 128 x 4K at 2e-5
+(the paper states none), 3 SFT seeds. OUT/ledger.json and OUT/runs/ make it
+resumable; the task is written once to OUT/task/.
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import hashlib
-import itertools
 import json
+import math
 import pathlib
-import shutil
 import sys
-import tempfile
 import textwrap
 import time
 
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402
+import sweep
 
 NAME = "finetune"
-
 OPTIMIZERS = ("muon", "adamw")
 LABELS = {"muon": "Muon", "adamw": "AdamW"}
-PRETRAIN_LEARNING_RATE = 1e-2
-SFT_LEARNING_RATES = (3e-4, 1e-3, 3e-3)  # extended along common.RATE_LADDER past an edge
-HELD_OUT_BUCKETS = 5  # one file in five (by path hash) is held out of pretraining
-EVAL_FILE_FRACTION = 0.2  # of the held-out files: the last fifth is evaluation only
+CELLS = [(pre, sft) for pre in OPTIMIZERS for sft in OPTIMIZERS]
+PRETRAIN_SEEDS, SELECT_SEED, SFT_SEEDS = (0, 1), 0, (1, 2, 3)
+RATES = sweep.ladder(1e-6, 1.0)
+HELD_OUT_BUCKETS = 5  # one source file in five (by path hash) is held out of pretraining
 MAX_EXAMPLE_CHARS = 1200
-
+SFT_EVAL_FRACTION = 0.2  # of the SFT pairs, held out by the trainer (by each pair's hash)
 PAPER = {
     "setting": "Moonlight@1.2T tokens (Muon) and its AdamW counterpart, SFT on tulu-3 "
     "with Muon or AdamW (Sec. 3.4, Table 6)",
@@ -70,249 +70,264 @@ PAPER = {
         "Muon+AdamW": {"MMLU": 50.2, "HumanEval": 52.4, "GSM8K": 64.9},
         "AdamW+AdamW": {"MMLU": 52.0, "HumanEval": 53.1, "GSM8K": 64.6},
     },
-    "claims": {
-        "best": "Muon-pretrained + Muon-SFT is best on all three benchmarks",
-        "mismatch": "when pretraining and SFT optimizers differ, Muon-SFT shows no clear "
-        "advantage over AdamW-SFT",
-    },
-}
+    "claims": {"best": "Muon-pretrained + Muon-SFT is best on all three benchmarks",
+               "mismatch": "when pretraining and SFT optimizers differ, Muon-SFT shows no "
+                           "clear advantage over AdamW-SFT"},
+}  # fmt: skip
+# (cell a, cell b, paper's sign of a - b in loss: -1 lower, 0 "no clear advantage", None: no claim)
+COMPARISONS = (("Muon+Muon", "Muon+AdamW", -1), ("Muon+Muon", "AdamW+Muon", -1),
+               ("Muon+Muon", "AdamW+AdamW", -1), ("AdamW+Muon", "AdamW+AdamW", 0),
+               ("Muon+AdamW", "AdamW+AdamW", None))  # fmt: skip
+MODEL_KEYS = ("preset", "model", "tokenizer", "bpe_vocab_size", "dtype", "remat")
 
 
-# --- the SFT task -----------------------------------------------------------------------
+def cell_name(pre: str, sft: str) -> str:
+    return f"{LABELS[pre]}+{LABELS[sft]}"
+
+
+# --- the SFT task ------------------------------------------------------------------------
 
 
 def held_out(relative: str) -> bool:
-    """Whether a standard-library file (path relative to the library) is held
-    out of pretraining: a fixed fifth, by a hash of its path."""
+    """Whether a source file (path relative to its library) is held out of pretraining."""
     return int(hashlib.sha256(relative.encode()).hexdigest(), 16) % HELD_OUT_BUCKETS == 0
 
 
 def function_pairs(source: str) -> list[tuple[str, str]]:
-    """(prompt, response) for each function with a docstring and a body after
-    it: prompt = the `def` line(s) and docstring, response = the rest of the
-    body, both dedented to the `def`'s indentation; decorators left out."""
+    """(prompt, response) per function with a docstring and a body after it: the
+    `def` line(s) and docstring, then the rest, dedented; decorators left out."""
     try:
         tree = ast.parse(source)
     except SyntaxError:
         return []
-    lines = source.splitlines(keepends=True)
-    pairs = []
+    lines, pairs = source.splitlines(keepends=True), []
     for node in ast.walk(tree):
         if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             continue
         if ast.get_docstring(node) is None or len(node.body) < 2:
             continue
-        text = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno]))
+        text = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno])).splitlines(True)
         split = node.body[0].end_lineno - node.lineno + 1  # lines up to the docstring's end
-        text_lines = text.splitlines(keepends=True)
-        prompt, response = "".join(text_lines[:split]), "".join(text_lines[split:])
+        prompt, response = "".join(text[:split]), "".join(text[split:]).rstrip("\n") + "\n"
         if response.strip() and len(prompt) + len(response) <= MAX_EXAMPLE_CHARS:
-            pairs.append((prompt, response if response.endswith("\n") else response + "\n"))
+            pairs.append((prompt, response))
     return pairs
 
 
-def build_task(folder: pathlib.Path, quick: bool) -> dict:
-    """Writes FOLDER/pretrain/ (the library minus the held-out files, as text)
-    and FOLDER/sft.jsonl (SFT pairs then evaluation pairs); returns what it wrote."""
-    from muonjax.train.corpus import stdlib_files
+def build_task(folder: pathlib.Path, site_packages: bool, quick: bool) -> dict:
+    """FOLDER/pretrain/ (the source minus the held-out files) and FOLDER/sft.jsonl
+    (the held-out files' pairs), written once; what they hold (FOLDER/task.json)."""
+    from muonjax.train import python_corpus
+    from muonjax.train.corpus import split_examples, stdlib_files
 
+    if (folder / "task.json").exists():
+        return json.loads((folder / "task.json").read_text())
     root, files = stdlib_files()
-    kept, out_files = [], []
-    for path in files:
-        (out_files if held_out(str(path.relative_to(root))) else kept).append(path)
-    found = {f: function_pairs(f.read_text(encoding="utf-8", errors="replace")) for f in out_files}
-    out_files = [f for f in out_files if found[f]]
-    if quick:  # a slice of the library, enough for a few batches
-        kept, out_files = kept[:40], out_files[:10]
-    pretrain = folder / "pretrain"
-    for path in kept:
-        target = pretrain / path.relative_to(root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, target)
-    n_eval = max(round(len(out_files) * EVAL_FILE_FRACTION), 1)
-    sft_files, eval_files = out_files[:-n_eval], out_files[-n_eval:]
-    pairs = {"sft": [p for f in sft_files for p in found[f]],
-             "eval": [p for f in eval_files for p in found[f]]}  # fmt: skip
+    files = [(str(p.relative_to(root)), p) for p in files]
+    if site_packages:  # the python corpus: the stdlib, then the installed distributions
+        dists = python_corpus.distribution_files(python_corpus.site_dirs())
+        files += [(f"site/{rel}", path) for _, _, found in dists for rel, path in found]
+    kept = [(rel, p) for rel, p in files if not held_out(rel)]
+    pairs = [pair for rel, p in files if held_out(rel)
+             for pair in function_pairs(p.read_text(encoding="utf-8", errors="replace"))]  # fmt: skip
+    if quick:  # enough for a few batches
+        kept, pairs = kept[:40], pairs[:80]
+    for rel, path in kept:
+        (folder / "pretrain" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / "pretrain" / rel).write_bytes(path.read_bytes())
     with (folder / "sft.jsonl").open("w") as f:
-        for prompt, response in pairs["sft"] + pairs["eval"]:
-            f.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
-    relative = lambda group: [str(p.relative_to(root)) for p in group]  # noqa: E731
-    return {
-        "python": sys.version.split()[0],
-        "pretrain_files": len(kept),
-        "held_out_files_with_pairs": len(out_files),
-        "sft_files": relative(sft_files),
-        "eval_files": relative(eval_files),
-        "sft_pairs": len(pairs["sft"]),
-        "eval_pairs": len(pairs["eval"]),
-        # the trainer holds out the last `validation_fraction` of the pairs: exactly the eval ones
-        "validation_fraction": len(pairs["eval"]) / (len(pairs["sft"]) + len(pairs["eval"])),
-        "example": dict(zip(("prompt", "response"), pairs["eval"][0])),
-    }
+        f.writelines(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs)
+    train, held = split_examples(pairs, SFT_EVAL_FRACTION)
+    task = {"python": sys.version.split()[0], "pretrain_files": len(kept), "sft_pairs": len(train),
+            "eval_pairs": len(held), "example": dict(zip(("prompt", "response"), held[0]))}  # fmt: skip
+    sweep.write_json(folder / "task.json", task)
+    return task
 
 
-# --- scale cpu: train -------------------------------------------------------------------
+# --- the scales --------------------------------------------------------------------------
 
 
-def cpu_setup(quick: bool) -> tuple[dict, dict, tuple]:
-    """(pretraining fields, SFT fields, SFT learning rates)."""
-    if quick:
-        model = dict(d_model=32, n_layers=1, first_k_dense=1, intermediate_size=88,
-                     n_heads=2, attention="mha", head_dim=16)  # fmt: skip
-        pretrain = dict(preset="tiny", model=model, steps=12, batch_size=8, seq_len=64,
-                        warmup_steps=2, eval_every=12, eval_batches=1, checkpoint_every=12)  # fmt: skip
-        # SFT's schedule and shapes equal pretraining's: one compiled step per optimizer
-        sft = {k: v for k, v in pretrain.items() if k not in ("preset", "model")}
-        return pretrain, sft, (PRETRAIN_LEARNING_RATE,)
-    # ~150k non-embedding parameters, 2.6M pretraining tokens (~17 per parameter)
-    model = dict(d_model=64, n_layers=3, first_k_dense=3, intermediate_size=176,
-                 n_heads=4, attention="mha", head_dim=16)  # fmt: skip
-    pretrain = dict(preset="tiny", model=model, steps=640, batch_size=32, seq_len=128,
-                    warmup_steps=20, eval_every=160, eval_batches=8, checkpoint_every=640)  # fmt: skip
-    sft = dict(steps=150, batch_size=16, seq_len=128, warmup_steps=10, eval_every=50,
-               eval_batches=8, checkpoint_every=150)  # fmt: skip
-    return pretrain, sft, SFT_LEARNING_RATES
+def _dense(d: int, layers: int, heads: int) -> dict:
+    return dict(d_model=d, n_layers=layers, first_k_dense=layers, n_heads=heads,
+                attention="mha", head_dim=d // heads, intermediate_size=round(2.75 * d / 8) * 8)  # fmt: skip
 
 
-def train(fields: dict, out: pathlib.Path) -> dict:
-    from muonjax.train import TrainConfig, read_metrics, run
-
-    config = TrainConfig(out=str(out), progress=False, mesh=None, **fields)
-    started = time.perf_counter()
-    summary = run(config, log=lambda *_: None)
-    evals = [r for r in read_metrics(out) if "eval_loss" in r]
-    return {
-        "eval_loss": float(summary.eval_loss),
-        "train_loss": float(summary.loss),
-        "eval_curve": {
-            "step": [r["step"] for r in evals],
-            "eval_loss": [float(r["eval_loss"]) for r in evals],
-        },  # fmt: skip
-        "tokens_per_s": summary.tokens_per_s,
-        "wall_time_s": time.perf_counter() - started,
-        "config": {**config.to_json(), "out": None, "data": None, "init_from": None},
-    }
+def _schedule(steps: int, warmup: int) -> dict:
+    return dict(steps=steps, warmup_steps=warmup, eval_every=steps, log_every=max(steps // 20, 1),
+                checkpoint_every=max(steps // 5, 1))  # fmt: skip
 
 
-def pretrained_sft_loss(run_dir: pathlib.Path, sft: pathlib.Path, task: dict, sft_fields: dict):
-    """The held-out response loss of a pretrained model before SFT, computed as
-    the trainer evaluates (same batches: --eval-batches of the validation pairs)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from muonjax.models import Transformer
-    from muonjax.train import TrainConfig
-    from muonjax.train.data import load_data
-    from muonjax.train.pipeline import TokenWindows, eval_batches
-    from muonjax.train.step import lm_loss
-
-    saved = json.loads((run_dir / "config.json").read_text())
-    config = dataclasses.replace(
-        TrainConfig.from_json(saved["train"]), **sft_fields, data=(str(sft),),
-        data_format="sft-jsonl", validation_fraction=task["validation_fraction"],
-    )  # fmt: skip
-    model_config = config.model_config(vocab_size=saved["model"]["vocab_size"])
-    graphdef, params, rest = nnx.split(Transformer(model_config, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    nnx.replace_by_pure_dict(params, common.strip_values(common.params_at(run_dir)))
-    data = load_data(config, run_dir)
-    batches = eval_batches(TokenWindows(data.validation_tokens, config.seq_len),
-                           config.batch_size, config.eval_batches, spread=False)  # fmt: skip
-    return float(np.mean([lm_loss(graphdef, params, rest, jnp.asarray(b))[0] for b in batches]))
-
-
-def run_cpu(args) -> dict:
-    import jax
-
-    pretrain_fields, sft_fields, rates = cpu_setup(args.quick)
-    started = time.perf_counter()
-    results = {"scale": "cpu", "quick": args.quick, "pretrain": {}, "sft": {},
-               "sft_learning_rates": list(rates)}  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="finetune-") as tmp:
-        tmp = pathlib.Path(tmp)
-        task = build_task(tmp, args.quick)
-        results["task"] = task
-        print(f"task: pretraining on {task['pretrain_files']} files; SFT {task['sft_pairs']} "
-              f"pairs, evaluation {task['eval_pairs']} pairs from {len(task['eval_files'])} "
-              f"unseen files", flush=True)  # fmt: skip
-        for opt in OPTIMIZERS:
-            fields = dict(pretrain_fields, optimizer=opt, learning_rate=PRETRAIN_LEARNING_RATE,
-                          data=(str(tmp / "pretrain"),))  # fmt: skip
-            r = train(fields, tmp / f"pretrain-{opt}")
-            r["sft_eval_loss_before_sft"] = pretrained_sft_loss(
-                tmp / f"pretrain-{opt}", tmp / "sft.jsonl", task, sft_fields
-            )
-            results["pretrain"][opt] = r
-            print(f"pretrain {LABELS[opt]}: eval {r['eval_loss']:.4f}, held-out response loss "
-                  f"before SFT {r['sft_eval_loss_before_sft']:.4f}, {r['wall_time_s']:.0f} s",
-                  flush=True)  # fmt: skip
-
-        def fine_tune(pre, sft, lr):
-            cell = f"{LABELS[pre]}+{LABELS[sft]}"
-            fields = dict(sft_fields, optimizer=sft, learning_rate=lr,
-                          preset=pretrain_fields["preset"], model=pretrain_fields["model"],
-                          init_from=str(tmp / f"pretrain-{pre}"), data=(str(tmp / "sft.jsonl"),),
-                          data_format="sft-jsonl",
-                          validation_fraction=task["validation_fraction"])  # fmt: skip
-            r = train(fields, tmp / f"sft-{pre}-{sft}-{lr:g}")
-            results["sft"].setdefault(cell, {"pretrain": pre, "sft": sft, "runs": {}})
-            results["sft"][cell]["runs"][f"{lr:g}"] = r
-            print(f"{cell} lr {lr:g}: held-out response loss {r['eval_loss']:.4f}, "
-                  f"{r['wall_time_s']:.0f} s", flush=True)  # fmt: skip
-            return r["eval_loss"]
-
-        for pre, sft in itertools.product(OPTIMIZERS, OPTIMIZERS):
-            losses = {lr: fine_tune(pre, sft, lr) for lr in rates}
-            while not args.quick and (lr := common.next_rate(losses)) is not None:
-                losses[lr] = fine_tune(pre, sft, lr)  # the best rate was at the sweep's edge
-    for cell in results["sft"].values():
-        best = min(cell["runs"], key=lambda lr: cell["runs"][lr]["eval_loss"])
-        cell["best_learning_rate"] = float(best)
-        cell["eval_loss"] = cell["runs"][best]["eval_loss"]
-        tried = [float(lr) for lr in cell["runs"]]
-        cell["best_at_edge"] = len(tried) > 1 and float(best) in (min(tried), max(tried))
-    results["comparison"] = compare(results["sft"])
-    results["wall_time_s"] = time.perf_counter() - started
-    results["devices"] = jax.device_count()
-    return results
+def scale_setup(scale: str, quick: bool, devices: int) -> dict:
+    """Pretraining and SFT TrainConfig fields, each optimizer's first rates for
+    both, whether sweeps extend, the seeds, and whether site-packages is read."""
+    setup = dict(extend=not quick and scale != "pod", pretrain_seeds=PRETRAIN_SEEDS,
+                 sft_seeds=SFT_SEEDS, site_packages=not quick and scale != "cpu")  # fmt: skip
+    bpe = dict(tokenizer="bpe", dtype="bfloat16")
+    if quick:  # toy sizes; SFT's shapes and schedule equal pretraining's (one compile each)
+        sft = dict(batch_size=max(8, devices), seq_len=64, **_schedule(12, 2), eval_batches=1)
+        pretrain = dict(sft, preset="tiny", model=_dense(32, 1, 2), final_eval_tokens=2048,
+                        **(dict(bpe, bpe_vocab_size=320) if scale == "gpu" else {}))  # fmt: skip
+        rates, n = {o: (0.01,) for o in OPTIMIZERS}, 2 if scale == "cpu" else 1
+        return dict(setup, pretrain=pretrain, sft=sft, pretrain_rates=rates, sft_rates=rates,
+                    pretrain_seeds=PRETRAIN_SEEDS[:n], sft_seeds=SFT_SEEDS[:n])  # fmt: skip
+    if scale == "cpu":
+        return dict(setup, pretrain=dict(preset="tiny", model=_dense(48, 2, 6), batch_size=16,
+                                         seq_len=128, **_schedule(400, 20), eval_batches=8),
+                    sft=dict(batch_size=16, seq_len=128, **_schedule(100, 10), eval_batches=4),
+                    pretrain_rates={"adamw": (0.0178, 0.0316, 0.0562), "muon": (0.0316, 0.0562, 0.1)},
+                    sft_rates={o: (5.62e-4, 1e-3, 1.78e-3) for o in OPTIMIZERS})  # fmt: skip
+    if scale == "gpu":
+        return dict(setup, pretrain=dict(preset="tiny", model=_dense(256, 6, 4), batch_size=64,
+                                         seq_len=512, **_schedule(3000, 200), eval_batches=8,
+                                         bpe_vocab_size=8192, **bpe),
+                    sft=dict(batch_size=64, seq_len=512, **_schedule(400, 40), eval_batches=8),
+                    pretrain_rates={"adamw": (3.16e-3, 5.62e-3, 0.01), "muon": (5.62e-3, 0.01, 0.0178)},
+                    sft_rates={o: (3.16e-4, 5.62e-4, 1e-3) for o in OPTIMIZERS})  # fmt: skip
+    # pod: Moonlight-16B-A3B, 1.2T tokens of 2048 x 8K; micro-batches of one sequence a device
+    steps = round(1.2e12 / (2048 * 8192))
+    return dict(setup, pretrain=dict(preset="moonlight-16b-a3b", model={}, batch_size=2048,
+                                     seq_len=8192, grad_accum=2048 // math.gcd(2048, devices),
+                                     remat="full", **_schedule(steps, 2000), bpe_vocab_size=32768, **bpe),
+                sft=dict(batch_size=128, seq_len=4096, grad_accum=128 // math.gcd(128, devices),
+                         **_schedule(200, 20)),
+                pretrain_rates={o: (4.2e-4,) for o in OPTIMIZERS}, pretrain_seeds=(0,),
+                sft_rates={o: (2e-5,) for o in OPTIMIZERS})  # fmt: skip
 
 
-def compare(cells: dict) -> dict:
-    """The paper's two claims in loss (lower is better): the best cell, and
-    Muon-SFT minus AdamW-SFT per pretraining optimizer (< 0: Muon-SFT better)."""
-    loss = {name: c["eval_loss"] for name, c in cells.items()}
-    return {
-        "best_cell": min(loss, key=loss.get),
-        "muon_sft_minus_adamw_sft": {
-            f"{LABELS[pre]}-pretrained": loss[f"{LABELS[pre]}+Muon"] - loss[f"{LABELS[pre]}+AdamW"]
-            for pre in OPTIMIZERS
-        },
-        "muon_pretrain_minus_adamw_pretrain": {
-            f"{LABELS[sft]}-SFT": loss[f"Muon+{LABELS[sft]}"] - loss[f"AdamW+{LABELS[sft]}"]
-            for sft in OPTIMIZERS
-        },
-    }
+def sft_fields(setup: dict, task: pathlib.Path, source: str | None) -> dict:
+    """SFT fields: the pretrained model's, on the task's pairs, from `source`."""
+    model = {k: v for k, v in setup["pretrain"].items() if k in MODEL_KEYS}
+    return dict(setup["sft"], **model, init_from=source, data=(str(task / "sft.jsonl"),),
+                data_format="sft-jsonl", validation_fraction=SFT_EVAL_FRACTION)  # fmt: skip
 
 
-# --- report -----------------------------------------------------------------------------
+# --- the protocol ------------------------------------------------------------------------
+
+
+def run_protocol(ledger, setup: dict, task: pathlib.Path, mesh=None) -> tuple[list, dict]:
+    """Every run of the protocol (module docstring) and the chosen rates."""
+    runs, chosen = [], {"pretrain": {}, "sft": {}}
+
+    def train(fields: dict, name: str, **tags) -> dict:
+        if fields.get("tokenizer") == "bpe" and "init_from" not in fields:
+            fields = ledger.tokenized(fields)
+        record = dict(ledger.train({**fields, "mesh": mesh}, name), **tags)
+        runs.extend([] if any(r["key"] == record["key"] for r in runs) else [record])
+        return record
+
+    def tune(loss_at, start: tuple) -> float:
+        losses = {lr: loss_at(lr) for lr in start}
+        while setup["extend"] and (lr := sweep.next_rate(losses, RATES)) is not None:
+            losses[lr] = loss_at(lr)
+        if all(v is None for v in losses.values()):
+            raise SystemExit(f"every rate diverged: {sorted(losses)}")
+        return min((lr for lr in losses if losses[lr] is not None), key=losses.get)
+
+    sources = {}
+    for opt in OPTIMIZERS:
+
+        def pretrain(lr, seed, opt=opt):
+            fields = dict(setup["pretrain"], data=(str(task / "pretrain"),), optimizer=opt,
+                          learning_rate=lr, seed=seed)  # fmt: skip
+            return train(fields, f"pretrain {opt} lr {lr:g} seed {seed}", stage="pretrain",
+                         optimizer=opt, learning_rate=lr, seed=seed)  # fmt: skip
+
+        seeds = setup["pretrain_seeds"]
+        losses = lambda lr: [pretrain(lr, s)["final_eval_loss"] for s in seeds]  # noqa: B023
+        mean = lambda lr: None if None in (v := losses(lr)) else float(np.mean(v))  # noqa: B023
+        lr = tune(mean, setup["pretrain_rates"][opt])
+        chosen["pretrain"][opt] = lr
+        sources[opt] = str(ledger.out / "runs" / pretrain(lr, seeds[0])["key"])
+        # before SFT: one step at warmup's learning rate 0, so final_eval_loss is the model's
+        before = dict(sft_fields(setup, task, sources[opt]), **_schedule(1, 1), optimizer="adamw",
+                      learning_rate=1e-3)  # fmt: skip
+        train(before, f"{LABELS[opt]}-pretrained before SFT", stage="before", pretrain=opt)
+    for pre, sft in CELLS:
+
+        def fine_tune(lr, seed, pre=pre, sft=sft):
+            fields = dict(sft_fields(setup, task, sources[pre]), optimizer=sft, learning_rate=lr,
+                          seed=seed)  # fmt: skip
+            return train(fields, f"{cell_name(pre, sft)} lr {lr:g} sft seed {seed}", stage="sft",
+                         pretrain=pre, optimizer=sft, learning_rate=lr, seed=seed)  # fmt: skip
+
+        start = setup["sft_rates"][sft]
+        one = len(start) == 1 and not setup["extend"]  # nothing to choose: no selection run
+        select = lambda lr: fine_tune(lr, SELECT_SEED)["final_eval_loss"]  # noqa: B023
+        lr = start[0] if one else tune(select, start)
+        chosen["sft"][cell_name(pre, sft)] = lr
+        for seed in setup["sft_seeds"]:
+            fine_tune(lr, seed)
+    return runs, chosen
+
+
+# --- the analysis ------------------------------------------------------------------------
+
+
+def _select(runs: list, **tags) -> list:
+    return [r for r in runs if all(r.get(k) == v for k, v in tags.items())]
+
+
+def _by_seed(runs: list, seeds, **tags) -> dict:
+    return {r["seed"]: r["final_eval_loss"] for r in _select(runs, **tags)
+            if r["seed"] in seeds and r["final_eval_loss"] is not None}  # fmt: skip
+
+
+def judge(difference: sweep.Estimate, paper_sign: int | None) -> str | None:
+    """sweep.verdict for a signed claim; for "no clear advantage" (0), not reproduced
+    only when a is below b with 95% confidence; None: the paper makes no claim."""
+    if paper_sign is None or difference.n < 2:
+        return None if paper_sign is None else "inconclusive"
+    if paper_sign:
+        return sweep.verdict(difference, paper_sign)
+    return "not reproduced" if sweep.verdict(difference, -1) == "reproduced" else "reproduced"
+
+
+def analyse(runs: list, chosen: dict, pretrain_seeds, sft_seeds) -> dict:
+    cells, comparisons, pretraining = {}, [], {}
+    for pre, sft in CELLS:
+        lr = chosen["sft"][cell_name(pre, sft)]
+        seeds = _by_seed(runs, sft_seeds, stage="sft", pretrain=pre, optimizer=sft, learning_rate=lr)  # fmt: skip
+        cells[cell_name(pre, sft)] = {"learning_rate": lr, "by_seed": seeds,
+                                      "loss": sweep.estimate(seeds.values()).to_json()}  # fmt: skip
+    for a, b, sign in COMPARISONS:
+        d = sweep.paired(cells[a]["by_seed"], cells[b]["by_seed"])
+        comparisons.append({"a": a, "b": b, "paper_sign": sign, "difference": d.to_json(),
+                            "verdict": judge(d, sign)})  # fmt: skip
+    for opt in OPTIMIZERS:
+        lr = chosen["pretrain"][opt]
+        seeds = _by_seed(runs, pretrain_seeds, stage="pretrain", optimizer=opt, learning_rate=lr)
+        (before,) = _select(runs, stage="before", pretrain=opt)
+        pretraining[opt] = {"learning_rate": lr, "by_seed": seeds, "before_sft": before["final_eval_loss"],
+                            "loss": sweep.estimate(seeds.values()).to_json()}  # fmt: skip
+    d = sweep.paired(pretraining["muon"]["by_seed"], pretraining["adamw"]["by_seed"])
+    return {"cells": cells, "comparisons": comparisons, "pretraining": pretraining,
+            "pretraining_muon_minus_adamw": {"difference": d.to_json(), "verdict": judge(d, -1)}}  # fmt: skip
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def _estimate(e: dict) -> sweep.Estimate:
+    return sweep.Estimate(**{**e, "values": tuple(e["values"])})
 
 
 def markdown(results: dict) -> str:
-    lines = ["| pretrain + SFT | held-out response loss (best SFT lr) | loss at each SFT lr | "
-             "paper MMLU / HumanEval / GSM8K |", "|---|---|---|---|"]  # fmt: skip
-    for name, cell in results["sft"].items():
-        per_lr = ", ".join(f"{lr}: {r['eval_loss']:.4f}" for lr, r in cell["runs"].items())
+    a, row = results["analysis"], sweep.table_row
+    lines = [row("pretrain + SFT", "held-out response loss (SFT seeds)", "SFT lr",
+                 "paper MMLU / HumanEval / GSM8K"), row(*["---"] * 4)]  # fmt: skip
+    for name, c in a["cells"].items():
         paper = " / ".join(str(v) for v in PAPER["table6"][name].values())
-        lines.append(f"| {name} | {cell['eval_loss']:.4f} (lr {cell['best_learning_rate']:g}) "
-                     f"| {per_lr} | {paper} |")  # fmt: skip
-    lines += ["", "| pretrained with | pretraining eval loss | held-out response loss before SFT |",
-              "|---|---|---|"]  # fmt: skip
-    for opt, r in results["pretrain"].items():
-        lines.append(
-            f"| {LABELS[opt]} | {r['eval_loss']:.4f} | {r['sft_eval_loss_before_sft']:.4f} |"
-        )
-    c = results["comparison"]
-    diffs = ", ".join(f"{k} {v:+.4f}" for k, v in c["muon_sft_minus_adamw_sft"].items())
-    lines += ["", f"best cell: {c['best_cell']}; Muon-SFT minus AdamW-SFT: {diffs}"]
+        lines.append(row(name, _estimate(c["loss"]), f"{c['learning_rate']:g}", paper))
+    lines += ["", row("a - b (loss)", "paired over SFT seeds", "paper", "verdict"), row(*["---"] * 4)]  # fmt: skip
+    for c in a["comparisons"]:
+        paper = {-1: "a lower", 0: "no clear advantage", None: "no claim (mixed)"}[c["paper_sign"]]
+        lines.append(row(f"{c['a']} - {c['b']}", _estimate(c["difference"]), paper, c["verdict"] or "-"))  # fmt: skip
+    lines += ["", row("pretrained with", "lr", "final_eval_loss (pretraining seeds)",
+                      "held-out response loss before SFT"), row(*["---"] * 4)]  # fmt: skip
+    for opt, p in a["pretraining"].items():
+        lines.append(row(LABELS[opt], f"{p['learning_rate']:g}", _estimate(p["loss"]), f"{p['before_sft']:.4f}"))  # fmt: skip
+    d = a["pretraining_muon_minus_adamw"]
+    lines.append(f"\npretraining Muon - AdamW: {_estimate(d['difference'])} (paper: lower): {d['verdict']}")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -322,139 +337,90 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (bar_ax, lr_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    cells = results["sft"]
-    names = list(cells)
-    colors = ["tab:blue" if cells[n]["sft"] == "muon" else "tab:green" for n in names]
-    losses = [cells[n]["eval_loss"] for n in names]
-    bar_ax.bar(names, losses, color=colors)
-    for i, v in enumerate(losses):
-        bar_ax.annotate(f"{v:.4f}", (i, v), ha="center", va="bottom", fontsize=8)
-    low, high = min(losses), max(losses)
-    bar_ax.set_ylim(low - 2 * (high - low + 1e-3), high + (high - low + 1e-3))
-    bar_ax.set_ylabel("held-out response loss (best SFT lr)")
-    bar_ax.set_title("pretrain + SFT optimizer (Table 6's 2 x 2)")
-    for name, cell in cells.items():
-        lrs = sorted(cell["runs"], key=float)
-        lr_ax.plot([float(lr) for lr in lrs], [cell["runs"][lr]["eval_loss"] for lr in lrs], marker="o",
-                   ls="-" if cell["pretrain"] == "muon" else "--",
-                   color="tab:blue" if cell["sft"] == "muon" else "tab:green", label=name)  # fmt: skip
-    for opt, r in results["pretrain"].items():
-        lr_ax.axhline(r["sft_eval_loss_before_sft"], color="grey",
-                      ls="-" if opt == "muon" else "--", lw=0.8,
-                      label=f"{LABELS[opt]}-pretrained, before SFT")  # fmt: skip
-    lr_ax.set_xscale("log")
-    lr_ax.set_xlabel("SFT peak learning rate")
-    lr_ax.set_ylabel("held-out response loss")
-    lr_ax.set_title("SFT learning-rate sweeps")
-    lr_ax.legend(fontsize=7)
-    for ax in (bar_ax, lr_ax):
-        ax.grid(alpha=0.3)
+    a, runs = results["analysis"], results["runs"]
+    fig, (cell_ax, sft_ax, pre_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
+    names = list(a["cells"])
+    sweep.error_bars(cell_ax, range(4), [_estimate(a["cells"][n]["loss"]) for n in names], linestyle="none")  # fmt: skip
+    cell_ax.set(xticks=range(4), xticklabels=names, ylabel="held-out response loss (mean ± 95%)",
+                title="pretrain + SFT optimizer (Table 6's 2 x 2)")  # fmt: skip
+    for (pre, sft), color in zip(CELLS, ("tab:purple", "tab:blue", "tab:orange", "tab:green")):
+        pts = sorted((r["learning_rate"], r["final_eval_loss"]) for r in _select(
+            runs, stage="sft", pretrain=pre, optimizer=sft, seed=SELECT_SEED) if r["final_eval_loss"])  # fmt: skip
+        sft_ax.plot(*zip(*pts), "o-", color=color, label=cell_name(pre, sft)) if pts else None
+    for opt, style in zip(OPTIMIZERS, ("-", "--")):
+        sft_ax.axhline(a["pretraining"][opt]["before_sft"], color="0.5", ls=style, lw=1,
+                       label=f"{LABELS[opt]}-pretrained, before SFT")  # fmt: skip
+        rates = sorted({r["learning_rate"] for r in _select(runs, stage="pretrain", optimizer=opt)})
+        seeds = [_by_seed(runs, results["pretrain_seeds"], stage="pretrain", optimizer=opt,
+                          learning_rate=lr) for lr in rates]  # fmt: skip
+        keep = [(lr, sweep.estimate(s.values())) for lr, s in zip(rates, seeds) if s]
+        sweep.error_bars(pre_ax, *zip(*keep), label=LABELS[opt]) if keep else None
+    sft_ax.set(xscale="log", xlabel="SFT learning rate", ylabel="held-out response loss",
+               title=f"SFT rate sweeps (seed {SELECT_SEED})")  # fmt: skip
+    pre_ax.set(xscale="log", xlabel="pretraining learning rate", ylabel="final eval loss",
+               title="pretraining rate sweeps (seed means)")  # fmt: skip
+    for ax in (cell_ax, sft_ax, pre_ax):
+        ax.grid(alpha=0.3, which="both")
+    for ax in (sft_ax, pre_ax):
+        ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-# --- scale pod: build and inspect -------------------------------------------------------
+# --- main --------------------------------------------------------------------------------
 
 
-def pod_configs(quick: bool, mesh: str) -> dict:
-    """Pretraining: the Moonlight-16B-A3B MoE (the paper's Table 6 models), 8K
-    sequences, 2048 per step (Sec. 3.3's stage 1), lr 4.2e-4; SFT: the same
-    model on 4K-token sequences, 128 per step, lr 2e-5 (our choice: the paper
-    does not state its SFT hyper-parameters), for each SFT optimizer."""
-    from muonjax.parallel.mesh import parse_mesh
+def configs(args, setup: dict) -> dict:
+    """Pretraining and SFT's TrainConfig per optimizer (for --dry-run)."""
     from muonjax.train import TrainConfig
 
-    sizes = parse_mesh(mesh)
-    dp = sizes["data"] * sizes["expert"]
-    if quick:  # the tiny preset, one dense layer
-        preset, model, seq, batch = "tiny", dict(n_layers=1, first_k_dense=1), 64, 2 * dp
-        sft_seq, sft_batch = 64, 2 * dp
-    else:
-        preset, model, seq, batch = "moonlight-16b-a3b", {}, 8192, 2048
-        sft_seq, sft_batch = 4096, 128
-    for what, b in (("pretraining", batch), ("SFT", sft_batch)):
-        if b % dp:
-            raise SystemExit(f"--mesh: the data-parallel size {dp} does not divide the {what} "
-                             f"batch of {b} sequences")  # fmt: skip
-    configs = {}
+    task, out = pathlib.Path(args.out) / "task", {}
     for opt in OPTIMIZERS:
-        configs[f"pretrain-{opt}"] = TrainConfig(
-            out=f"runs/{NAME}/pretrain-{opt}", preset=preset, model=model, optimizer=opt,
-            seq_len=seq, batch_size=batch, grad_accum=batch // dp, learning_rate=4.2e-4, mesh=mesh,
-            steps=20 if quick else round(1.2e12 / (batch * seq)), warmup_steps=2 if quick else 2000,
-        )  # fmt: skip
-        configs[f"sft-{opt}"] = TrainConfig(
-            out=f"runs/{NAME}/sft-{opt}", preset=preset, model=model, optimizer=opt,
-            seq_len=sft_seq, batch_size=sft_batch, grad_accum=sft_batch // dp, mesh=mesh,
-            # --quick: pretraining's schedule too, so that its compiled step is reused
-            learning_rate=4.2e-4 if quick else 2e-5, steps=20 if quick else 2000,
-            warmup_steps=2 if quick else 100,
-        )  # fmt: skip
-    return configs
-
-
-def run_pod(args) -> dict:
-    from muonjax.models import flops_per_token, param_counts
-    from muonjax.parallel.mesh import make_mesh, parse_mesh
-    from muonjax.train.costs import step_costs
-
-    mesh = make_mesh(parse_mesh(args.mesh))
-    started = time.perf_counter()
-    report = {}
-    for name, config in pod_configs(args.quick, args.mesh).items():
-        model = config.model_config()
-        inspected = step_costs(config, mesh)
-        tokens = config.steps * config.batch_size * config.seq_len
-        per_token = flops_per_token(model, config.seq_len)
-        report[name] = {
-            "config": config.to_json(),
-            "parameters": param_counts(model),
-            "flops_per_token": per_token,
-            "tokens": tokens,
-            "run_flops": float(per_token) * tokens,
-            "peak_bytes_per_device": inspected["peak_bytes"],
-        }
-        print(f"{name}: {inspected['peak_bytes'] / 2**30:.2f} GiB/device", flush=True)
-    return {"mesh": args.mesh, "runs": report, "wall_time_s": time.perf_counter() - started}
-
-
-def pod_markdown(pod: dict) -> str:
-    lines = ["| run | params (total / active) | FLOPs/token | steps x batch x seq | tokens | "
-             "run FLOPs | peak GiB/device |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, r in pod["runs"].items():
-        p, c = r["parameters"], r["config"]
-        lines.append(
-            f"| {name} | {p['total'] / 1e9:.3g}B / {p['active'] / 1e9:.3g}B | {r['flops_per_token']:.3g} "
-            f"| {c['steps']} x {c['batch_size']} x {c['seq_len']} (accum {c['grad_accum']}) "
-            f"| {r['tokens']:.3g} | {r['run_flops']:.3g} | {r['peak_bytes_per_device'] / 2**30:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-# --- main -------------------------------------------------------------------------------
+        out[f"pretrain-{opt}"] = TrainConfig(**setup["pretrain"], optimizer=opt, mesh=args.mesh,
+                                             learning_rate=setup["pretrain_rates"][opt][0])  # fmt: skip
+        out[f"sft-{opt}"] = TrainConfig(**sft_fields(setup, task, None), optimizer=opt,
+                                        mesh=args.mesh, learning_rate=setup["sft_rates"][opt][0])  # fmt: skip
+    return out
 
 
 def main(argv=None) -> int:
-    args = common.arguments(NAME, __doc__, argv)
-    out = pathlib.Path(args.out)
-    if args.scale == "pod":
-        pod = run_pod(args)
-        return common.report_pod(out, PAPER, args.quick, pod, pod_markdown(pod))
-    results = {"paper": PAPER, **run_cpu(args)}
+    args = sweep.arguments(NAME, __doc__, argv)
+    import jax
+
+    setup = scale_setup(args.scale, args.quick, jax.device_count())
+    started = time.perf_counter()
+    if args.dry_run:
+        path = sweep.write_results(args.out, {"scale": args.scale, "quick": args.quick,
+                                              "dry_run": sweep.dry_run(configs(args, setup))})  # fmt: skip
+        print(f"wrote {path}")
+        return 0
+    ledger, task = sweep.Ledger(args.out), pathlib.Path(args.out) / "task"
+    info = build_task(task, setup["site_packages"], args.quick) if ledger.lead else {}
+    sweep.wait_for_lead("muonjax_finetune_task")
+    runs, chosen = run_protocol(ledger, setup, task, args.mesh)
+    results = {
+        "paper": PAPER, "scale": args.scale, "quick": args.quick, "task": info,
+        "pretrain_seeds": list(setup["pretrain_seeds"]), "select_seed": SELECT_SEED,
+        "sft_seeds": list(setup["sft_seeds"]), "chosen": chosen, "runs": runs,
+        "analysis": analyse(runs, chosen, setup["pretrain_seeds"], setup["sft_seeds"]),
+        "devices": jax.device_count(), "wall_time_s": time.perf_counter() - started,
+        "training_time_s": sum(r["wall_time_s"] for r in runs),
+    }  # fmt: skip
+    if not ledger.lead:
+        return 0
     print(markdown(results))
-    print(f"\nwall time {results['wall_time_s']:.0f} s in all")
-    path = common.write_results(out, results)
+    path = sweep.write_results(args.out, results)
     t = results["task"]
-    plot(results, out / f"{NAME}.png",
-         f"Fine-tuning, Sec. 3.4 ({'quick' if args.quick else 'cpu'}): {t['sft_pairs']} SFT pairs, "
-         f"{t['eval_pairs']} held-out pairs from unseen files")  # fmt: skip
-    print(f"wrote {path} and {out / f'{NAME}.png'}")
+    plot(results, pathlib.Path(args.out) / f"{NAME}.png",
+         f"Fine-tuning, Sec. 3.4 ({args.scale}{', quick' if args.quick else ''}): {t['sft_pairs']} "
+         f"SFT pairs, {t['eval_pairs']} held-out pairs, from files held out of pretraining")  # fmt: skip
+    print(f"wrote {path} and {pathlib.Path(args.out) / f'{NAME}.png'}")
     return 0
 
 
 if __name__ == "__main__":
-    common.start_jax()
+    options = sweep.arguments(NAME, __doc__, sys.argv[1:])
+    sweep.start_jax(8 if options.scale == "pod" and options.quick else 1)
     sys.exit(main())

@@ -158,11 +158,12 @@ class Ledger:
         folder = self.out / "data" / _hash(making)
         if self.lead and not folder.exists():
             write_shards(config, folder, log=self.log)
-        _wait_for_lead("muonjax_sweep_tokenized")
+        wait_for_lead("muonjax_sweep_tokenized")
         return {**{k: v for k, v in fields.items() if k != "corpus"}, "data": (str(folder),)}
 
 
-def _wait_for_lead(name: str) -> None:
+def wait_for_lead(name: str) -> None:
+    """On several processes: each waits here until all arrive (after the lead wrote)."""
     import jax
 
     if jax.process_count() > 1:

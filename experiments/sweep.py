@@ -78,12 +78,14 @@ def start_jax(devices: int = 1) -> None:
 
 def run_key(config, root: pathlib.Path | None = None) -> str:
     """The ledger's key of a run: a hash of everything its config computes from
-    (where it is written and how it reports progress left out; data inside the
-    ledger's `root` by its path relative to it, so a ledger moved or copied to
-    another machine keeps its keys)."""
+    (where it is written and how it reports progress left out; data and the run
+    fine-tuned from, inside the ledger's `root`, by their paths relative to it, so
+    a ledger moved or copied to another machine keeps its keys)."""
     fields = {k: v for k, v in config.to_json().items() if k not in ("out", "progress")}
     if root is not None:
         fields["data"] = [_relative(p, root) for p in fields["data"]]
+        if fields.get("init_from"):  # a fine-tune of a run of the same ledger
+            fields["init_from"] = _relative(fields["init_from"], root)
     return _hash(fields)
 
 

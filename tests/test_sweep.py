@@ -54,6 +54,16 @@ def test_run_key_ignores_where_a_run_is_written():
     assert sweep.run_key(a) != sweep.run_key(a.replace(seed=1))
 
 
+def test_run_key_survives_moving_the_ledger(tmp_path):
+    keys = []
+    for root in (tmp_path / "here", tmp_path / "there"):
+        (root / "data").mkdir(parents=True)
+        (root / "data" / "a.txt").write_text("text")
+        config = TrainConfig(data=(str(root / "data"),), init_from=str(root / "runs" / "k"))
+        keys.append(sweep.run_key(config, root))
+    assert keys[0] == keys[1]
+
+
 SCRIPT = """
 import sys
 import sweep

@@ -45,13 +45,25 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
-import update_rms  # noqa: E402
 
 NAME = "ns_dtype"
 
 DTYPES = ("float32", "bfloat16")
 SEEDS = (0, 1, 2)
 QUICK_SEEDS = (0, 1)  # two, so that a sample std exists
+
+def cpu_base(quick: bool) -> dict:
+    """update_rms.py's old CPU setting: dense, MLP 4 d_model, full MHA, bytes of the stdlib."""
+    if quick:
+        model = dict(d_model=32, n_layers=1, first_k_dense=1, intermediate_size=128, n_heads=2,
+                     attention="mha", head_dim=16)  # fmt: skip
+        return dict(preset="tiny", model=model, steps=4, batch_size=8, seq_len=32,
+                    learning_rate=3e-3, weight_decay=0.1, warmup_steps=1, eval_batches=1)  # fmt: skip
+    model = dict(d_model=128, n_layers=4, first_k_dense=4, intermediate_size=512, n_heads=4,
+                 attention="mha", head_dim=32)  # fmt: skip
+    return dict(preset="tiny", model=model, steps=240, batch_size=16, seq_len=128,
+                learning_rate=3e-3, weight_decay=0.1, warmup_steps=15, eval_batches=8)  # fmt: skip
+
 LEARNING_RATE = 1e-2  # update_rms.py's Muon rate (AdamW's best there)
 METRICS = ("eval_loss", "train_loss", "train_loss_tail")
 # two-sided 95% quantile of Student's t with n - 1 degrees of freedom, by n - 1
@@ -69,7 +81,7 @@ def run_name(dtype: str, seed: int) -> str:
 def run_config(dtype: str, seed: int, out: str, quick: bool):
     from muonjax.train import TrainConfig
 
-    base = {**update_rms.cpu_base(quick), "learning_rate": LEARNING_RATE}
+    base = {**cpu_base(quick), "learning_rate": LEARNING_RATE}
     steps = base["steps"]
     return TrainConfig(
         out=out, **base, optimizer="muon", seed=seed, ns_dtype=dtype, eval_every=steps,
@@ -177,7 +189,7 @@ def run_cpu(args) -> dict:
     earlier = previous_runs(out, args.quick)
     results = {
         "scale": "cpu", "quick": args.quick, "seeds": list(seed_list), "dtypes": list(DTYPES),
-        "base": {**update_rms.cpu_base(args.quick), "learning_rate": LEARNING_RATE},
+        "base": {**cpu_base(args.quick), "learning_rate": LEARNING_RATE},
         "rule": RULE, "runs": {}, "configs": {}, "reused_runs": [], "complete": False,
         "analysis": None, "verdict": None,
     }  # fmt: skip

@@ -27,10 +27,11 @@ import pathlib
 import statistics
 import time
 
-import jax
+from muonjax.parallel.cluster import simulate_cpu_devices
 
-jax.config.update("jax_num_cpu_devices", 8)
+simulate_cpu_devices(8)
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402

@@ -45,13 +45,14 @@ def start_jax(argv=None) -> None:
 
     import jax
 
+    from muonjax.parallel.cluster import simulate_cpu_devices
     from muonjax.parallel.mesh import parse_mesh
     from muonjax.parallel.tpu import skip_absent_tpu
 
     skip_absent_tpu()
     args, _ = _parser("").parse_known_args(sys.argv[1:] if argv is None else argv)
     devices = math.prod(parse_mesh(args.mesh).values()) if args.scale == "pod" else 1
-    jax.config.update("jax_num_cpu_devices", devices)
+    simulate_cpu_devices(devices)
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if cache is None:
         cache = tempfile.mkdtemp(prefix="muonjax-experiment-jax-cache-")

@@ -29,12 +29,12 @@ def main():
     )
     parser.add_argument("--out", default=time.strftime("runs/demo-%Y%m%d-%H%M%S"))
     args = parser.parse_args()
-    import jax  # before anything starts the backend
 
+    from muonjax.parallel.cluster import simulate_cpu_devices
     from muonjax.parallel.tpu import skip_absent_tpu
 
     skip_absent_tpu()
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    simulate_cpu_devices(args.cpu_devices)
 
     from muonjax.train import ConfigError, TrainConfig, read_metrics, run
 

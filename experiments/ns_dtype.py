@@ -52,6 +52,7 @@ DTYPES = ("float32", "bfloat16")
 SEEDS = (0, 1, 2)
 QUICK_SEEDS = (0, 1)  # two, so that a sample std exists
 
+
 def cpu_base(quick: bool) -> dict:
     """update_rms.py's old CPU setting: dense, MLP 4 d_model, full MHA, bytes of the stdlib."""
     if quick:
@@ -63,6 +64,7 @@ def cpu_base(quick: bool) -> dict:
                  attention="mha", head_dim=32)  # fmt: skip
     return dict(preset="tiny", model=model, steps=240, batch_size=16, seq_len=128,
                 learning_rate=3e-3, weight_decay=0.1, warmup_steps=15, eval_batches=8)  # fmt: skip
+
 
 LEARNING_RATE = 1e-2  # update_rms.py's Muon rate (AdamW's best there)
 METRICS = ("eval_loss", "train_loss", "train_loss_tail")

@@ -61,10 +61,11 @@ def start_jax(devices: int = 1) -> None:
 
     import jax
 
+    from muonjax.parallel.cluster import simulate_cpu_devices
     from muonjax.parallel.tpu import skip_absent_tpu
 
     skip_absent_tpu()
-    jax.config.update("jax_num_cpu_devices", devices)
+    simulate_cpu_devices(devices)
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if cache is None:
         cache = tempfile.mkdtemp(prefix="muonjax-experiment-jax-cache-")

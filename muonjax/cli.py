@@ -34,7 +34,7 @@ def _missing_train_package(error: ModuleNotFoundError) -> str | None:
 try:  # the core install (`pip install muonjax`) is the optimizer alone: main() says so
     from muonjax.models.generate import DEFAULT_MAX_LEN, MAX_SEED, generate, sampling_errors
     from muonjax.models.memory import is_out_of_memory
-    from muonjax.parallel.cluster import ClusterError, start
+    from muonjax.parallel.cluster import ClusterError, simulate_cpu_devices, start
     from muonjax.parallel.mesh import MeshError, parse_mesh, run_mesh
     from muonjax.parallel.tpu import TPUError, parse_slice, skip_absent_tpu, slice_devices
     from muonjax.train import convert
@@ -139,7 +139,7 @@ def _env_int(name):
 def _start_jax(args, cpu_devices):
     """Settings that must precede the backend: device count, then the cluster."""
     if cpu_devices is not None:
-        jax.config.update("jax_num_cpu_devices", cpu_devices)
+        simulate_cpu_devices(cpu_devices)
     joined = start(args.coordinator, args.num_processes, args.process_id)
     if joined is not None and joined.process_index == 0:
         print(f"muonjax: {joined.summary_line()}", flush=True)
@@ -189,7 +189,7 @@ def _inspect(args) -> int:
                 f"--mesh {given.get('mesh')}: {math.prod(sizes.values())} devices; "
                 f"inspect simulates at most {MAX_CPU_DEVICES}"
             )
-        jax.config.update("jax_num_cpu_devices", math.prod(sizes.values()))
+        simulate_cpu_devices(math.prod(sizes.values()))
     batch = sizes["data"] * sizes["expert"] * given.get("grad_accum", 1)
     config = TrainConfig(**{**INSPECT_DEFAULTS, "batch_size": batch, **given})
     report = step_costs(

@@ -28,7 +28,11 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-jax.config.update("jax_num_cpu_devices", 8)
+from muonjax.parallel.cluster import simulate_cpu_devices  # noqa: E402
+
+simulate_cpu_devices(8)
+jax.devices()  # the backend starts with its 16 threads; the processes tests start
+os.environ.pop("PJRT_NPROC")  # size their own pools (most simulate no mesh)
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="muonjax-test-jax-cache-")

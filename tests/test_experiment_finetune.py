@@ -180,13 +180,7 @@ def test_quick_cpu_end_to_end_and_resumed_from_its_ledger(tmp_path):
     assert again["runs"] == runs and again["training_time_s"] == results["training_time_s"]
 
 
-# On 8 simulated CPU devices a fresh AdamW SFT run (sft-jsonl) aborts in XLA's CPU
-# collectives (rendezvous of an all-gather and an all-reduce of the same step, devices in
-# different ones: 4 of 4 tries on this 2-core machine); Muon SFT and AdamW pretraining pass
-DEADLOCK = pytest.mark.xfail(reason="XLA CPU collective rendezvous abort in AdamW SFT on 8 devices")
-
-
-@pytest.mark.parametrize("scale", ["gpu", pytest.param("pod", marks=DEADLOCK)])
+@pytest.mark.parametrize("scale", ["gpu", "pod"])
 def test_quick_gpu_and_pod_train_through_their_data_paths(tmp_path, scale):
     """gpu: a BPE trained once on the pretraining shards, kept by SFT; pod: 8 devices."""
     results = run_experiment("finetune", tmp_path, "--scale", scale, "--quick")

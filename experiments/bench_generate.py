@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
 import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
+import sweep
 
 NAME = "bench_generate"
 CONTEXT = 4096  # tokens of Moonlight context for the whole-model cache size
@@ -181,5 +180,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    common.start_jax()
+    sweep.start_jax()
     sys.exit(main())

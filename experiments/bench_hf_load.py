@@ -35,8 +35,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import arguments, write_results  # noqa: E402
+import sweep
+from common import arguments, write_results
 
 PROBE = """
 import json, pathlib, sys, time
@@ -161,7 +161,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from common import start_jax
-
-    start_jax()
+    sweep.start_jax()
     sys.exit(main())

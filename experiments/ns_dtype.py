@@ -41,10 +41,9 @@ import sys
 import tempfile
 import time
 
+import common
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402
+import sweep
 
 NAME = "ns_dtype"
 
@@ -286,8 +285,6 @@ def readme(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = common.arguments(NAME, __doc__, argv)
-    if args.scale == "pod":
-        raise SystemExit("ns_dtype.py runs on the CPU only (--scale cpu)")
     out = pathlib.Path(args.out)
     results = run_cpu(args)
     print()
@@ -303,5 +300,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    common.start_jax()
+    sweep.start_jax()
     sys.exit(main())

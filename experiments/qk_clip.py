@@ -1,221 +1,209 @@
-"""QK-Clip (MuonClip, Kimi K2): does it keep Muon's attention logits bounded, and what does it cost?
+"""QK-Clip (MuonClip, Kimi K2): Muon's attention logits bounded, at what cost in loss?
 
-    python experiments/qk_clip.py            # 6 runs + the step overhead, ~25 min on 2 cores
-    python experiments/qk_clip.py --quick    # toy sizes, end to end in under a minute
+    python experiments/qk_clip.py               # --scale cpu: ~8 runs, ~8 minutes
+    python experiments/qk_clip.py --scale gpu   # attention_logits.py's gpu model
+    python experiments/qk_clip.py --scale pod   # Moonlight-16B-A3B, tau 100 (K2's)
+    ... --quick (toy sizes, end to end in a minute) | --dry-run (configs and memory only)
 
-The paper (App. D) sees Muon's max attention logits pass 100 early in
-training; Kimi K2 bounds them with QK-Clip (`--qk-clip TAU`): after each step,
-every head whose max logit in the step exceeded tau has its query and key
-weights rescaled so that it would be tau (muonjax.optim.qk_clip).
-
-The model and data are experiments/attention_logits.py's CPU setting (4 dense
-layers, d_model 128, 4 heads, 400 steps of 16 x 128 tokens, cosine schedule),
-trained with Muon (the Moonlight recipe) where its logits grow large: at a
-learning rate 3x and 10x that experiment's 1e-2. Probes of 150 steps put the
-max logit of MHA at 110 with lr 3e-2 and no weight decay, and at 400 with lr
-1e-1 and weight decay 0.1. Three pairs, each run without and with QK-Clip:
-
-- MHA, lr 3e-2, weight decay 0, tau 50 (below where the logits settle);
-- MHA, lr 1e-1, weight decay 0.1, tau 100 (K2's threshold);
-- MLA, lr 1e-1, weight decay 0.1, tau 100 (q_nope / k_nope by sqrt(gamma),
-  q_rope by gamma, the shared rotary key untouched).
-
-The logged max logit of a step comes from its forward pass, before that
-step's clip: with QK-Clip it can exceed tau by what one update adds.
-
-Overhead: the `small` preset's train step (batch 8 x 256, one CPU device)
-with --qk-clip and without, compiled once each, timed alternately; the
-median step times and their ratio.
-
-Writes results/qk_clip/results.json and qk_clip.png.
+Kimi K2 trains with QK-Clip (`--qk-clip TAU`): after each step, every head whose
+max logit in the step exceeded tau has its query and key weights rescaled so
+that it would be tau (muonjax.optim.qk_clip); the claim is that this bounds the
+logits at no cost in loss. Here Muon (the Moonlight recipe, MLA) trains
+attention_logits.py's model and data at each scale: its rate swept on the
+quarter-decade grid (on past an edge while the best is at one), 2 seeds, without
+QK-Clip; then at the best rate (final_eval_loss seed means) with QK-Clip at a tau
+that must fire there: half the unclipped runs' peak max logit (seed mean, two
+significant digits; pod: K2's 100, where no sweep runs first). Paired over seeds,
+clipped minus unclipped: the peak max logit (reproduced if its 95% interval is
+below 0), the final eval loss (reproduced if its interval lies within
++-LOSS_MARGIN nats; not reproduced if wholly above it); the share of logged steps
+that clipped. The step time with and without QK-Clip (the scale's model, every
+head clipping, medians of alternating rounds) is the overhead.
 """
 
 from __future__ import annotations
 
 import pathlib
-import sys
-import tempfile
 import time
 
+import attention_logits
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import attention_logits  # noqa: E402
-import common  # noqa: E402
+import sweep
 
 NAME = "qk_clip"
-
-# pair -> (label, attention, learning rate, weight decay, tau)
-PAIRS = {
-    "mha_3e-2": ("MHA, lr 3e-2, wd 0", "mha", 3e-2, 0.0, 50.0),
-    "mha_1e-1": ("MHA, lr 1e-1, wd 0.1", "mha", 1e-1, 0.1, 100.0),
-    "mla_1e-1": ("MLA, lr 1e-1, wd 0.1", "mla", 1e-1, 0.1, 100.0),
-}
-QUICK_PAIRS = ("mha_3e-2",)
-QUICK_TAU = 0.05  # the toy model's logits stay near 0.1
-TRAIN_KEYS = (*attention_logits.TRAIN_KEYS, "qk_clipped_heads", "qk_clipped_heads_per_layer")
+LOSS_MARGIN = 0.01  # nats: a smaller loss difference counts as no cost
+PAPER = {"setting": "Kimi K2 (1T MoE, MLA) with MuonClip, tau 100",
+         "claim": "QK-Clip bounds the max attention logit at tau without hurting the loss"}  # fmt: skip
 
 
-def run_names(pairs) -> list[str]:
-    return [f"{pair}{suffix}" for pair in pairs for suffix in ("", "_clip")]
+def scale_setup(scale: str, quick: bool, devices: int) -> dict:
+    """attention_logits.py's setting, Muon and MLA only; pod clips at K2's tau."""
+    setup = attention_logits.scale_setup(scale, quick, devices)
+    tau = 100.0 if scale == "pod" and not quick else None
+    return dict(setup, model=setup["models"]["mla"], start=setup["start"]["muon"], tau=tau)
 
 
-def run_config(base: dict, name: str, out: str, quick: bool):
-    from muonjax.train import TrainConfig
-
-    pair = name.removesuffix("_clip")
-    _, attention, lr, wd, tau = PAIRS[pair]
-    fields = {**base, "model": {**base["model"], "attention": attention}}
-    fields.update(learning_rate=lr, weight_decay=wd)
-    if name.endswith("_clip"):
-        fields["qk_clip"] = QUICK_TAU if quick else tau
-    return TrainConfig(
-        out=out, **fields, optimizer="muon", checkpoint_every=base["steps"], keep_checkpoints=1,
-        progress=False, mesh=None,
-    )  # fmt: skip
+def fields(setup, lr, seed, mesh, tau=None) -> dict:
+    return dict(setup["base"], model=setup["model"], optimizer="muon", learning_rate=lr,
+                seed=seed, mesh=mesh, qk_clip=tau)  # fmt: skip
 
 
-def summarize(run: dict, tau: float | None) -> dict:
-    train = run["train"]
-    overall = np.asarray(train["max_attention_logit"])
-    final = {
-        "eval_loss": run["final"]["eval_loss"],
-        "train_loss": run["final"]["train_loss"],
-        "max_logit_peak": float(overall.max()),
-        "max_logit_final": float(overall[-1]),
-        "max_logit_peak_per_layer": run["final"]["max_logit_peak_per_layer"],
-        "tau": tau,
-    }
-    if tau is not None:
-        clipped = np.asarray(train["qk_clipped_heads"])
-        final["logged_steps_clipping"] = float(np.mean(clipped > 0))
-        final["mean_clipped_heads"] = float(clipped.mean())
-        final["max_logit_peak_over_tau"] = float(overall.max() / tau)
-    return final
+def measure(run_dir, summary) -> dict:
+    """attention_logits.py's measures, and the share of logged steps that clipped."""
+    from muonjax.train import read_metrics
+
+    clipped = [r["qk_clipped_heads"] for r in read_metrics(run_dir) if "qk_clipped_heads" in r]
+    share = float(np.mean(np.asarray(clipped) > 0)) if clipped else None
+    return {**attention_logits.measure(run_dir, summary), "steps_clipping": share}
 
 
-def train_runs(args, tmp) -> dict:
-    base = attention_logits.cpu_base(args.quick)
-    runs, configs = {}, {}
-    for name in run_names(QUICK_PAIRS if args.quick else PAIRS):
-        config = run_config(base, name, str(pathlib.Path(tmp) / name), args.quick)
-        label = PAIRS[name.removesuffix("_clip")][0]
-        label += f", QK-Clip {config.qk_clip:g}" if config.qk_clip else ", no clip"
-        print(f"{label}: training {config.steps} steps ...", flush=True)
-        keys = TRAIN_KEYS if config.qk_clip else attention_logits.TRAIN_KEYS
-        r = attention_logits.train_one(config, lambda *_: None, keys)
-        r.pop("_parameters")
-        r["final"] = summarize(r, config.qk_clip)
-        runs[name] = {"label": label, **r}
-        configs[name] = {**config.to_json(), "out": None}
-        f = r["final"]
-        print(
-            f"{label}: eval loss {f['eval_loss']:.4f}, max logit peak {f['max_logit_peak']:.1f}, "
-            f"final {f['max_logit_final']:.1f}, {r['wall_time_s']:.0f} s",
-            flush=True,
-        )
-    return {"base": base, "runs": runs, "configs": configs}
+def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> tuple[list[dict], float | None]:
+    """The unclipped sweep, then the clipped runs at its best rate; and their tau."""
+    runs = []
+
+    def train(lr, tau=None):
+        for seed in setup["seeds"]:
+            f = fields(setup, lr, seed, args.mesh, tau)
+            f = ledger.tokenized(f) if f.get("tokenizer") == "bpe" else f
+            clip = f", QK-Clip {tau:g}" if tau else ""
+            r = ledger.train(f, f"muon lr {lr:g} seed {seed}{clip}", measure)
+            runs.append(dict(r, learning_rate=lr, seed=seed, tau=tau))
+        losses = [r["final_eval_loss"] for r in runs[-len(setup["seeds"]) :]]
+        return None if None in losses else float(np.mean(losses))
+
+    losses = {lr: train(lr) for lr in setup["start"]}
+    while setup["extend"] and (lr := sweep.next_rate(losses, attention_logits.RATES)) is not None:
+        losses[lr] = train(lr)
+    best = min((lr for lr in losses if losses[lr] is not None), key=losses.get, default=None)
+    if best is None:
+        return runs, None
+    tau = setup["tau"]
+    if tau is None:
+        peaks = [r["max_logit_peak"] for r in runs if r["learning_rate"] == best]
+        tau = float(f"{np.mean(peaks) / 2:.2g}")
+    train(best, tau)
+    return runs, tau
 
 
-def step_overhead(args, tmp, base: dict) -> dict:
-    """Median train-step time of `small` with and without QK-Clip, the two
-    programs timed alternately after compiling. --quick times the quick runs'
-    own two configs (their programs are in the compilation cache by then)."""
+def analyse(runs: list[dict]) -> dict:
+    """Clipped minus unclipped at the clipped runs' rate, paired over seeds."""
+    clipped = {r["seed"]: r for r in runs if r["tau"] and r["final_eval_loss"] is not None}
+    if not clipped:
+        return {}
+    lr = next(iter(clipped.values()))["learning_rate"]
+    plain = {r["seed"]: r for r in runs if not r["tau"] and r["learning_rate"] == lr
+             and r["final_eval_loss"] is not None}  # fmt: skip
+    diff = {k: sweep.paired({s: r[k] for s, r in clipped.items()},
+                            {s: r[k] for s, r in plain.items()})
+            for k in ("max_logit_peak", "final_eval_loss")}  # fmt: skip
+    loss = diff["final_eval_loss"]
+    lo, hi = loss.mean - loss.half_width, loss.mean + loss.half_width
+    no_cost = ("reproduced" if -LOSS_MARGIN <= lo and hi <= LOSS_MARGIN
+               else "not reproduced" if lo > LOSS_MARGIN else "inconclusive")  # fmt: skip
+    share = sweep.estimate(r["steps_clipping"] for r in clipped.values())
+    return {"learning_rate": lr, "steps_clipping": share.to_json(),
+            "peak_clip_minus_plain": diff["max_logit_peak"].to_json(),
+            "loss_clip_minus_plain": loss.to_json(),
+            "verdict_bounded": sweep.verdict(diff["max_logit_peak"], -1),
+            "verdict_no_cost": no_cost}  # fmt: skip
+
+
+def step_overhead(config, rounds: int = 5, per_round: int = 3) -> dict:
+    """Median step time of `config` without and with QK-Clip (tau 1e-3: every
+    head clips), the two compiled programs timed in alternating rounds."""
     import jax
 
-    from muonjax.parallel import make_mesh, parse_mesh
-    from muonjax.train import TrainConfig
+    from muonjax.parallel.mesh import run_mesh
     from muonjax.train.program import build
 
-    if args.quick:
-        plain, clipped = (run_config(base, n, str(tmp), True) for n in run_names(QUICK_PAIRS))
-        configs, rounds, per_round = {"off": plain, "on": clipped}, 3, 2
-    else:  # tau 1e-3: every head clips (the work is the same either way)
-        small = TrainConfig(preset="small", batch_size=8, seq_len=256)
-        configs, rounds, per_round = {"off": small, "on": small.replace(qk_clip=1e-3)}, 7, 5
-    preset, batch, seq = configs["off"].preset, configs["off"].batch_size, configs["off"].seq_len
-    mesh = make_mesh(parse_mesh("data=1"), devices=jax.devices()[:1])
-    tokens = np.random.default_rng(0).integers(0, 256, (batch, seq + 1)).astype(np.int32)
-    programs, states, times = {}, {}, {"off": [], "on": []}
-    for key, config in configs.items():
-        program = build(config, config.model_config(vocab_size=256), mesh)
-        state = program.init()
-        state, metrics = program.step(state, jax.device_put(tokens, program.batch))  # compiles
-        jax.block_until_ready(metrics)
-        programs[key], states[key] = program, state
+    config = config.replace(tokenizer="byte", init_from=None)
+    mesh = run_mesh(config.mesh, config.batch_size, config.grad_accum)
+    tokens = np.random.default_rng(0).integers(0, 256, (config.batch_size, config.seq_len + 1))
+    programs, times = {}, {"off": [], "on": []}
+    for key, tau in (("off", None), ("on", 1e-3)):
+        program = build(config.replace(qk_clip=tau), config.model_config(vocab_size=256), mesh)
+        batch = jax.device_put(tokens.astype(np.int32), program.batch)
+        state, metrics = program.step(program.init(), batch)  # compiles
+        programs[key] = [program, state, batch, jax.block_until_ready(metrics)]
     for _ in range(rounds):
-        for key in ("off", "on"):
-            program = programs[key]
-            batch_on_device = jax.device_put(tokens, program.batch)
+        for key, entry in programs.items():
+            program, state, batch, _ = entry
             for _ in range(per_round):
                 started = time.perf_counter()
-                states[key], metrics = program.step(states[key], batch_on_device)
+                state, metrics = program.step(state, batch)
                 jax.block_until_ready(metrics)
                 times[key].append(time.perf_counter() - started)
+            entry[1], entry[3] = state, metrics
     off, on = (float(np.median(times[k])) for k in ("off", "on"))
-    clipped = int(jax.device_get(metrics["qk_clipped_heads"]))
-    print(f"{preset} step: {off * 1e3:.1f} ms without QK-Clip, {on * 1e3:.1f} ms with "
-          f"({clipped} heads clipped): ratio {on / off:.3f}", flush=True)  # fmt: skip
-    return {
-        "preset": preset, "batch_size": batch, "seq_len": seq, "steps_each": len(times["on"]),
-        "step_s_without": off, "step_s_with": on, "ratio": on / off, "heads_clipped": clipped,
-        "times_s": times,
-    }  # fmt: skip
+    heads = int(jax.device_get(programs["on"][3]["qk_clipped_heads"]))
+    return {"step_s_without": off, "step_s_with": on, "ratio": on / off, "heads_clipped": heads,
+            "steps_each": len(times["on"])}  # fmt: skip
 
 
 def markdown(results: dict) -> str:
-    lines = [
-        "| run | final eval loss | max logit: peak / final | steps clipping | heads clipped "
-        "(mean) |",
-        "|---|---|---|---|---|",
-    ]
-    for r in results["runs"].values():
-        f = r["final"]
-        clipping = (
-            f"{f['logged_steps_clipping']:.0%} | {f['mean_clipped_heads']:.1f}"
-            if f["tau"]
-            else "- | -"
-        )
-        lines.append(
-            f"| {r['label']} | {f['eval_loss']:.4f} | {f['max_logit_peak']:.3g} / "
-            f"{f['max_logit_final']:.3g} | {clipping} |"
-        )
-    o = results["overhead"]
-    lines += [
-        "",
-        f"Step time, `{o['preset']}` ({o['batch_size']} x {o['seq_len']}): "
-        f"{o['step_s_without'] * 1e3:.1f} ms without QK-Clip, {o['step_s_with'] * 1e3:.1f} ms "
-        f"with: {o['ratio']:.3f}x (median of {o['steps_each']} steps each).",
-    ]
-    return "\n".join(lines)
+    cell = lambda e, f: f"{e['mean']:{f}}" + (f" ± {e['half_width']:{f}}" if e["n"] > 1 else "")  # fmt: skip
+    rows = [sweep.table_row("lr", "QK-Clip tau", "final eval loss", "peak max logit",
+                            "final max logit", "steps clipping"), sweep.table_row(*["---"] * 6)]  # fmt: skip
+    for (lr, tau), by_seed in _points(results["runs"]).items():
+        e = {k: sweep.estimate(r[k] for r in by_seed).to_json()
+             for k in ("final_eval_loss", "max_logit_peak", "max_logit_final")}  # fmt: skip
+        share = sweep.estimate(r["steps_clipping"] for r in by_seed if r["steps_clipping"] is not None)  # fmt: skip
+        rows.append(sweep.table_row(f"{lr:g}", f"{tau:g}" if tau else "-",
+                                    cell(e["final_eval_loss"], ".4f"), cell(e["max_logit_peak"], ".3g"),
+                                    cell(e["max_logit_final"], ".3g"),
+                                    f"{share.mean:.0%}" if tau else "-"))  # fmt: skip
+    a, o = results["analysis"], results["overhead"]
+    if a:
+        rows += ["", f"At lr {a['learning_rate']:g}, QK-Clip minus none, paired over seeds: peak max "
+                 f"logit {sweep.estimate(a['peak_clip_minus_plain']['values'])} "
+                 f"({a['verdict_bounded']}); final eval loss "
+                 f"{sweep.estimate(a['loss_clip_minus_plain']['values'])} ({a['verdict_no_cost']}, "
+                 f"margin {LOSS_MARGIN} nats)."]  # fmt: skip
+    rows += ["", f"Step time: {o['step_s_without'] * 1e3:.1f} ms without QK-Clip, "
+             f"{o['step_s_with'] * 1e3:.1f} ms with every head clipping: {o['ratio']:.3f}x."]  # fmt: skip
+    return "\n".join(rows)
+
+
+def _points(runs) -> dict:
+    """{(rate, tau): [finished runs]} in the order trained."""
+    out = {}
+    for r in runs:
+        if r["final_eval_loss"] is not None:
+            out.setdefault((r["learning_rate"], r["tau"]), []).append(r)
+    return out
 
 
 def plot(results: dict, path: pathlib.Path, title: str) -> None:
-    """Per pair: the max logit over layers per step (top) and the eval loss
-    (bottom), without QK-Clip (red) and with it (blue), tau dotted."""
+    """Left: the max logit (max over layers) against the step, per seed, at the
+    clipped rate without (red) and with QK-Clip (blue), tau dotted. Right: final
+    eval loss against the rate (seed means, 95% intervals), the clipped point in blue."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = [p for p in PAIRS if p in results["runs"]]
-    fig, axes = plt.subplots(2, len(pairs), figsize=(5.5 * len(pairs), 7.5), squeeze=False)
-    for col, pair in enumerate(pairs):
-        top, bottom = axes[0, col], axes[1, col]
-        for name, color in ((pair, "tab:red"), (f"{pair}_clip", "tab:blue")):
-            r = results["runs"][name]
-            label = r["label"].split(", ")[-1]
-            top.plot(r["train"]["step"], r["train"]["max_attention_logit"], color=color,
-                     label=label)  # fmt: skip
-            bottom.plot(r["eval"]["step"], r["eval"]["eval_loss"], color=color, label=label)
-            if r["final"]["tau"]:
-                top.axhline(r["final"]["tau"], color="grey", ls=":", lw=1, label="tau")
-        top.set_title(f"{PAIRS[pair][0]}: max attention logit (all layers)", fontsize=10)
-        bottom.set_title("validation loss", fontsize=10)
-        bottom.set_xlabel("step")
-        for ax in (top, bottom):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+    fig, (curve_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a, points = results["analysis"], _points(results["runs"])
+    for (lr, tau), by_seed in points.items():
+        if a and lr == a["learning_rate"]:
+            for r in by_seed:
+                curve = np.max(r["curve"]["max_logit_per_layer"], axis=1)
+                curve_ax.plot(r["curve"]["step"], curve, color="tab:blue" if tau else "tab:red",
+                              label=f"seed {r['seed']}, " + (f"tau {tau:g}" if tau else "no clip"))  # fmt: skip
+            if tau:
+                curve_ax.axhline(tau, color="0.4", ls=":", lw=1)
+    plain = sorted((lr, s) for (lr, tau), s in points.items() if not tau)
+    estimates = [sweep.estimate(r["final_eval_loss"] for r in s) for _, s in plain]
+    sweep.error_bars(loss_ax, [lr for lr, _ in plain], estimates, "no clip", color="tab:red")
+    for (lr, tau), s in points.items():
+        if tau:
+            sweep.error_bars(loss_ax, [lr], [sweep.estimate(r["final_eval_loss"] for r in s)],
+                             f"QK-Clip {tau:g}", color="tab:blue")  # fmt: skip
+    curve_ax.set(xlabel="step", ylabel="max attention logit", title="at the best rate")
+    loss_ax.set(xscale="log", xlabel="learning rate", ylabel="final eval loss")
+    for ax in (curve_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -223,25 +211,43 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = common.arguments(NAME, __doc__, argv)
-    if args.scale == "pod":
-        raise SystemExit("qk_clip.py runs on the CPU only (--scale cpu)")
-    out = pathlib.Path(args.out)
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="qk_clip-") as tmp:
-        results = {"quick": args.quick, **train_runs(args, tmp)}
-        results["overhead"] = step_overhead(args, tmp, results["base"])
-    results["wall_time_s"] = time.perf_counter() - started
-    print()
+    args = sweep.arguments(NAME, __doc__, argv)
+    import jax
+
+    from muonjax.train import TrainConfig
+
+    setup, started = scale_setup(args.scale, args.quick, jax.device_count()), time.perf_counter()
+    results = {"paper": PAPER, "scale": args.scale, "quick": args.quick}
+    lr = setup["start"][0]
+    if args.dry_run:
+        configs = {f"muon-{k}": TrainConfig(**fields(setup, lr, 0, args.mesh, tau))
+                   for k, tau in (("plain", None), ("clip", 100.0))}  # fmt: skip
+        print(
+            f"wrote {sweep.write_results(args.out, dict(results, dry_run=sweep.dry_run(configs)))}"
+        )
+        return 0
+    ledger = sweep.Ledger(args.out)
+    runs, tau = run_sweep(args, ledger, setup)
+    analysis = analyse(runs)
+    config = TrainConfig(**fields(setup, analysis.get("learning_rate", lr), 0, args.mesh))
+    results.update(seeds=list(setup["seeds"]), tau=tau, runs=runs, analysis=analysis,
+                   overhead=step_overhead(config), devices=jax.device_count(),
+                   wall_time_s=time.perf_counter() - started,
+                   training_time_s=sum(r["wall_time_s"] for r in runs))  # fmt: skip
+    if not ledger.lead:
+        return 0
     print(markdown(results))
-    print(f"\nwall time {results['wall_time_s']:.0f} s in all")
-    path = common.write_results(out, results)
-    plot(results, out / f"{NAME}.png", f"QK-Clip with Muon ({'quick' if args.quick else 'cpu'}): "
-         f"{attention_logits.cpu_base(args.quick)['steps']} steps")  # fmt: skip
-    print(f"wrote {path} and {out / f'{NAME}.png'}")
+    path, png = sweep.write_results(args.out, results), pathlib.Path(args.out) / f"{NAME}.png"
+    b = setup["base"]
+    plot(results, png, f"QK-Clip with Muon ({args.scale}{', quick' if args.quick else ''}): "
+         f"{b['steps']} steps x {b['batch_size']} x {b['seq_len']}, {len(runs)} runs")  # fmt: skip
+    print(f"wrote {path} and {png}")
     return 0
 
 
 if __name__ == "__main__":
-    common.start_jax()
+    import sys
+
+    options = sweep.arguments(NAME, __doc__, sys.argv[1:])
+    sweep.start_jax(8 if options.scale == "pod" and options.quick else 1)
     sys.exit(main())

@@ -52,11 +52,9 @@ import sys
 import tempfile
 import time
 
+import common
 import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import common  # noqa: E402
-import untrusted  # noqa: E402
+import untrusted
 
 NAME = "reliability"
 CMD = [sys.executable, "-m", "muonjax", "train", "--no-progress"]

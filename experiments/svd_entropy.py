@@ -40,7 +40,6 @@ import pathlib
 import sysconfig
 import time
 
-import common
 import numpy as np
 import sweep
 
@@ -122,7 +121,7 @@ def entropies(params) -> dict[str, np.ndarray]:
     """{Figure 4 group: the entropy of each of its matrices, in a fixed order},
     leaf by leaf (a pod's model need not fit one device at once)."""
     by = {}
-    for group, leaves in common.leaves_by_group(params).items():
+    for group, leaves in sweep.leaves_by_group(params).items():
         for leaf in leaves:
             h = np.asarray(_svd_entropy()(leaf), float).ravel()
             by.setdefault({"AttnQ": "AttnQO", "AttnO": "AttnQO"}.get(group, group), []).append(h)
@@ -140,10 +139,10 @@ def measure(run_dir, w0_dir) -> dict:
 
     from muonjax.train import read_metrics
 
-    metrics, points, w0 = read_metrics(run_dir), [], common.params_at(w0_dir)
+    metrics, points, w0 = read_metrics(run_dir), [], sweep.params_at(w0_dir)
     evals = {r["step"]: r["eval_loss"] for r in metrics if "eval_loss" in r}
-    for step in common.checkpoint_steps(run_dir):
-        w = common.params_at(run_dir, step)
+    for step in sweep.checkpoint_steps(run_dir):
+        w = sweep.params_at(run_dir, step)
         h = {"W": entropies(w), "dW": entropies(jax.tree.map(np.subtract, w, w0))}
         points.append(
             {"step": step, "eval_loss": evals.get(step), **{k: means(x) for k, x in h.items()}}
@@ -164,7 +163,7 @@ def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> tuple[list[dict], dict
         fields = prepare(dict(run_fields(setup, "adamw", 0.01, seed, args.mesh), steps=0,
                               final_eval_tokens=0))  # fmt: skip
         r = ledger.train(fields, f"W0 seed {seed} (0 steps, no eval)",
-                         lambda run_dir, _: {"W": means(entropies(common.params_at(run_dir)))})  # fmt: skip
+                         lambda run_dir, _: {"W": means(entropies(sweep.params_at(run_dir)))})  # fmt: skip
         w0[seed], inits[seed] = ledger.out / "runs" / r["key"], r["W"]
 
     def train(optimizer, lr):

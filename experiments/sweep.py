@@ -205,6 +205,44 @@ def dry_run(configs: dict) -> dict:
     return report
 
 
+# --- a run's parameters ----------------------------------------------------------------
+
+
+def params_at(run_dir, step: int | None = None) -> dict:
+    """The parameters of a run's checkpoint at `step` (default: the newest
+    complete one), as a nested dict of NumPy arrays (checkpoint.read_state)."""
+    from muonjax.train.checkpoint import read_state
+
+    return read_state(pathlib.Path(run_dir), step)["params"]
+
+
+def checkpoint_steps(run_dir) -> list[int]:
+    """The steps of a run's checkpoint folders, oldest first."""
+    from muonjax.train.checkpoint import run_checkpoints, step_folders
+
+    return sorted(step_folders(run_checkpoints(pathlib.Path(run_dir))))
+
+
+def leaves_by_group(params: dict) -> dict[str, list]:
+    """{group: [arrays]} over the hidden matrices of a params tree, by the paper's
+    Table 1 groups (muonjax.models.spectra): the leaves Muon orthogonalizes."""
+    from muonjax.models.spectra import hidden_matrices
+
+    groups: dict[str, list] = {}
+    for _, group, leaf in hidden_matrices(params):
+        groups.setdefault(group, []).append(leaf)
+    return groups
+
+
+def strip_values(tree):
+    """A restored nnx state's nested dict without its {'value': array} wrappers."""
+    if isinstance(tree, dict):
+        if set(tree) == {"value"}:
+            return strip_values(tree["value"])
+        return {k: strip_values(v) for k, v in tree.items()}
+    return tree
+
+
 # --- seeds -----------------------------------------------------------------------------
 
 

@@ -42,7 +42,6 @@ import pathlib
 import sysconfig
 import time
 
-import common
 import numpy as np
 import sweep
 
@@ -135,7 +134,7 @@ def measure(fields: dict):
 
         config, n = TrainConfig(**fields), summary.steps
         lr = float(learning_rate_schedule(config)(n - 1))  # the last update's count is N-1
-        old, new = (common.leaves_by_group(common.params_at(run_dir, k)) for k in (n - 1, n))
+        old, new = (sweep.leaves_by_group(sweep.params_at(run_dir, k)) for k in (n - 1, n))
         f64, wd = lambda x: np.asarray(x, np.float64), config.weight_decay
         update = {g: rms([(f64(a) - f64(b)) / lr - wd * f64(a) for a, b in zip(old[g], new[g])])
                   for g in old}  # fmt: skip

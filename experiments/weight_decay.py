@@ -39,7 +39,6 @@ import pathlib
 import sysconfig
 import time
 
-import common
 import numpy as np
 import sweep
 
@@ -184,9 +183,9 @@ def measure(fields: dict, run_dir: pathlib.Path, summary) -> dict:
     config = TrainConfig(**fields)
     vocab = json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"]
     output_rms = layer_output_rms_fn(config.model_config(vocab))
-    steps, weight, output = common.checkpoint_steps(run_dir), [], []
+    steps, weight, output = sweep.checkpoint_steps(run_dir), [], []
     for step in steps:
-        params = common.strip_values(common.params_at(run_dir, step))
+        params = sweep.strip_values(sweep.params_at(run_dir, step))
         stacks = [np.asarray(leaf, np.float32) for _, _, leaf in hidden_matrices(params)]
         squares = sum(np.sum(np.square(s), axis=(1, 2)) for s in stacks)  # per layer
         weight.append(np.sqrt(squares / sum(s[0].size for s in stacks)).tolist())

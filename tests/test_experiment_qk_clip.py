@@ -1,33 +1,110 @@
-"""experiments/qk_clip.py end to end at toy size: a pair of Muon runs without
-and with QK-Clip (whose tau the toy logits cross), their curves and summaries,
-the step-overhead measurement, results.json and the plot."""
+"""experiments/qk_clip.py: tau from the unclipped sweep, the paired analysis and
+its verdicts against values computed by hand; --quick end to end at every scale
+(the ledger, a relaunch that trains nothing, the overhead, results.json, the
+plot), and --dry-run."""
 
-import numpy as np
+import argparse
+import json
+import math
+
 import pytest
 from conftest import load_experiment, run_experiment
 
 # trains, starts processes or runs an experiment: left out of make test-fast
 pytestmark = pytest.mark.slow
 
-qk_clip = load_experiment("qk_clip")
+qk = load_experiment("qk_clip")
 
 
-def test_quick_run_clips_and_measures_the_overhead(tmp_path):
+class _Ledger:
+    """Records what would be trained: the loss is least at lr 0.0316, the peak
+    max logit 40 + 10 x seed without QK-Clip and tau with it."""
+
+    def __init__(self):
+        self.trained = []
+
+    def tokenized(self, fields):
+        return fields
+
+    def train(self, fields, name, measure=None):
+        lr, seed, tau = fields["learning_rate"], fields["seed"], fields["qk_clip"]
+        self.trained.append((lr, seed, tau))
+        loss = (math.log10(lr) + 1.5) ** 2 + seed + (0.001 if tau else 0.0)
+        peak = tau if tau else 40.0 + 10 * seed
+        return {"final_eval_loss": loss, "max_logit_peak": peak, "steps_clipping": 0.5}
+
+
+def test_sweep_extends_then_clips_at_the_best_rate_at_half_its_peak():
+    setup = qk.scale_setup("cpu", quick=False, devices=1)
+    assert setup["start"] == (0.0178, 0.0316, 0.0562) and setup["tau"] is None
+    ledger = _Ledger()
+    runs, tau = qk.run_sweep(argparse.Namespace(mesh=None), ledger, setup)
+    assert tau == 22.0  # half of the seed mean of 40 and 50
+    assert sorted({lr for lr, _, t in ledger.trained if t is None}) == [0.0178, 0.0316, 0.0562]
+    assert [(lr, s) for lr, s, t in ledger.trained if t] == [(0.0316, 0), (0.0316, 1)]
+    a = qk.analyse(runs)
+    assert a["learning_rate"] == 0.0316
+    # peaks 22 - 40, 22 - 50: -18, -28; losses +0.001 each
+    assert a["peak_clip_minus_plain"]["mean"] == pytest.approx(-23.0)
+    assert a["peak_clip_minus_plain"]["half_width"] == pytest.approx(12.71 * 5)
+    assert a["verdict_bounded"] == "inconclusive"  # -23 ± 63.6
+    assert a["loss_clip_minus_plain"]["mean"] == pytest.approx(0.001)
+    assert a["verdict_no_cost"] == "reproduced"  # ± 0: within the margin
+    assert qk.scale_setup("pod", quick=False, devices=256)["tau"] == 100.0
+
+
+@pytest.mark.parametrize(
+    ("peaks", "losses", "bounded", "no_cost"),
+    [
+        ((-10, -11, -12), (0.05, 0.06, 0.07), "reproduced", "not reproduced"),
+        ((5, 6, 7), (-0.001, 0.0, 0.001), "not reproduced", "reproduced"),
+        ((-10, 10, 0), (0.0, 0.05, -0.05), "inconclusive", "inconclusive"),
+    ],
+)
+def test_verdicts_read_the_paired_intervals(peaks, losses, bounded, no_cost):
+    runs = []
+    for seed, (dp, dl) in enumerate(zip(peaks, losses)):
+        plain = dict(learning_rate=0.01, seed=seed, tau=None, final_eval_loss=2.0 + seed,
+                     max_logit_peak=50.0 + seed, steps_clipping=None)  # fmt: skip
+        runs += [plain, dict(plain, tau=25.0, final_eval_loss=plain["final_eval_loss"] + dl,
+                             max_logit_peak=plain["max_logit_peak"] + dp, steps_clipping=1.0)]  # fmt: skip
+    a = qk.analyse(runs)
+    assert (a["verdict_bounded"], a["verdict_no_cost"]) == (bounded, no_cost)
+
+
+def test_quick_cpu_end_to_end_and_resumed_from_its_ledger(tmp_path):
     results = run_experiment("qk_clip", tmp_path, "--quick")
     assert (tmp_path / "qk_clip.png").stat().st_size > 0
-    names = qk_clip.run_names(qk_clip.QUICK_PAIRS)
-    assert list(results["runs"]) == names == ["mha_3e-2", "mha_3e-2_clip"]
-    plain, clipped = (results["configs"][n] for n in names)
-    assert plain["qk_clip"] is None and clipped["qk_clip"] == qk_clip.QUICK_TAU
-    assert {k: v for k, v in plain.items() if k != "qk_clip"} == {
-        k: v for k, v in clipped.items() if k != "qk_clip"
-    }
-    without, with_clip = (results["runs"][n] for n in names)
-    assert without["final"]["max_logit_peak"] > qk_clip.QUICK_TAU
-    heads = np.asarray(with_clip["train"]["qk_clipped_heads_per_layer"])
-    np.testing.assert_array_equal(heads.sum(1), with_clip["train"]["qk_clipped_heads"])
-    assert with_clip["final"]["logged_steps_clipping"] > 0
-    assert with_clip["final"]["max_logit_final"] < without["final"]["max_logit_final"]
+    runs, tau = results["runs"], results["tau"]
+    plain = {r["seed"]: r for r in runs if r["tau"] is None}
+    clipped = {r["seed"]: r for r in runs if r["tau"]}
+    assert sorted(plain) == sorted(clipped) == results["seeds"] == [0, 1]
+    assert tau == float(f"{sum(r['max_logit_peak'] for r in plain.values()) / 4:.2g}")
+    for seed, r in clipped.items():
+        assert r["fields"]["qk_clip"] == tau and plain[seed]["fields"]["qk_clip"] is None
+        assert r["steps_clipping"] > 0 and r["max_logit_final"] < plain[seed]["max_logit_final"]
+    assert results["analysis"]["peak_clip_minus_plain"]["n"] == 2
     o = results["overhead"]
-    assert o["heads_clipped"] > 0 and o["steps_each"] == len(o["times_s"]["on"]) > 0
-    assert o["ratio"] == o["step_s_with"] / o["step_s_without"]
+    assert o["heads_clipped"] > 0 and o["ratio"] == o["step_s_with"] / o["step_s_without"]
+    again = run_experiment("qk_clip", tmp_path, "--quick")  # trains nothing
+    assert again["runs"] == runs and again["training_time_s"] == results["training_time_s"]
+
+
+@pytest.mark.parametrize("scale", ["gpu", "pod"])
+def test_quick_gpu_and_pod_train_through_their_data_paths(tmp_path, scale):
+    """gpu: a BPE tokenized once into the sweep's shards; pod: 8 simulated devices."""
+    results = run_experiment("qk_clip", tmp_path, "--scale", scale, "--quick")
+    runs = results["runs"]
+    assert len(runs) == 4 and sum(r["tau"] is not None for r in runs) == 2
+    if scale == "gpu":
+        assert all(r["fields"]["tokenizer"] == "bpe" for r in runs)
+    else:
+        assert results["devices"] == 8
+
+
+def test_dry_run_reports_each_config(tmp_path):
+    assert qk.main(["--scale", "pod", "--quick", "--dry-run", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())["dry_run"]
+    assert sorted(report) == ["muon-clip", "muon-plain"]
+    assert report["muon-clip"]["config"]["qk_clip"] == 100.0
+    assert not (tmp_path / "ledger.json").exists()  # nothing trained

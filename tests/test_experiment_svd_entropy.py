@@ -6,9 +6,9 @@ the ledger's relaunch) and --dry-run."""
 import json
 import math
 
-import common
 import numpy as np
 import pytest
+import sweep
 from conftest import load_experiment, run_experiment
 
 # trains, starts processes or runs an experiment: left out of make test-fast
@@ -86,7 +86,7 @@ def test_quick_cpu_end_to_end_and_relaunched_from_its_ledger(tmp_path):
     assert a["init_check_max_gap"] < 1e-5
     # W's Router entropy at the last checkpoint, by hand (numpy's SVD)
     muon = next(r for r in runs if r["optimizer"] == "muon" and r["seed"] == 0)
-    (router,) = common.leaves_by_group(common.params_at(tmp_path / "runs" / muon["key"]))["Router"]
+    (router,) = sweep.leaves_by_group(sweep.params_at(tmp_path / "runs" / muon["key"]))["Router"]
     (matrix,) = np.asarray(router, np.float64).reshape(-1, *router.shape[-2:])  # one matrix
     p = np.linalg.svd(matrix, compute_uv=False) ** 2
     p /= p.sum()

@@ -32,14 +32,12 @@ from __future__ import annotations
 
 import pathlib
 import sysconfig
-import time
 
 import numpy as np
 import sweep
 
 NAME = "attention_logits"
 OPTIMIZERS = ("adamw", "muon")
-RATES = sweep.ladder(1e-4, 1.0)
 CURVE_POINTS = 16  # logged points kept per run (results.json stays small)
 KEYS = ("final_eval_loss", "max_logit_peak", "max_logit_final", "ratio_peak")
 PAPER = {
@@ -118,32 +116,27 @@ def fields(setup, attention, optimizer, lr, seed, mesh) -> dict:
                 learning_rate=lr, seed=seed, mesh=mesh)  # fmt: skip
 
 
-def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> list[dict]:
+def train(args, ledger: sweep.Ledger, setup: dict) -> dict:
     """Every run of the protocol (module docstring), trained or from the ledger."""
     runs = []
 
-    def train(att, optimizer, lr):
-        for seed in setup["seeds"]:
-            f = fields(setup, att, optimizer, lr, seed, args.mesh)
-            f = ledger.tokenized(f) if f.get("tokenizer") == "bpe" else f
-            r = ledger.train(f, f"{att} {optimizer} lr {lr:g} seed {seed}", measure)
-            runs.append(dict(r, attention=att, optimizer=optimizer, learning_rate=lr, seed=seed))
-        losses = [r["final_eval_loss"] for r in runs[-len(setup["seeds"]) :]]
-        return None if None in losses else float(np.mean(losses))
+    def loss(att, optimizer, lr):
+        new, mean = sweep.train_seeds(
+            ledger, lambda seed: fields(setup, att, optimizer, lr, seed, args.mesh), setup["seeds"],
+            f"{att} {optimizer} lr {lr:g}", measure, attention=att, optimizer=optimizer,
+            learning_rate=lr)  # fmt: skip
+        runs.extend(new)
+        return mean
 
     for optimizer in OPTIMIZERS:
-        sweeps = {}
-        for att in setup["grid"]:
-            losses = sweeps[att] = {
-                lr: train(att, optimizer, lr) for lr in setup["start"][optimizer]
-            }
-            while setup["extend"] and (lr := sweep.next_rate(losses, RATES)) is not None:
-                losses[lr] = train(att, optimizer, lr)
-        losses = sweeps[setup["grid"][0]]
-        best = min((lr for lr in losses if losses[lr] is not None), key=losses.get, default=None)
+        sweeps = {att: sweep.sweep_rates(lambda lr: loss(att, optimizer, lr),  # noqa: B023
+                                         setup["start"][optimizer], setup["extend"])
+                  for att in setup["grid"]}  # fmt: skip
+        best = sweep.best_rate(sweeps[setup["grid"][0]])
         for att in [a for a in setup["models"] if a not in setup["grid"] and best]:
-            train(att, optimizer, best)  # off the grid: at the grid's best rate only
-    return runs
+            loss(att, optimizer, best)  # off the grid: at the grid's best rate only
+    return {"runs": runs, "analysis": analyse(runs, setup["seeds"]), "models": setup["models"],
+            "threshold": setup["base"]["large_logit_threshold"]}  # fmt: skip
 
 
 def settings(runs) -> dict:
@@ -213,7 +206,7 @@ def markdown(results: dict) -> str:
     return "\n".join([*lines, "", *compared])
 
 
-def plot(results: dict, path: pathlib.Path, title: str) -> None:
+def plot(results: dict, path: pathlib.Path) -> None:
     """Peak max logit and final eval loss against the rate (seed means, 95%
     intervals, each optimizer's best-loss rate starred); the paired differences of
     the peak at the best-loss and matched rates."""
@@ -248,55 +241,22 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
     for ax in (peak_ax, loss_ax, diff_ax):
         ax.grid(alpha=0.3, which="both")
     peak_ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(sweep.title(results, "Attention logits, App. D", f"{len(results['runs'])} runs"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def dry_run(args, setup: dict) -> dict:
-    """The configs of the scale with their parameters, FLOPs and per-device peak memory."""
-    from muonjax.parallel.mesh import run_mesh
+def configs(args, setup: dict) -> dict:
+    """--dry-run's configs: each attention and optimizer at its first rate."""
     from muonjax.train import TrainConfig
-    from muonjax.train.costs import step_costs
 
-    report = {}
-    for att, o in [(att, o) for att in setup["models"] for o in OPTIMIZERS]:
-        config = TrainConfig(**fields(setup, att, o, setup["start"][o][0], 0, args.mesh))
-        costs = step_costs(config.replace(tokenizer="byte"), run_mesh(config.mesh, config.batch_size, config.grad_accum))  # fmt: skip
-        report[f"{att}-{o}"] = {"config": config.to_json(), **costs}
-        print(f"{att} {o}: {costs['peak_bytes'] / 2**30:.2f} GiB/device", flush=True)
-    return report
+    return {f"{att}-{o}": TrainConfig(**fields(setup, att, o, setup["start"][o][0], 0, args.mesh))
+            for att in setup["models"] for o in OPTIMIZERS}  # fmt: skip
 
 
-def main(argv=None) -> int:
-    args = sweep.arguments(NAME, __doc__, argv)
-    import jax
-
-    setup, started = scale_setup(args.scale, args.quick, jax.device_count()), time.perf_counter()
-    results = {"paper": PAPER, "scale": args.scale, "quick": args.quick}
-    if args.dry_run:
-        print(f"wrote {sweep.write_results(args.out, dict(results, dry_run=dry_run(args, setup)))}")
-        return 0
-    ledger = sweep.Ledger(args.out)
-    runs = run_sweep(args, ledger, setup)
-    results.update(seeds=list(setup["seeds"]), threshold=setup["base"]["large_logit_threshold"],
-                   models=setup["models"], runs=runs, analysis=analyse(runs, setup["seeds"]),
-                   devices=jax.device_count(), wall_time_s=time.perf_counter() - started,
-                   training_time_s=sum(r["wall_time_s"] for r in runs))  # fmt: skip
-    if not ledger.lead:
-        return 0
-    print(markdown(results))
-    path, png, b = sweep.write_results(args.out, results), pathlib.Path(args.out) / f"{NAME}.png", setup["base"]  # fmt: skip
-    plot(results, png, f"Attention logits, App. D ({args.scale}{', quick' if args.quick else ''}): "
-         f"{b['steps']} steps x {b['batch_size']} x {b['seq_len']}, {len(runs)} runs")  # fmt: skip
-    print(f"wrote {path} and {png}")
-    return 0
-
+FINDING = sweep.Finding(NAME, __doc__, PAPER, scale_setup, configs, train, markdown, plot)
+main = FINDING.main
 
 if __name__ == "__main__":
-    import sys
-
-    options = sweep.arguments(NAME, __doc__, sys.argv[1:])
-    sweep.start_jax(8 if options.scale == "pod" and options.quick else 1)
-    sys.exit(main())
+    FINDING.command()

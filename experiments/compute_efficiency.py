@@ -41,7 +41,6 @@ import itertools
 import math
 import pathlib
 import sysconfig
-import time
 
 import numpy as np
 import sweep
@@ -51,7 +50,6 @@ OPTIMIZERS = ("adamw", "muon")
 SEEDS = (0, 1)
 TOKENS_PER_PARAMETER = 20
 PFLOP_S_DAY = 1e15 * 86400  # the unit of the paper's C
-RATES = sweep.ladder(1e-4, 1.0)  # the quarter-decade grid every sweep runs on
 
 PAPER = {
     "setting": "dense Llama models 399M-1.5B (Table 2), compute-optimal tokens, AdamW "
@@ -157,35 +155,31 @@ def _start_rates(setup: dict, optimizer: str, size: str) -> tuple[float, ...]:
 # --- the protocol ------------------------------------------------------------------------
 
 
-def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> list[dict]:
-    """Every run of the protocol (module docstring), trained or taken from the ledger."""
+def train(args, ledger: sweep.Ledger, setup: dict) -> dict:
+    """Every run of the protocol (module docstring), trained or taken from the
+    ledger; the sizes and the analysis."""
     runs = []
 
-    def train(size, optimizer, lr):
-        """The seed mean of final_eval_loss at `lr` (None if any seed diverged)."""
-        losses = []
-        for seed in setup["seeds"]:
-            fields = dict(size_fields(setup, size, args.scale, args.quick), optimizer=optimizer,
-                          learning_rate=lr, seed=seed, mesh=args.mesh)  # fmt: skip
-            if fields.get("tokenizer") == "bpe":
-                fields = ledger.tokenized(fields)
-            r = ledger.train(fields, f"{size} {optimizer} lr {lr:g} seed {seed}")
-            runs.append(dict(r, size=size, optimizer=optimizer, learning_rate=lr, seed=seed))
-            losses.append(r["final_eval_loss"])
-        return None if None in losses else float(np.mean(losses))
+    def loss(size, optimizer, lr):
+        new, mean = sweep.train_seeds(
+            ledger, lambda seed: dict(size_fields(setup, size, args.scale, args.quick),
+                                      optimizer=optimizer, learning_rate=lr, seed=seed,
+                                      mesh=args.mesh),
+            setup["seeds"], f"{size} {optimizer} lr {lr:g}", size=size, optimizer=optimizer,
+            learning_rate=lr)  # fmt: skip
+        runs.extend(new)
+        return mean
 
     for size in setup["sizes"]:
-        best = {}
-        for optimizer in OPTIMIZERS:
-            losses = {lr: train(size, optimizer, lr) for lr in _start_rates(setup, optimizer, size)}
-            while setup["extend"] and (lr := sweep.next_rate(losses, RATES)) is not None:
-                losses[lr] = train(size, optimizer, lr)
-            best[optimizer] = min((lr for lr in losses if losses[lr] is not None),
-                                  key=losses.get, default=None)  # fmt: skip
-        if best["adamw"] is not None and best["adamw"] not in {r["learning_rate"] for r in runs
-                                                               if r["size"] == size and r["optimizer"] == "muon"}:  # fmt: skip
-            train(size, "muon", best["adamw"])  # the paper's protocol: Muon at AdamW's rate
-    return runs
+        best = {o: sweep.best_rate(sweep.sweep_rates(lambda lr: loss(size, o, lr),  # noqa: B023
+                                                     _start_rates(setup, o, size), setup["extend"]))
+                for o in OPTIMIZERS}  # fmt: skip
+        muon_rates = {r["learning_rate"] for r in runs if r["size"] == size and r["optimizer"] == "muon"}  # fmt: skip
+        if best["adamw"] is not None and best["adamw"] not in muon_rates:
+            loss(size, "muon", best["adamw"])  # the paper's protocol: Muon at AdamW's rate
+    sizes = {s: {"non_embedding_params": non_embedding(size_fields(setup, s, args.scale, args.quick)),
+                 "model": m} for s, m in setup["sizes"].items()}  # fmt: skip
+    return {"sizes": sizes, "runs": runs, "analysis": analyse(runs, list(sizes))}
 
 
 # --- the analysis ------------------------------------------------------------------------
@@ -374,7 +368,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: pathlib.Path, title: str) -> None:
+def plot(results: dict, path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,7 +403,9 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
     rate_ax.legend(fontsize=6, ncol=2)
     for ax in (front_ax, rate_ax):
         ax.grid(alpha=0.3, which="both")
-    fig.suptitle(title)
+    flops = [r["flops"] for r in runs if r["final_eval_loss"] is not None]
+    fig.suptitle(sweep.title(results, "Compute efficiency, Fig. 3", f"dense, {len(sizes)} sizes, "
+                             f"{min(flops):.2g}-{max(flops):.2g} FLOPs"))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -428,43 +424,8 @@ def configs(args, setup: dict) -> dict:
             for size in setup["sizes"] for opt in OPTIMIZERS}  # fmt: skip
 
 
-def main(argv=None) -> int:
-    args = sweep.arguments(NAME, __doc__, argv)
-    import jax
-
-    setup = scale_setup(args.scale, args.quick, jax.device_count())
-    started = time.perf_counter()
-    if args.dry_run:
-        path = sweep.write_results(args.out, {"scale": args.scale, "quick": args.quick,
-                                              "dry_run": sweep.dry_run(configs(args, setup))})  # fmt: skip
-        print(f"wrote {path}")
-        return 0
-    ledger = sweep.Ledger(args.out)
-    runs = run_sweep(args, ledger, setup)
-    sizes = list(setup["sizes"])
-    results = {
-        "paper": PAPER, "scale": args.scale, "quick": args.quick, "seeds": list(setup["seeds"]),
-        "sizes": {s: {"non_embedding_params": non_embedding(size_fields(setup, s, args.scale, args.quick)),
-                      "model": setup["sizes"][s]} for s in sizes},
-        "runs": runs, "analysis": analyse(runs, sizes), "devices": jax.device_count(),
-        "wall_time_s": time.perf_counter() - started,
-        "training_time_s": sum(r["wall_time_s"] for r in runs),
-    }  # fmt: skip
-    if not ledger.lead:
-        return 0
-    print(markdown(results))
-    path = sweep.write_results(args.out, results)
-    flops = [r["flops"] for r in runs if r["final_eval_loss"] is not None]
-    plot(results, pathlib.Path(args.out) / f"{NAME}.png",
-         f"Compute efficiency, Fig. 3 ({args.scale}{', quick' if args.quick else ''}): dense, "
-         f"{len(sizes)} sizes, {min(flops):.2g}-{max(flops):.2g} FLOPs")  # fmt: skip
-    print(f"wrote {path} and {pathlib.Path(args.out) / f'{NAME}.png'}")
-    return 0
-
+FINDING = sweep.Finding(NAME, __doc__, PAPER, scale_setup, configs, train, markdown, plot)
+main = FINDING.main
 
 if __name__ == "__main__":
-    import sys
-
-    options = sweep.arguments(NAME, __doc__, sys.argv[1:])
-    sweep.start_jax(8 if options.scale == "pod" and options.quick else 1)
-    sys.exit(main())
+    FINDING.command()

@@ -47,7 +47,6 @@ import math
 import pathlib
 import sys
 import textwrap
-import time
 
 import numpy as np
 import sweep
@@ -57,7 +56,6 @@ OPTIMIZERS = ("muon", "adamw")
 LABELS = {"muon": "Muon", "adamw": "AdamW"}
 CELLS = [(pre, sft) for pre in OPTIMIZERS for sft in OPTIMIZERS]
 PRETRAIN_SEEDS, SELECT_SEED, SFT_SEEDS = (0, 1), 0, (1, 2, 3)
-RATES = sweep.ladder(1e-6, 1.0)
 HELD_OUT_BUCKETS = 5  # one source file in five (by path hash) is held out of pretraining
 MAX_EXAMPLE_CHARS = 1200
 SFT_EVAL_FRACTION = 0.2  # of the SFT pairs, held out by the trainer (by each pair's hash)
@@ -216,12 +214,10 @@ def run_protocol(ledger, setup: dict, task: pathlib.Path, mesh=None) -> tuple[li
         return record
 
     def tune(loss_at, start: tuple) -> float:
-        losses = {lr: loss_at(lr) for lr in start}
-        while setup["extend"] and (lr := sweep.next_rate(losses, RATES)) is not None:
-            losses[lr] = loss_at(lr)
-        if all(v is None for v in losses.values()):
+        losses = sweep.sweep_rates(loss_at, start, setup["extend"])
+        if (best := sweep.best_rate(losses)) is None:
             raise SystemExit(f"every rate diverged: {sorted(losses)}")
-        return min((lr for lr in losses if losses[lr] is not None), key=losses.get)
+        return best
 
     sources = {}
     for opt in OPTIMIZERS:
@@ -331,7 +327,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: pathlib.Path, title: str) -> None:
+def plot(results: dict, path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,7 +359,9 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
         ax.grid(alpha=0.3, which="both")
     for ax in (sft_ax, pre_ax):
         ax.legend(fontsize=7)
-    fig.suptitle(title)
+    t = results["task"]
+    fig.suptitle(sweep.title(results, "Fine-tuning, Sec. 3.4", f"{t['sft_pairs']} SFT pairs, "
+                             f"{t['eval_pairs']} held-out pairs, from files held out of pretraining"))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -385,42 +383,20 @@ def configs(args, setup: dict) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    args = sweep.arguments(NAME, __doc__, argv)
-    import jax
-
-    setup = scale_setup(args.scale, args.quick, jax.device_count())
-    started = time.perf_counter()
-    if args.dry_run:
-        path = sweep.write_results(args.out, {"scale": args.scale, "quick": args.quick,
-                                              "dry_run": sweep.dry_run(configs(args, setup))})  # fmt: skip
-        print(f"wrote {path}")
-        return 0
-    ledger, task = sweep.Ledger(args.out), pathlib.Path(args.out) / "task"
+def train(args, ledger: sweep.Ledger, setup: dict) -> dict:
+    """The task built once (by process 0), every run of the protocol, the analysis."""
+    task = pathlib.Path(args.out) / "task"
     info = build_task(task, setup["site_packages"], args.quick) if ledger.lead else {}
     sweep.wait_for_lead("muonjax_finetune_task")
     runs, chosen = run_protocol(ledger, setup, task, args.mesh)
-    results = {
-        "paper": PAPER, "scale": args.scale, "quick": args.quick, "task": info,
-        "pretrain_seeds": list(setup["pretrain_seeds"]), "select_seed": SELECT_SEED,
-        "sft_seeds": list(setup["sft_seeds"]), "chosen": chosen, "runs": runs,
-        "analysis": analyse(runs, chosen, setup["pretrain_seeds"], setup["sft_seeds"]),
-        "devices": jax.device_count(), "wall_time_s": time.perf_counter() - started,
-        "training_time_s": sum(r["wall_time_s"] for r in runs),
-    }  # fmt: skip
-    if not ledger.lead:
-        return 0
-    print(markdown(results))
-    path = sweep.write_results(args.out, results)
-    t = results["task"]
-    plot(results, pathlib.Path(args.out) / f"{NAME}.png",
-         f"Fine-tuning, Sec. 3.4 ({args.scale}{', quick' if args.quick else ''}): {t['sft_pairs']} "
-         f"SFT pairs, {t['eval_pairs']} held-out pairs, from files held out of pretraining")  # fmt: skip
-    print(f"wrote {path} and {pathlib.Path(args.out) / f'{NAME}.png'}")
-    return 0
+    return {"task": info, "pretrain_seeds": list(setup["pretrain_seeds"]),
+            "select_seed": SELECT_SEED, "sft_seeds": list(setup["sft_seeds"]), "chosen": chosen,
+            "runs": runs,
+            "analysis": analyse(runs, chosen, setup["pretrain_seeds"], setup["sft_seeds"])}  # fmt: skip
 
+
+FINDING = sweep.Finding(NAME, __doc__, PAPER, scale_setup, configs, train, markdown, plot)
+main = FINDING.main
 
 if __name__ == "__main__":
-    options = sweep.arguments(NAME, __doc__, sys.argv[1:])
-    sweep.start_jax(8 if options.scale == "pod" and options.quick else 1)
-    sys.exit(main())
+    FINDING.command()

@@ -57,32 +57,31 @@ def measure(run_dir, summary) -> dict:
     return {**attention_logits.measure(run_dir, summary), "steps_clipping": share}
 
 
-def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> tuple[list[dict], float | None]:
-    """The unclipped sweep, then the clipped runs at its best rate; and their tau."""
+def train(args, ledger: sweep.Ledger, setup: dict) -> dict:
+    """The unclipped sweep, the clipped runs at its best rate, their tau and analysis;
+    and the step overhead at that rate."""
+    from muonjax.train import TrainConfig
+
     runs = []
 
-    def train(lr, tau=None):
-        for seed in setup["seeds"]:
-            f = fields(setup, lr, seed, args.mesh, tau)
-            f = ledger.tokenized(f) if f.get("tokenizer") == "bpe" else f
-            clip = f", QK-Clip {tau:g}" if tau else ""
-            r = ledger.train(f, f"muon lr {lr:g} seed {seed}{clip}", measure)
-            runs.append(dict(r, learning_rate=lr, seed=seed, tau=tau))
-        losses = [r["final_eval_loss"] for r in runs[-len(setup["seeds"]) :]]
-        return None if None in losses else float(np.mean(losses))
+    def loss(lr, tau=None):
+        new, mean = sweep.train_seeds(
+            ledger, lambda seed: fields(setup, lr, seed, args.mesh, tau), setup["seeds"],
+            f"muon lr {lr:g}" + (f", QK-Clip {tau:g}" if tau else ""), measure,
+            learning_rate=lr, tau=tau)  # fmt: skip
+        runs.extend(new)
+        return mean
 
-    losses = {lr: train(lr) for lr in setup["start"]}
-    while setup["extend"] and (lr := sweep.next_rate(losses, attention_logits.RATES)) is not None:
-        losses[lr] = train(lr)
-    best = min((lr for lr in losses if losses[lr] is not None), key=losses.get, default=None)
-    if best is None:
-        return runs, None
+    best = sweep.best_rate(sweep.sweep_rates(loss, setup["start"], setup["extend"]))
     tau = setup["tau"]
-    if tau is None:
-        peaks = [r["max_logit_peak"] for r in runs if r["learning_rate"] == best]
-        tau = float(f"{np.mean(peaks) / 2:.2g}")
-    train(best, tau)
-    return runs, tau
+    if best is not None:
+        if tau is None:
+            peaks = [r["max_logit_peak"] for r in runs if r["learning_rate"] == best]
+            tau = float(f"{np.mean(peaks) / 2:.2g}")
+        loss(best, tau)
+    config = TrainConfig(**fields(setup, best or setup["start"][0], 0, args.mesh))
+    return {"runs": runs, "tau": tau, "analysis": analyse(runs), "overhead": step_overhead(config),
+            "base": setup["base"]}  # fmt: skip
 
 
 def analyse(runs: list[dict]) -> dict:
@@ -173,7 +172,7 @@ def _points(runs) -> dict:
     return out
 
 
-def plot(results: dict, path: pathlib.Path, title: str) -> None:
+def plot(results: dict, path: pathlib.Path) -> None:
     """Left: the max logit (max over layers) against the step, per seed, at the
     clipped rate without (red) and with QK-Clip (blue), tau dotted. Right: final
     eval loss against the rate (seed means, 95% intervals), the clipped point in blue."""
@@ -204,50 +203,25 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
     for ax in (curve_ax, loss_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
+    b = results["base"]
+    fig.suptitle(sweep.title(results, "QK-Clip with Muon", f"{b['steps']} steps x "
+                             f"{b['batch_size']} x {b['seq_len']}, {len(results['runs'])} runs"))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    args = sweep.arguments(NAME, __doc__, argv)
-    import jax
-
+def configs(args, setup: dict) -> dict:
+    """--dry-run's configs: Muon at its first rate, without and with QK-Clip."""
     from muonjax.train import TrainConfig
 
-    setup, started = scale_setup(args.scale, args.quick, jax.device_count()), time.perf_counter()
-    results = {"paper": PAPER, "scale": args.scale, "quick": args.quick}
     lr = setup["start"][0]
-    if args.dry_run:
-        configs = {f"muon-{k}": TrainConfig(**fields(setup, lr, 0, args.mesh, tau))
-                   for k, tau in (("plain", None), ("clip", 100.0))}  # fmt: skip
-        print(
-            f"wrote {sweep.write_results(args.out, dict(results, dry_run=sweep.dry_run(configs)))}"
-        )
-        return 0
-    ledger = sweep.Ledger(args.out)
-    runs, tau = run_sweep(args, ledger, setup)
-    analysis = analyse(runs)
-    config = TrainConfig(**fields(setup, analysis.get("learning_rate", lr), 0, args.mesh))
-    results.update(seeds=list(setup["seeds"]), tau=tau, runs=runs, analysis=analysis,
-                   overhead=step_overhead(config), devices=jax.device_count(),
-                   wall_time_s=time.perf_counter() - started,
-                   training_time_s=sum(r["wall_time_s"] for r in runs))  # fmt: skip
-    if not ledger.lead:
-        return 0
-    print(markdown(results))
-    path, png = sweep.write_results(args.out, results), pathlib.Path(args.out) / f"{NAME}.png"
-    b = setup["base"]
-    plot(results, png, f"QK-Clip with Muon ({args.scale}{', quick' if args.quick else ''}): "
-         f"{b['steps']} steps x {b['batch_size']} x {b['seq_len']}, {len(runs)} runs")  # fmt: skip
-    print(f"wrote {path} and {png}")
-    return 0
+    return {f"muon-{k}": TrainConfig(**fields(setup, lr, 0, args.mesh, tau))
+            for k, tau in (("plain", None), ("clip", 100.0))}  # fmt: skip
 
+
+FINDING = sweep.Finding(NAME, __doc__, PAPER, scale_setup, configs, train, markdown, plot)
+main = FINDING.main
 
 if __name__ == "__main__":
-    import sys
-
-    options = sweep.arguments(NAME, __doc__, sys.argv[1:])
-    sweep.start_jax(8 if options.scale == "pod" and options.quick else 1)
-    sys.exit(main())
+    FINDING.command()

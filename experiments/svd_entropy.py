@@ -38,7 +38,6 @@ import functools
 import json
 import pathlib
 import sysconfig
-import time
 
 import numpy as np
 import sweep
@@ -47,7 +46,6 @@ NAME = "svd_entropy"
 OPTIMIZERS, SEEDS, CHECKPOINTS = ("adamw", "muon"), (0, 1), 10
 GROUPS = ("AttnQO", "AttnKV", "Experts", "SharedExperts", "Router", "Dense")  # FIGURE4_GROUPS
 KINDS = {"W": "W", "dW": "W - W0"}
-RATES = sweep.ladder(1e-4, 1.0)
 
 PAPER = {
     "setting": "Moonlight (Muon) vs Moonlight-A (AdamW), MoE 2.24B activated / 15.29B total "
@@ -77,24 +75,24 @@ def scale_setup(scale: str, quick: bool, devices: int) -> dict:
         if scale == "gpu":
             base.update(tokenizer="bpe", bpe_vocab_size=320, dtype="bfloat16")
         start = {"adamw": (0.01,), "muon": (0.0316,)}
-        return dict(base=base, start=start, extend=False, checkpoints=5)
+        return dict(base=base, start=start, extend=False, checkpoints=5, seeds=SEEDS)
     if scale == "cpu":
         base = dict(preset="tiny", batch_size=16, seq_len=128, steps=500, warmup_steps=20,
                     eval_batches=16)  # fmt: skip
         start = {"adamw": (0.01, 0.0178, 0.0316), "muon": (0.0316, 0.0562, 0.1)}
-        return dict(base=base, start=start, extend=True)
+        return dict(base=base, start=start, extend=True, seeds=SEEDS)
     if scale == "gpu":
         base = dict(preset="small", model=dict(n_layers=8), batch_size=64, seq_len=512,
                     steps=2000, warmup_steps=100, eval_batches=8, corpus="python",
                     tokenizer="bpe", bpe_vocab_size=8192, dtype="bfloat16")  # fmt: skip
         start = {"adamw": (3.16e-3, 5.62e-3, 0.01), "muon": (5.62e-3, 0.01, 0.0178)}
-        return dict(base=base, start=start, extend=True)
+        return dict(base=base, start=start, extend=True, seeds=SEEDS)
     per_step = 4096 * 8192  # Moonlight's batch after its first 200B tokens
     base = dict(preset="moonlight-16b-a3b", model={}, batch_size=4096, seq_len=8192,
                 grad_accum=max(4096 // devices, 1), steps=round(1.2e12 / per_step),
                 decay_steps=round(5.2e12 / per_step), warmup_steps=2000, corpus="python",
                 tokenizer="bpe", bpe_vocab_size=32768, dtype="bfloat16")  # fmt: skip
-    return dict(base=base, start={o: (4.2e-4,) for o in OPTIMIZERS}, extend=False)
+    return dict(base=base, start={o: (4.2e-4,) for o in OPTIMIZERS}, extend=False, seeds=SEEDS)
 
 
 def run_fields(setup: dict, optimizer: str, lr: float, seed: int, mesh) -> dict:
@@ -155,8 +153,8 @@ def measure(run_dir, w0_dir) -> dict:
     }
 
 
-def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> tuple[list[dict], dict]:
-    """Every run (module docstring) and {seed: W0's group means}."""
+def train(args, ledger: sweep.Ledger, setup: dict) -> dict:
+    """Every run (module docstring), W0's group means per seed, and the analysis."""
     runs, inits, w0 = [], {}, {}
     prepare = ledger.tokenized if setup["base"].get("tokenizer") == "bpe" else dict
     for seed in SEEDS:  # W0: a 0-step run's checkpoint (the init does not depend on the optimizer)
@@ -166,7 +164,7 @@ def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> tuple[list[dict], dict
                          lambda run_dir, _: {"W": means(entropies(sweep.params_at(run_dir)))})  # fmt: skip
         w0[seed], inits[seed] = ledger.out / "runs" / r["key"], r["W"]
 
-    def train(optimizer, lr):
+    def loss(optimizer, lr):
         for seed in SEEDS:
             r = ledger.train(prepare(run_fields(setup, optimizer, lr, seed, args.mesh)),
                              f"{optimizer} lr {lr:g} seed {seed}",
@@ -176,10 +174,12 @@ def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> tuple[list[dict], dict
         return None if None in losses else float(np.mean(losses))
 
     for optimizer in OPTIMIZERS:
-        losses = {lr: train(optimizer, lr) for lr in setup["start"][optimizer]}
-        while setup["extend"] and (lr := sweep.next_rate(losses, RATES)) is not None:
-            losses[lr] = train(optimizer, lr)
-    return runs, inits
+        loss_at = functools.partial(loss, optimizer)
+        sweep.sweep_rates(loss_at, setup["start"][optimizer], setup["extend"])
+    # seed keys as strings, as in results.json
+    return json.loads(
+        json.dumps({"base": setup["base"], "runs": runs, "analysis": analyse(runs, inits)})
+    )
 
 
 # --- the analysis ------------------------------------------------------------------------
@@ -235,7 +235,8 @@ def analyse(runs: list[dict], inits: dict) -> dict:
 COLUMNS = [f"{w} {k}" for w in ("end", "matched") for k in KINDS]
 
 
-def markdown(a: dict) -> str:
+def markdown(results: dict) -> str:
+    a = results["analysis"]
     c, h = a["comparisons"], a["per_matrix_higher"]
     lines = [sweep.table_row("group", "init W", "AdamW W / W-W0, end", "Muon W / W-W0, end",
                              *(f"Muon - AdamW, {x}" for x in COLUMNS)),
@@ -256,7 +257,7 @@ def markdown(a: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: pathlib.Path, title: str) -> None:
+def plot(results: dict, path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,46 +290,23 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
         ax.grid(alpha=0.3)
         if i in (0, 6, 7):
             ax.legend(fontsize=6)
-    fig.suptitle(title)
+    fig.suptitle(sweep.title(results, "SVD entropy, Fig. 4",
+                             f"MoE, seeds {SEEDS}, {len(results['runs'])} runs"))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    args = sweep.arguments(NAME, __doc__, argv)
-    import jax
-
+def configs(args, setup: dict) -> dict:
+    """--dry-run's configs: each optimizer at its first rate."""
     from muonjax.train import TrainConfig
 
-    setup, started = scale_setup(args.scale, args.quick, jax.device_count()), time.perf_counter()
-    if args.dry_run:
-        configs = {o: TrainConfig(**run_fields(setup, o, setup["start"][o][0], 0, args.mesh))
-                   for o in OPTIMIZERS}  # fmt: skip
-        results = {"scale": args.scale, "quick": args.quick, "dry_run": sweep.dry_run(configs)}
-        print(f"wrote {sweep.write_results(args.out, results)}")
-        return 0
-    ledger = sweep.Ledger(args.out)
-    runs, inits = run_sweep(args, ledger, setup)
-    results = {"paper": PAPER, "scale": args.scale, "quick": args.quick, "seeds": list(SEEDS),
-               "base": setup["base"], "runs": runs, "devices": jax.device_count(),
-               "analysis": analyse(runs, inits), "wall_time_s": time.perf_counter() - started,
-               "training_time_s": sum(r["wall_time_s"] for r in runs)}  # fmt: skip
-    if not ledger.lead:
-        return 0
-    results = json.loads(json.dumps(results))  # seed keys as strings, as in results.json
-    print(markdown(results["analysis"]))
-    path = sweep.write_results(args.out, results)
-    plot(results, pathlib.Path(args.out) / f"{NAME}.png",
-         f"SVD entropy, Fig. 4 ({args.scale}{', quick' if args.quick else ''}): "
-         f"MoE, seeds {SEEDS}, {len(runs)} runs")  # fmt: skip
-    print(f"wrote {path} and {pathlib.Path(args.out) / f'{NAME}.png'}")
-    return 0
+    return {o: TrainConfig(**run_fields(setup, o, setup["start"][o][0], 0, args.mesh))
+            for o in OPTIMIZERS}  # fmt: skip
 
+
+FINDING = sweep.Finding(NAME, __doc__, PAPER, scale_setup, configs, train, markdown, plot)
+main = FINDING.main
 
 if __name__ == "__main__":
-    import sys
-
-    options = sweep.arguments(NAME, __doc__, sys.argv[1:])
-    sweep.start_jax(8 if options.scale == "pod" and options.quick else 1)
-    sys.exit(main())
+    FINDING.command()

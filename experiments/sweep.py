@@ -20,6 +20,7 @@ import os
 import pathlib
 import shutil
 import time
+from collections.abc import Callable
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -48,6 +49,67 @@ def arguments(name: str, doc: str, argv=None) -> argparse.Namespace:
     if args.out is None:
         args.out = str(ROOT / "results" / name / (args.scale + ("-quick" if args.quick else "")))
     return args
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """A finding's script, as its command line runs it. `setup(scale, quick,
+    devices)`: the scale's protocol (a dict; its "seeds", if one list); `configs(args,
+    setup)`: {name: TrainConfig} for --dry-run; `train(args, ledger, setup)`: every
+    run of the protocol through the ledger, and what the script computes from them
+    ({"runs": [...], "analysis": ..., ...}); `markdown(results)`: its tables;
+    `plot(results, path)`: its figure."""
+
+    name: str
+    doc: str
+    paper: dict
+    setup: Callable
+    configs: Callable
+    train: Callable
+    markdown: Callable
+    plot: Callable
+
+    def main(self, argv=None) -> int:
+        """Trains what the ledger lacks; process 0 prints the tables and writes
+        results.json and NAME.png. --dry-run writes the configs' costs only."""
+        import jax
+
+        args = arguments(self.name, self.doc, argv)
+        setup, started = self.setup(args.scale, args.quick, jax.device_count()), time.perf_counter()
+        results = {"paper": self.paper, "scale": args.scale, "quick": args.quick}
+        if args.dry_run:
+            path = write_results(
+                args.out, dict(results, dry_run=dry_run(self.configs(args, setup)))
+            )
+            print(f"wrote {path}")
+            return 0
+        ledger = Ledger(args.out)
+        if "seeds" in setup:
+            results["seeds"] = list(setup["seeds"])
+        results.update(self.train(args, ledger, setup), devices=jax.device_count())
+        results.update(wall_time_s=time.perf_counter() - started,
+                       training_time_s=sum(r["wall_time_s"] for r in results["runs"]))  # fmt: skip
+        if not ledger.lead:
+            return 0
+        print(self.markdown(results))
+        path, png = write_results(args.out, results), pathlib.Path(args.out) / f"{self.name}.png"
+        self.plot(results, png)
+        print(f"wrote {path} and {png}")
+        return 0
+
+    def command(self) -> None:
+        """The script's `__main__`: JAX started (8 simulated devices for --scale pod
+        --quick), then `main`, whose status is the exit code."""
+        import sys
+
+        options = arguments(self.name, self.doc, sys.argv[1:])
+        start_jax(8 if options.scale == "pod" and options.quick else 1)
+        sys.exit(self.main())
+
+
+def title(results: dict, what: str, detail: str) -> str:
+    """A figure's title: the finding, the scale (and quick), what was run."""
+    return f"{what} ({results['scale']}{', quick' if results['quick'] else ''}): {detail}"
 
 
 def start_jax(devices: int = 1) -> None:
@@ -332,6 +394,36 @@ def ladder(lo: float, hi: float, per_decade: int = 4) -> tuple[float, ...]:
     """Learning rates 10^(k / per_decade) from `lo` to `hi`, to 3 significant digits."""
     k0, k1 = round(math.log10(lo) * per_decade), round(math.log10(hi) * per_decade)
     return tuple(float(f"{10 ** (k / per_decade):.3g}") for k in range(k0, k1 + 1))
+
+
+RATES = ladder(1e-6, 1.0)  # the quarter-decade grid every rate sweep runs on
+
+
+def train_seeds(ledger: Ledger, fields, seeds, name: str, measure=None, **tags):
+    """Each seed's run of TrainConfig `fields(seed)` (text tokenized once where it
+    uses BPE), tagged with `tags` and its seed; and their mean final_eval_loss
+    (None if a seed diverged)."""
+    runs = []
+    for seed in seeds:
+        f = fields(seed)
+        f = ledger.tokenized(f) if f.get("tokenizer") == "bpe" else f
+        runs.append(dict(ledger.train(f, f"{name} seed {seed}", measure), seed=seed, **tags))
+    losses = [r["final_eval_loss"] for r in runs]
+    return runs, None if None in losses else sum(losses) / len(losses)
+
+
+def sweep_rates(loss, start, extend: bool = True) -> dict:
+    """{rate: loss(rate)} over the `start` rates, then on along RATES past an
+    edge while the best is at one (`extend`)."""
+    losses = {lr: loss(lr) for lr in start}
+    while extend and (lr := next_rate(losses, RATES)) is not None:
+        losses[lr] = loss(lr)
+    return losses
+
+
+def best_rate(losses: dict) -> float | None:
+    """The rate of the least loss ({rate: loss, None if it diverged})."""
+    return min((lr for lr in losses if losses[lr] is not None), key=losses.get, default=None)
 
 
 def next_rate(losses: dict, rates: tuple[float, ...]) -> float | None:

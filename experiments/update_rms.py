@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 import pathlib
 import sysconfig
-import time
 
 import numpy as np
 import sweep
@@ -52,7 +51,6 @@ SEEDS, TABLE1_SEEDS = (0, 1), (0, 1, 2)
 MAX_RATES = 5  # per rms_scale in Table 8 (and AdamW's sweep)
 NEAR_BEST = 0.005  # Table 8: "near-best" = within 0.5% of the best scale's loss
 MATCH_FACTOR = 2.0  # RMS matching: every group's update RMS within 2x AdamW's
-RATES = sweep.ladder(1e-5, 1.0)
 _KEYS = ("train_loss", "eval_loss", "AttnQ_weight_rms", "Dense_weight_rms")
 PAPER = {
     "table1": {k: dict(zip(_KEYS, v)) for k, v in {  # 800M, 4B of 20B tokens, MLP [H, 4H]
@@ -117,7 +115,7 @@ def fields_of(setup: dict, mesh) -> dict:
 def rate_grid(best: float) -> tuple[float, ...]:
     """The quarter-decade ladder through `best`: RATES, or one of its own."""
     own = tuple(float(f"{best * 10 ** (k / 4):.4g}") for k in range(-8, 9))
-    return RATES if best in RATES else own
+    return sweep.RATES if best in sweep.RATES else own
 
 
 def rms(arrays) -> float:
@@ -144,8 +142,8 @@ def measure(fields: dict):
     return read
 
 
-def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> tuple[dict, float]:
-    """Every run of the protocol (module docstring), and AdamW's rate."""
+def train(args, ledger: sweep.Ledger, setup: dict) -> dict:
+    """Every run of the protocol (module docstring), and the tables."""
     runs, base = {}, fields_of(setup, args.mesh)
 
     def train(seeds, lr, optimizer="muon", rule=None, rms_scale=None):
@@ -170,7 +168,7 @@ def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> tuple[dict, float]:
             rates = (*rates, lr)
             train(setup["seeds"], lr, **tags)
 
-    tune(setup["adamw"], RATES, optimizer="adamw")
+    tune(setup["adamw"], sweep.RATES, optimizer="adamw")
     lr = best_rate(runs.values(), setup["seeds"], optimizer="adamw")[0]
     train(setup["table1_seeds"], lr, optimizer="adamw")
     for rule in RULES:
@@ -179,7 +177,11 @@ def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> tuple[dict, float]:
     for scale in setup["scales"]:
         start = tuple(grid[grid.index(lr) + k] for k in setup["offsets"])
         tune(start, grid, optimizer="muon", rule="moonlight", rms_scale=scale)
-    return runs, lr
+    runs = list(runs.values())
+    analysis = {"adamw_rate": lr, "table1": table1(runs, lr),
+                "adamw_rates": best_rate(runs, setup["seeds"], optimizer="adamw")[1],
+                "table8": table8(runs, setup["seeds"], lr)}  # fmt: skip
+    return {"setup": setup, "runs": runs, "analysis": analysis}
 
 
 def seeds_of(runs, **match) -> dict:
@@ -277,7 +279,8 @@ def _e(e: dict) -> str:
     return f"{e['mean']:.4f}" + ("" if e["n"] < 2 else f" ± {e['half_width']:.4f}")
 
 
-def markdown(a: dict) -> str:
+def markdown(results: dict) -> str:
+    a = results["analysis"]
     t1, t8, lines = a["table1"], a["table8"], []
     lines += [f"Table 1 at AdamW's rate {a['adamw_rate']:g}", sweep.table_row(
         "rule", "final eval loss", "paper", "AttnQ / MLP weight RMS", "paper",
@@ -312,7 +315,8 @@ def markdown(a: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(a: dict, path: pathlib.Path, title: str) -> None:
+def plot(results: dict, path: pathlib.Path) -> None:
+    a = results["analysis"]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,58 +339,21 @@ def plot(a: dict, path: pathlib.Path, title: str) -> None:
     ax2.set(xscale="log", xlabel="lr x rms_scale (the hidden matrices' step)",
             title="Table 8: Adjusted LR's lr x rms_scale grid (seed means)")  # fmt: skip
     ax2.legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(sweep.title(results, "Update RMS, Tables 1 and 8", f"{len(results['runs'])} runs"))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def dry_run(args, setup: dict) -> dict:
-    """The configs (AdamW; Muon: the rules share shapes and cost) with their memory."""
-    from muonjax.parallel.mesh import run_mesh
+def configs(args, setup: dict) -> dict:
+    """--dry-run's configs: AdamW and Muon (the rules share shapes and cost)."""
     from muonjax.train import TrainConfig
-    from muonjax.train.costs import step_costs
 
-    report = {}
-    for optimizer in ("adamw", "muon"):
-        c = TrainConfig(**fields_of(setup, args.mesh), optimizer=optimizer)
-        mesh = run_mesh(c.mesh, c.batch_size, c.grad_accum)
-        costs = step_costs(c.replace(tokenizer="byte"), mesh)
-        report[optimizer] = {"config": c.to_json(), **costs}
-        print(f"{optimizer}: {costs['peak_bytes'] / 2**30:.2f} GiB/device", flush=True)
-    return report
+    return {o: TrainConfig(**fields_of(setup, args.mesh), optimizer=o) for o in ("adamw", "muon")}
 
 
-def main(argv=None) -> int:
-    args = sweep.arguments(NAME, __doc__, argv)
-    import jax
-
-    setup = scale_setup(args.scale, args.quick, jax.device_count())
-    started, head = time.perf_counter(), {"paper": PAPER, "scale": args.scale, "quick": args.quick}
-    if args.dry_run:
-        print(f"wrote {sweep.write_results(args.out, {**head, 'dry_run': dry_run(args, setup)})}")
-        return 0
-    ledger = sweep.Ledger(args.out)
-    runs, lr = run_sweep(args, ledger, setup)
-    runs = list(runs.values())
-    analysis = {"adamw_rate": lr, "table1": table1(runs, lr),
-                "adamw_rates": best_rate(runs, setup["seeds"], optimizer="adamw")[1],
-                "table8": table8(runs, setup["seeds"], lr)}  # fmt: skip
-    if ledger.lead:
-        print(markdown(analysis))
-        path = sweep.write_results(args.out, {**head, "setup": setup, "runs": runs,
-            "analysis": analysis, "devices": jax.device_count(),
-            "wall_time_s": time.perf_counter() - started,
-            "training_time_s": sum(r["wall_time_s"] for r in runs)})  # fmt: skip
-        plot(analysis, pathlib.Path(args.out) / f"{NAME}.png",
-             f"Update RMS, Tables 1 and 8 ({args.scale}{', quick' * args.quick})")  # fmt: skip
-        print(f"wrote {path} and {NAME}.png")
-    return 0
-
+FINDING = sweep.Finding(NAME, __doc__, PAPER, scale_setup, configs, train, markdown, plot)
+main = FINDING.main
 
 if __name__ == "__main__":
-    import sys
-
-    options = sweep.arguments(NAME, __doc__, sys.argv[1:])
-    sweep.start_jax(8 if options.scale == "pod" and options.quick else 1)
-    sys.exit(main())
+    FINDING.command()

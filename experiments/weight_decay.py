@@ -37,7 +37,6 @@ import json
 import math
 import pathlib
 import sysconfig
-import time
 
 import numpy as np
 import sweep
@@ -53,7 +52,6 @@ CURVES = {
     "adamw": ("AdamW", dict(optimizer="adamw", weight_decay=0.1)),
 }
 COLORS = {"adamw": "tab:green", "muon": "tab:red", "muon_wd": "tab:blue"}
-RATES = sweep.ladder(1e-4, 1.0)
 PAPER = {
     "setting": "800M dense (Table 2's 822M row), 100B tokens (~5x compute-optimal), validation "
     "loss against iterations (Figure 2); one run per curve",
@@ -173,16 +171,16 @@ def held_out_windows(config, run_dir: pathlib.Path) -> np.ndarray:
     return _WINDOWS[key]
 
 
-def measure(fields: dict, run_dir: pathlib.Path, summary) -> dict:
+def measure(run_dir: pathlib.Path, summary) -> dict:
     """The eval-loss curve (metrics.jsonl); per checkpoint, each layer's weight RMS
     (its hidden matrices) and output RMS (on held-out windows)."""
     from muonjax.models.spectra import hidden_matrices
     from muonjax.train import TrainConfig, read_metrics
 
     evals = [r for r in read_metrics(run_dir) if "eval_loss" in r]
-    config = TrainConfig(**fields)
-    vocab = json.loads((run_dir / "config.json").read_text())["model"]["vocab_size"]
-    output_rms = layer_output_rms_fn(config.model_config(vocab))
+    saved = json.loads((run_dir / "config.json").read_text())
+    config = TrainConfig.from_json(saved["train"])
+    output_rms = layer_output_rms_fn(config.model_config(saved["model"]["vocab_size"]))
     steps, weight, output = sweep.checkpoint_steps(run_dir), [], []
     for step in steps:
         params = sweep.strip_values(sweep.params_at(run_dir, step))
@@ -198,28 +196,33 @@ def measure(fields: dict, run_dir: pathlib.Path, summary) -> dict:
 # --- the protocol ------------------------------------------------------------------------
 
 
-def run_sweep(args, ledger: sweep.Ledger, setup: dict) -> list[dict]:
-    """The Muon pair at its rate on every seed, then AdamW's grid (extended past an edge)."""
+def train(args, ledger: sweep.Ledger, setup: dict) -> dict:
+    """The Muon pair at its rate on every seed, then AdamW's grid (extended past an
+    edge); the setting's size and the analysis."""
+    from muonjax.models import param_counts
+
     runs = []
 
-    def train(curve: str, lr: float, seeds) -> float | None:
-        losses = []
-        for seed in seeds:
-            fields = fields_of(setup, curve, lr, seed, args.mesh)
-            if fields.get("tokenizer") == "bpe":
-                fields = ledger.tokenized(fields)
-            how = functools.partial(measure, fields)
-            r = ledger.train(fields, f"{curve} lr {lr:g} seed {seed}", how)
-            runs.append(dict(r, curve=curve, learning_rate=lr, seed=seed))
-            losses.append(runs[-1]["final_eval_loss"])
-        return None if None in losses else float(np.mean(losses))
+    def loss(curve: str, lr: float, seeds) -> float | None:
+        new, mean = sweep.train_seeds(
+            ledger, lambda seed: fields_of(setup, curve, lr, seed, args.mesh), seeds,
+            f"{curve} lr {lr:g}", measure, curve=curve, learning_rate=lr)  # fmt: skip
+        runs.extend(new)
+        return mean
 
     for curve in ("muon_wd", "muon"):
-        train(curve, setup["muon_lr"], setup["seeds"])
-    losses = {lr: train("adamw", lr, setup["adamw_seeds"]) for lr in setup["adamw"]}
-    while setup.get("extend") and (lr := sweep.next_rate(losses, RATES)) is not None:
-        losses[lr] = train("adamw", lr, setup["adamw_seeds"])
-    return runs
+        loss(curve, setup["muon_lr"], setup["seeds"])
+    sweep.sweep_rates(lambda lr: loss("adamw", lr, setup["adamw_seeds"]), setup["adamw"],
+                      setup.get("extend", False))  # fmt: skip
+    params = param_counts(configs(args, setup)["muon"].model_config())["total_non_embedding"]
+    b = setup["base"]
+    tokens = b["steps"] * b["batch_size"] * b["seq_len"]
+    size = {
+        "non_embedding_params": params,
+        "tokens": tokens,
+        "over_training": tokens / (20 * params),
+    }
+    return {"setup": {**setup, **size}, "runs": runs, "analysis": analyse(runs)}
 
 
 # --- the analysis ------------------------------------------------------------------------
@@ -341,7 +344,7 @@ def markdown(results: dict) -> str:
         + f"{fraction} (paper: 0.31-0.87)"])  # fmt: skip
 
 
-def plot(results: dict, path: pathlib.Path, title: str) -> None:
+def plot(results: dict, path: pathlib.Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,7 +379,10 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
         ax.set(title=name, xlabel="step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
+    z = results["setup"]
+    fig.suptitle(sweep.title(results, "Weight decay, Figure 2", f"{z['non_embedding_params']:,} "
+                             f"non-emb. params, {z['tokens']:.3g} tokens ({z['over_training']:.2g}x "
+                             "compute-optimal), WSD"))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -393,45 +399,8 @@ def configs(args, setup: dict) -> dict:
     return {c: TrainConfig(**fields_of(setup, c, first[c], 0, args.mesh)) for c in CURVES}
 
 
-def main(argv=None) -> int:
-    args = sweep.arguments(NAME, __doc__, argv)
-    import jax
-
-    from muonjax.models import param_counts
-
-    setup = scale_setup(args.scale, args.quick, jax.device_count())
-    started = time.perf_counter()
-    if args.dry_run:
-        report = sweep.dry_run(configs(args, setup))
-        path = sweep.write_results(args.out, {"scale": args.scale, "quick": args.quick,
-                                              "dry_run": report})  # fmt: skip
-        print(f"wrote {path}")
-        return 0
-    ledger = sweep.Ledger(args.out)
-    runs = run_sweep(args, ledger, setup)
-    params = param_counts(configs(args, setup)["muon"].model_config())["total_non_embedding"]
-    tokens = setup["base"]["steps"] * setup["base"]["batch_size"] * setup["base"]["seq_len"]
-    over = tokens / (20 * params)
-    results = {
-        "paper": PAPER, "scale": args.scale, "quick": args.quick, "devices": jax.device_count(),
-        "setup": {**setup, "non_embedding_params": params, "tokens": tokens, "over_training": over},
-        "runs": runs, "analysis": analyse(runs), "wall_time_s": time.perf_counter() - started,
-        "training_time_s": sum(r["wall_time_s"] for r in runs),
-    }  # fmt: skip
-    if not ledger.lead:
-        return 0
-    print(markdown(results))
-    path, figure = sweep.write_results(args.out, results), pathlib.Path(args.out) / f"{NAME}.png"
-    scale = args.scale + (", quick" if args.quick else "")
-    plot(results, figure, f"Weight decay, Figure 2 ({scale}): {params:,} non-emb. params, "
-         f"{tokens:.3g} tokens ({over:.2g}x compute-optimal), WSD")  # fmt: skip
-    print(f"wrote {path} and {figure}")
-    return 0
-
+FINDING = sweep.Finding(NAME, __doc__, PAPER, scale_setup, configs, train, markdown, plot)
+main = FINDING.main
 
 if __name__ == "__main__":
-    import sys
-
-    options = sweep.arguments(NAME, __doc__, sys.argv[1:])
-    sweep.start_jax(8 if options.scale == "pod" and options.quick else 1)
-    sys.exit(main())
+    FINDING.command()

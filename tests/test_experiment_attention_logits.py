@@ -87,13 +87,14 @@ class _Ledger:
     def train(self, fields, name, measure=None):
         key = (fields["model"]["attention"], fields["optimizer"], fields["learning_rate"])
         self.trained.append((*key, fields["seed"]))
-        return {"final_eval_loss": (math.log10(key[2]) + 2) ** 2 + fields["seed"], "fields": fields}
+        loss = (math.log10(key[2]) + 2) ** 2 + fields["seed"]
+        return dict(final_eval_loss=loss, max_logit_peak=1.0, max_logit_final=1.0, ratio_peak=0.0)
 
 
 def test_sweep_extends_past_the_edge_and_trains_mha_at_the_best_mla_rate():
     setup = al.scale_setup("gpu", quick=False, devices=1)  # MLA on the grid, MHA at its best
     ledger = _Ledger()
-    al.run_sweep(argparse.Namespace(mesh=None), ledger, setup)
+    al.train(argparse.Namespace(mesh=None), ledger, setup)
     rates = {(a, o): sorted({lr for a2, o2, lr, _ in ledger.trained if (a2, o2) == (a, o)})
              for a in ("mla", "mha") for o in ("adamw", "muon")}  # fmt: skip
     assert rates["mla", "adamw"] == [0.001, 0.00178, 0.00316, 0.00562, 0.01, 0.0178]

@@ -169,7 +169,7 @@ def test_quick_cpu_end_to_end_and_resumed_from_its_ledger(tmp_path):
         assert sorted(cell["by_seed"]) == ["1", "2"] and cell["loss"]["n"] == 2, name
     # before SFT: one step at learning rate 0 leaves the pretrained parameters unchanged
     import jax
-    from common import params_at
+    from sweep import params_at
 
     before = next(r for r in runs if r["stage"] == "before")
     same = jax.tree.map(np.array_equal, params_at(tmp_path / "runs" / before["key"], 1),

@@ -34,11 +34,13 @@ class _Ledger:
         return {"final_eval_loss": loss, "max_logit_peak": peak, "steps_clipping": 0.5}
 
 
-def test_sweep_extends_then_clips_at_the_best_rate_at_half_its_peak():
+def test_sweep_extends_then_clips_at_the_best_rate_at_half_its_peak(monkeypatch):
+    monkeypatch.setattr(qk, "step_overhead", lambda config: {})  # timed in the quick run
     setup = qk.scale_setup("cpu", quick=False, devices=1)
     assert setup["start"] == (0.0178, 0.0316, 0.0562) and setup["tau"] is None
     ledger = _Ledger()
-    runs, tau = qk.run_sweep(argparse.Namespace(mesh=None), ledger, setup)
+    done = qk.train(argparse.Namespace(mesh=None), ledger, setup)
+    runs, tau = done["runs"], done["tau"]
     assert tau == 22.0  # half of the seed mean of 40 and 50
     assert sorted({lr for lr, _, t in ledger.trained if t is None}) == [0.0178, 0.0316, 0.0562]
     assert [(lr, s) for lr, s, t in ledger.trained if t] == [(0.0316, 0), (0.0316, 1)]

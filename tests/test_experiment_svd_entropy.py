@@ -56,7 +56,7 @@ def test_analysis_at_the_best_rates_and_at_matched_loss():
     frac = a["per_matrix_higher"]["W"]
     assert frac["fraction"]["values"] == (0.5, 1.0) and frac["verdict"] == "inconclusive"
     assert a["init_check_max_gap"] == pytest.approx(0.0)
-    assert "| Router | 0.900 |" in se.markdown(json.loads(json.dumps(a)))
+    assert "| Router | 0.900 |" in se.markdown({"analysis": json.loads(json.dumps(a))})
 
 
 def test_verdicts_against_the_paper():

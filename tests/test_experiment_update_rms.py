@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import sweep
 from conftest import load_experiment, run_experiment
 
 from muonjax.train import TrainConfig
@@ -158,4 +159,4 @@ def test_pod_is_table2s_822m_made_dense_at_4b_of_20b_tokens():
     assert (c.steps - 1) % c.checkpoint_every == 0  # the last two steps are checkpointed
     grid = ur.rate_grid(8.825e-4)
     assert grid[grid.index(8.825e-4) + 1] == pytest.approx(8.825e-4 * 10**0.25, rel=1e-3)
-    assert ur.rate_grid(0.01) == ur.RATES
+    assert ur.rate_grid(0.01) == sweep.RATES

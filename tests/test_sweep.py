@@ -48,6 +48,33 @@ def test_verdict_needs_the_interval_on_one_side(values, sign, expected):
     assert sweep.verdict(sweep.estimate(values), sign) == expected
 
 
+def test_rate_sweeps_go_past_an_edge_and_seeds_are_averaged():
+    tried = []
+
+    def loss(lr):  # least at 0.1; diverges above 0.3
+        tried.append(lr)
+        return None if lr > 0.3 else (math.log10(lr) + 1) ** 2
+
+    losses = sweep.sweep_rates(loss, (0.001, 0.00178, 0.00316))
+    assert tried == [0.001, 0.00178, 0.00316, 0.00562, 0.01, 0.0178, 0.0316, 0.0562, 0.1, 0.178]
+    assert sweep.best_rate(losses) == 0.1 and sweep.best_rate({0.1: None}) is None
+    assert sweep.sweep_rates(loss, (0.001,), extend=False) == {0.001: 4.0}
+
+    class Ledger:
+        def train(self, fields, name, measure=None):
+            return {"final_eval_loss": None if fields["seed"] == 9 else fields["seed"], "n": name}
+
+        def tokenized(self, fields):
+            return dict(fields, data=("shards",))
+
+    runs, mean = sweep.train_seeds(Ledger(), lambda s: {"seed": s, "tokenizer": "bpe"}, (1, 2),
+                                   "muon lr 0.1", tag="x")  # fmt: skip
+    assert mean == 1.5 and runs == [{"final_eval_loss": 1, "n": "muon lr 0.1 seed 1", "seed": 1,
+                                     "tag": "x"}, {"final_eval_loss": 2, "n": "muon lr 0.1 seed 2",
+                                                   "seed": 2, "tag": "x"}]  # fmt: skip
+    assert sweep.train_seeds(Ledger(), lambda s: {"seed": s}, (1, 9), "adamw")[1] is None
+
+
 def test_run_key_ignores_where_a_run_is_written():
     a = TrainConfig(out="/a", progress=True, learning_rate=1e-2)
     assert sweep.run_key(a) == sweep.run_key(a.replace(out="/b", progress=False))

@@ -185,19 +185,10 @@ def train(args, ledger: sweep.Ledger, setup: dict) -> dict:
 # --- the analysis ------------------------------------------------------------------------
 
 
-def best_rate(runs: list[dict], optimizer: str) -> float | None:
-    """The rate with the lowest seed mean of final_eval_loss (no seed diverged)."""
-    by = {}
-    for r in (r for r in runs if r["optimizer"] == optimizer):
-        by.setdefault(r["learning_rate"], []).append(r["final_eval_loss"])
-    mean = {lr: np.mean(v) for lr, v in by.items() if None not in v}
-    return min(mean, key=mean.get, default=None)
-
-
 def analyse(runs: list[dict], inits: dict) -> dict:
     """Muon - AdamW at their best rates, paired over seeds, per '{end|matched}
     {W|dW} GROUP'; the fraction of matrices higher under Muon at the end."""
-    rates = {o: best_rate(runs, o) for o in OPTIMIZERS}
+    rates = {o: sweep.best_rate(sweep.rate_means(runs, SEEDS, optimizer=o)) for o in OPTIMIZERS}
     at = {o: {r["seed"]: r for r in runs if (r["optimizer"], r["learning_rate"]) == (o, rates[o])}
           for o in OPTIMIZERS}  # fmt: skip
     seeds = sorted(set(at["adamw"]) & set(at["muon"]))

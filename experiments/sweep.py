@@ -421,6 +421,18 @@ def sweep_rates(loss, start, extend: bool = True) -> dict:
     return losses
 
 
+def rate_means(runs, seeds, **match) -> dict:
+    """{rate: mean final_eval_loss over `seeds`} of the runs whose tags match; None
+    where a seed diverged or is missing."""
+    runs = [r for r in runs if all(r.get(k) == v for k, v in match.items())]
+    means = {}
+    for lr in sorted({r["learning_rate"] for r in runs}):
+        done = {r["seed"]: r["final_eval_loss"] for r in runs if r["learning_rate"] == lr}
+        ok = all(done.get(s) is not None for s in seeds)
+        means[lr] = sum(done[s] for s in seeds) / len(seeds) if ok else None
+    return means
+
+
 def best_rate(losses: dict) -> float | None:
     """The rate of the least loss ({rate: loss, None if it diverged})."""
     return min((lr for lr in losses if losses[lr] is not None), key=losses.get, default=None)

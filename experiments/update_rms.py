@@ -162,14 +162,14 @@ def train(args, ledger: sweep.Ledger, setup: dict) -> dict:
         for lr in rates:
             train(setup["seeds"], lr, **tags)
         while setup["extend"] and len(rates) < MAX_RATES:
-            lr = sweep.next_rate(best_rate(runs.values(), setup["seeds"], **tags)[1], grid)
+            lr = sweep.next_rate(sweep.rate_means(runs.values(), setup["seeds"], **tags), grid)
             if lr is None:
                 break
             rates = (*rates, lr)
             train(setup["seeds"], lr, **tags)
 
     tune(setup["adamw"], sweep.RATES, optimizer="adamw")
-    lr = best_rate(runs.values(), setup["seeds"], optimizer="adamw")[0]
+    lr = sweep.best_rate(sweep.rate_means(runs.values(), setup["seeds"], optimizer="adamw"))
     train(setup["table1_seeds"], lr, optimizer="adamw")
     for rule in RULES:
         train(setup["table1_seeds"], lr, rule=rule, rms_scale=0.2)
@@ -179,7 +179,7 @@ def train(args, ledger: sweep.Ledger, setup: dict) -> dict:
         tune(start, grid, optimizer="muon", rule="moonlight", rms_scale=scale)
     runs = list(runs.values())
     analysis = {"adamw_rate": lr, "table1": table1(runs, lr),
-                "adamw_rates": best_rate(runs, setup["seeds"], optimizer="adamw")[1],
+                "adamw_rates": sweep.rate_means(runs, setup["seeds"], optimizer="adamw"),
                 "table8": table8(runs, setup["seeds"], lr)}  # fmt: skip
     return {"setup": setup, "runs": runs, "analysis": analysis}
 
@@ -188,19 +188,6 @@ def seeds_of(runs, **match) -> dict:
     """{seed: run} of the finished runs whose tags match."""
     return {r["seed"]: r for r in runs if r["final_eval_loss"] is not None
             and all(r.get(k) == v for k, v in match.items())}  # fmt: skip
-
-
-def best_rate(runs, seeds, **match) -> tuple[float | None, dict]:
-    """The rate with the best seed mean over `seeds`, and {rate: mean, None when a
-    seed diverged or is missing}."""
-    runs = [r for r in runs if all(r.get(k) == v for k, v in match.items())]
-    means = {}
-    for lr in sorted({r["learning_rate"] for r in runs}):
-        done = seeds_of(runs, learning_rate=lr)
-        ok = set(seeds) <= set(done)
-        means[lr] = float(np.mean([done[s]["final_eval_loss"] for s in seeds])) if ok else None
-    finished = {lr: m for lr, m in means.items() if m is not None}
-    return (min(finished, key=finished.get) if finished else None), means
 
 
 def _losses(by_seed: dict) -> dict:
@@ -245,7 +232,8 @@ def rms_match(muon: dict, adamw: dict) -> dict:
 def table8(runs: list, seeds, adamw_lr: float) -> dict:
     rows = {}
     for scale in sorted({r["rms_scale"] for r in runs if r.get("rule") == "moonlight"}):
-        lr, means = best_rate(runs, seeds, rule="moonlight", rms_scale=scale)
+        means = sweep.rate_means(runs, seeds, rule="moonlight", rms_scale=scale)
+        lr = sweep.best_rate(means)
         if lr is None:
             continue
         by_seed = seeds_of(runs, rule="moonlight", rms_scale=scale, learning_rate=lr)

@@ -27,10 +27,10 @@ def test_best_rate_on_seed_means_needs_every_seed():
             _run(0.0178, 1.9), _run(0.0178, 2.1, seed=1),  # mean 2.0: the best
             _run(0.0316, 1.5), _run(0.0316, None, seed=1),  # a seed diverged
             _run(0.0562, 1.0)]  # one seed only  # fmt: skip
-    lr, means = ur.best_rate(runs, (0, 1), rule="moonlight")
-    assert lr == 0.0178 and means[0.01] == pytest.approx(2.1)
+    means = sweep.rate_means(runs, (0, 1), rule="moonlight")
+    assert sweep.best_rate(means) == 0.0178 and means[0.01] == pytest.approx(2.1)
     assert means[0.0316] is None and means[0.0562] is None
-    assert ur.best_rate(runs, (0, 1), rule="hidden") == (None, {})
+    assert sweep.rate_means(runs, (0, 1), rule="hidden") == {}
 
 
 def test_rms_match_is_the_worst_group_within_a_factor_two():

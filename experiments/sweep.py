@@ -45,6 +45,9 @@ def arguments(name: str, doc: str, argv=None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="report configs and memory only")
     parser.add_argument("--mesh", default=None, help="the mesh runs train on (default data=all)")
     parser.add_argument("--out", help="results folder (default: results/NAME/SCALE)")
+    parser.add_argument("--budget", type=float, metavar="MINUTES",
+                        help="start no run that would end after this many minutes (by the "
+                        "longest run so far): for a machine lent for minutes; relaunch to go on")  # fmt: skip
     args = parser.parse_args(argv)
     if args.out is None:
         args.out = str(ROOT / "results" / name / (args.scale + ("-quick" if args.quick else "")))
@@ -83,10 +86,15 @@ class Finding:
             )
             print(f"wrote {path}")
             return 0
-        ledger = Ledger(args.out)
+        ledger = Ledger(args.out, budget=None if args.budget is None else 60 * args.budget)
         if "seeds" in setup:
             results["seeds"] = list(setup["seeds"])
-        results.update(self.train(args, ledger, setup), devices=jax.device_count())
+        try:
+            results.update(self.train(args, ledger, setup), devices=jax.device_count())
+        except BudgetSpent as stopped:
+            print(f"--budget {args.budget:g} min spent before {stopped}: {len(ledger.records)} "
+                  f"runs in {ledger.path}; relaunch to go on")  # fmt: skip
+            return 0
         results.update(wall_time_s=time.perf_counter() - started,
                        training_time_s=sum(r["wall_time_s"] for r in results["runs"]))  # fmt: skip
         if not ledger.lead:
@@ -161,17 +169,35 @@ def _hash(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class BudgetSpent(Exception):
+    """The next run would not end within --budget: the ledger keeps what was trained."""
+
+
 class Ledger:
     """OUT/ledger.json: {key: record} of every run trained, and OUT/runs/KEY/, each
-    run's directory (checkpoints, metrics.jsonl): what a relaunch resumes from."""
+    run's directory (checkpoints, metrics.jsonl): what a relaunch resumes from.
+    With `budget` (seconds), a run that the longest run so far says would end
+    after it is not started: BudgetSpent."""
 
-    def __init__(self, out: str | os.PathLike, log=print):
+    def __init__(self, out: str | os.PathLike, log=print, budget: float | None = None):
         import jax
 
         self.out, self.log = pathlib.Path(out), log
         self.path = self.out / "ledger.json"
         self.lead = jax.process_index() == 0
         self.records = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.deadline = None if budget is None else time.monotonic() + budget
+        self.longest = 0.0  # of the runs this process trained
+
+    def _over_budget(self) -> bool:
+        import jax
+
+        over = self.deadline is not None and time.monotonic() + self.longest > self.deadline
+        if jax.process_count() > 1:  # every process stops where process 0 does
+            from jax.experimental import multihost_utils
+
+            over = bool(multihost_utils.broadcast_one_to_all(over))
+        return over
 
     def train(self, fields: dict, name: str, measure=None) -> dict:
         """The record of the run of TrainConfig `fields`: from the ledger, or
@@ -183,6 +209,8 @@ class Ledger:
         key = run_key(TrainConfig(**fields), self.out)
         if key in self.records:
             return self.records[key]
+        if self._over_budget():
+            raise BudgetSpent(name)
         run_dir = self.out / "runs" / key
         config = TrainConfig(**{**fields, "out": str(run_dir), "progress": False})
         started = time.perf_counter()
@@ -199,6 +227,7 @@ class Ledger:
                 record.update(measure(run_dir, summary))
         record.update(name=name, key=key, fields=fields, resumed=resume,
                       wall_time_s=time.perf_counter() - started)  # fmt: skip
+        self.longest = max(self.longest, record["wall_time_s"])
         self.records[key] = record
         if self.lead:
             write_json(self.path, self.records)

@@ -75,6 +75,21 @@ def test_rate_sweeps_go_past_an_edge_and_seeds_are_averaged():
     assert sweep.train_seeds(Ledger(), lambda s: {"seed": s}, (1, 9), "adamw")[1] is None
 
 
+def test_a_spent_budget_starts_no_run(tmp_path, capsys):
+    from conftest import load_experiment
+
+    qk = load_experiment("qk_clip")
+    assert qk.main(["--quick", "--budget", "0", "--out", str(tmp_path)]) == 0
+    assert "--budget 0 min spent before muon lr 0.0178 seed 0: 0 runs" in capsys.readouterr().out
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "runs").exists()
+    config = tiny_run("unused", "unused")
+    ledger = sweep.Ledger(tmp_path, budget=0)
+    ledger.records[sweep.run_key(config, tmp_path)] = {"final_eval_loss": 1.0}
+    assert ledger.train(config.to_json(), "recorded") == {"final_eval_loss": 1.0}
+    with pytest.raises(sweep.BudgetSpent, match="new"):
+        ledger.train(config.replace(seed=1).to_json(), "new")
+
+
 def test_run_key_ignores_where_a_run_is_written():
     a = TrainConfig(out="/a", progress=True, learning_rate=1e-2)
     assert sweep.run_key(a) == sweep.run_key(a.replace(out="/b", progress=False))

@@ -210,13 +210,8 @@ def plot(results: dict, path: pathlib.Path) -> None:
     """Peak max logit and final eval loss against the rate (seed means, 95%
     intervals, each optimizer's best-loss rate starred); the paired differences of
     the peak at the best-loss and matched rates."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     a, colors = results["analysis"], {"adamw": "tab:red", "muon": "tab:blue"}  # the paper's
-    fig, (peak_ax, loss_ax, diff_ax) = plt.subplots(1, 3, figsize=(17, 5))
+    fig, (peak_ax, loss_ax, diff_ax) = sweep.figure(1, 3, (17, 5))
     for att, x in a.items():
         for o, points in x["sweeps"].items():
             rates, best = [p["learning_rate"] for p in points], x["best_rate"][o]
@@ -238,13 +233,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
     loss_ax.set(xscale="log", xlabel="learning rate", title="final eval loss")
     diff_ax.set(xlim=(-0.5, len(found) - 0.5), ylabel="peak max logit, Muon - AdamW",
                 title="paired over seeds, at rates Muon / AdamW (> 0: the paper's)")  # fmt: skip
-    for ax in (peak_ax, loss_ax, diff_ax):
-        ax.grid(alpha=0.3, which="both")
-    peak_ax.legend(fontsize=8)
-    fig.suptitle(sweep.title(results, "Attention logits, App. D", f"{len(results['runs'])} runs"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    sweep.save(fig, path, results, "Attention logits, App. D", f"{len(results['runs'])} runs")
 
 
 def configs(args, setup: dict) -> dict:

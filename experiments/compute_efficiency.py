@@ -369,13 +369,8 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     a, sizes, runs = results["analysis"], list(results["sizes"]), results["runs"]
-    fig, (front_ax, rate_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (front_ax, rate_ax) = sweep.figure(1, 2, (13, 5))
     for c, f in a["frontiers"].items():
         flops = [f[s]["flops"] for s in sizes]
         estimates = [sweep.estimate(f[s]["loss"]["values"]) for s in sizes]
@@ -401,14 +396,14 @@ def plot(results: dict, path: pathlib.Path) -> None:
     rate_ax.set(xscale="log", xlabel="peak learning rate", ylabel="final eval loss",
                 title="learning-rate sweeps (quarter-decade grid, seed means)")  # fmt: skip
     rate_ax.legend(fontsize=6, ncol=2)
-    for ax in (front_ax, rate_ax):
-        ax.grid(alpha=0.3, which="both")
     flops = [r["flops"] for r in runs if r["final_eval_loss"] is not None]
-    fig.suptitle(sweep.title(results, "Compute efficiency, Fig. 3", f"dense, {len(sizes)} sizes, "
-                             f"{min(flops):.2g}-{max(flops):.2g} FLOPs"))  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    sweep.save(
+        fig,
+        path,
+        results,
+        "Compute efficiency, Fig. 3",
+        f"dense, {len(sizes)} sizes, {min(flops):.2g}-{max(flops):.2g} FLOPs",
+    )
 
 
 # --- main --------------------------------------------------------------------------------

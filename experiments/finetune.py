@@ -328,13 +328,8 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     a, runs = results["analysis"], results["runs"]
-    fig, (cell_ax, sft_ax, pre_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, (cell_ax, sft_ax, pre_ax) = sweep.figure(1, 3, (16, 4.5))
     names = list(a["cells"])
     sweep.error_bars(cell_ax, range(4), [_estimate(a["cells"][n]["loss"]) for n in names], linestyle="none")  # fmt: skip
     cell_ax.set(xticks=range(4), xticklabels=names, ylabel="held-out response loss (mean ± 95%)",
@@ -355,16 +350,15 @@ def plot(results: dict, path: pathlib.Path) -> None:
                title=f"SFT rate sweeps (seed {SELECT_SEED})")  # fmt: skip
     pre_ax.set(xscale="log", xlabel="pretraining learning rate", ylabel="final eval loss",
                title="pretraining rate sweeps (seed means)")  # fmt: skip
-    for ax in (cell_ax, sft_ax, pre_ax):
-        ax.grid(alpha=0.3, which="both")
-    for ax in (sft_ax, pre_ax):
-        ax.legend(fontsize=7)
     t = results["task"]
-    fig.suptitle(sweep.title(results, "Fine-tuning, Sec. 3.4", f"{t['sft_pairs']} SFT pairs, "
-                             f"{t['eval_pairs']} held-out pairs, from files held out of pretraining"))  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    sweep.save(
+        fig,
+        path,
+        results,
+        "Fine-tuning, Sec. 3.4",
+        f"{t['sft_pairs']} SFT pairs, "
+        f"{t['eval_pairs']} held-out pairs, from files held out of pretraining",
+    )
 
 
 # --- main --------------------------------------------------------------------------------

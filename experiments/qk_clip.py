@@ -176,12 +176,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
     """Left: the max logit (max over layers) against the step, per seed, at the
     clipped rate without (red) and with QK-Clip (blue), tau dotted. Right: final
     eval loss against the rate (seed means, 95% intervals), the clipped point in blue."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (curve_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (curve_ax, loss_ax) = sweep.figure(1, 2, (12, 4.5))
     a, points = results["analysis"], _points(results["runs"])
     for (lr, tau), by_seed in points.items():
         if a and lr == a["learning_rate"]:
@@ -200,15 +195,14 @@ def plot(results: dict, path: pathlib.Path) -> None:
                              f"QK-Clip {tau:g}", color="tab:blue")  # fmt: skip
     curve_ax.set(xlabel="step", ylabel="max attention logit", title="at the best rate")
     loss_ax.set(xscale="log", xlabel="learning rate", ylabel="final eval loss")
-    for ax in (curve_ax, loss_ax):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
     b = results["base"]
-    fig.suptitle(sweep.title(results, "QK-Clip with Muon", f"{b['steps']} steps x "
-                             f"{b['batch_size']} x {b['seq_len']}, {len(results['runs'])} runs"))  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    sweep.save(
+        fig,
+        path,
+        results,
+        "QK-Clip with Muon",
+        f"{b['steps']} steps x {b['batch_size']} x {b['seq_len']}, {len(results['runs'])} runs",
+    )
 
 
 def configs(args, setup: dict) -> dict:

@@ -249,12 +249,7 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    a, (fig, axes) = results["analysis"], plt.subplots(2, 4, figsize=(18, 8))
+    a, (fig, axes) = results["analysis"], sweep.figure(2, 4, (18, 8))
     for o, color in zip(OPTIMIZERS, ("tab:red", "tab:blue")):
         for r in (r for r in results["runs"] if r["optimizer"] == o and "checkpoints" in r
                   and r["learning_rate"] == a["learning_rates"][o]):  # fmt: skip
@@ -277,15 +272,14 @@ def plot(results: dict, path: pathlib.Path) -> None:
     axes[1, 3].axhline(0, color="0.4", lw=1)
     axes[1, 3].set(xticks=[i + 0.3 for i in range(4)], xticklabels=COLUMNS,
                    title="Muon - AdamW, 95% over seeds (paper: > 0)")  # fmt: skip
-    for i, ax in enumerate(axes.flat):
-        ax.grid(alpha=0.3)
-        if i in (0, 6, 7):
-            ax.legend(fontsize=6)
-    fig.suptitle(sweep.title(results, "SVD entropy, Fig. 4",
-                             f"MoE, seeds {SEEDS}, {len(results['runs'])} runs"))  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    sweep.save(
+        fig,
+        path,
+        results,
+        "SVD entropy, Fig. 4",
+        f"MoE, seeds {SEEDS}, {len(results['runs'])} runs",
+        legends=axes.flat[[0, 6, 7]],
+    )
 
 
 def configs(args, setup: dict) -> dict:

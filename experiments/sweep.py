@@ -115,11 +115,6 @@ class Finding:
         sys.exit(self.main())
 
 
-def title(results: dict, what: str, detail: str) -> str:
-    """A figure's title: the finding, the scale (and quick), what was run."""
-    return f"{what} ({results['scale']}{', quick' if results['quick'] else ''}): {detail}"
-
-
 def start_jax(devices: int = 1) -> None:
     """For a script's `__main__`, before JAX's backend starts: `devices` simulated
     CPU devices when there is no accelerator (a pod's mesh, simulated), none
@@ -401,6 +396,33 @@ def write_results(out: str | os.PathLike, results: dict) -> pathlib.Path:
 def table_row(*cells) -> str:
     """A markdown table row."""
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def figure(rows: int, cols: int, size: tuple[float, float]):
+    """A figure of rows x cols axes, as plt.subplots gives them, for `save`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(rows, cols, figsize=size)
+
+
+def save(fig, path, results: dict, what: str, detail: str, legends=None) -> None:
+    """Every axis gridded; a legend on each of `legends` (default: every axis with
+    labels) that has none yet; titled with the finding, the scale and `detail`;
+    written and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in fig.axes:
+        ax.grid(alpha=0.3, which="both")
+    for ax in fig.axes if legends is None else legends:
+        if ax.get_legend() is None and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{what} ({results['scale']}{', quick' if results['quick'] else ''}): {detail}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def error_bars(ax, xs, estimates, label=None, **style):

@@ -305,19 +305,13 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path: pathlib.Path) -> None:
     a = results["analysis"]
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = sweep.figure(1, 2, (12, 4.5))
     diffs = {k: d["estimate"]["values"] for k, d in a["table1"]["differences"].items()}
     sweep.error_bars(
         ax1, list(diffs), [sweep.estimate(v) for v in diffs.values()], linestyle="none"
     )
     sweep.paper_line(ax1, 0.023, "paper: Baseline - either")
     ax1.axhline(0, color="k", lw=0.5)
-    ax1.legend(fontsize=7)
     ax1.set(ylabel="paired final eval loss difference (mean ± 95%)",
             title=f"Table 1 at AdamW's rate {a['adamw_rate']:g}")  # fmt: skip
     for scale, r in a["table8"]["rows"].items():
@@ -326,11 +320,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
                  label=f"rms_scale {scale:g}")  # fmt: skip
     ax2.set(xscale="log", xlabel="lr x rms_scale (the hidden matrices' step)",
             title="Table 8: Adjusted LR's lr x rms_scale grid (seed means)")  # fmt: skip
-    ax2.legend(fontsize=7)
-    fig.suptitle(sweep.title(results, "Update RMS, Tables 1 and 8", f"{len(results['runs'])} runs"))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    sweep.save(fig, path, results, "Update RMS, Tables 1 and 8", f"{len(results['runs'])} runs")
 
 
 def configs(args, setup: dict) -> dict:

@@ -345,13 +345,8 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     a = results["analysis"]
-    fig, ((loss_ax, diff_ax), (weight_ax, output_ax)) = plt.subplots(2, 2, figsize=(13, 9))
+    fig, ((loss_ax, diff_ax), (weight_ax, output_ax)) = sweep.figure(2, 2, (13, 9))
     late = []
     for c, (label, _) in CURVES.items():
         rs = list(by_seed(results["runs"], c, a["adamw_rate"] if c == "adamw" else None).values())
@@ -377,15 +372,10 @@ def plot(results: dict, path: pathlib.Path) -> None:
               output_ax: "layer-output RMS per layer (held-out windows), seed mean"}  # fmt: skip
     for ax, name in titles.items():
         ax.set(title=name, xlabel="step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     z = results["setup"]
-    fig.suptitle(sweep.title(results, "Weight decay, Figure 2", f"{z['non_embedding_params']:,} "
-                             f"non-emb. params, {z['tokens']:.3g} tokens ({z['over_training']:.2g}x "
-                             "compute-optimal), WSD"))  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    sweep.save(fig, path, results, "Weight decay, Figure 2", f"{z['non_embedding_params']:,} "
+               f"non-emb. params, {z['tokens']:.3g} tokens ({z['over_training']:.2g}x "
+               "compute-optimal), WSD")  # fmt: skip
 
 
 # --- main --------------------------------------------------------------------------------

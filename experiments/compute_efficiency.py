@@ -77,17 +77,10 @@ PAPER = {
 # --- the scales --------------------------------------------------------------------------
 
 
-def _dense(d: int, layers: int, heads: int) -> dict:
-    """--model of a dense, full-MHA Llama-style size: SwiGLU 2.75 d rounded to 8."""
-    return dict(d_model=d, n_layers=layers, first_k_dense=layers, n_heads=heads,
-                attention="mha", head_dim=d // heads,
-                intermediate_size=round(2.75 * d / 8) * 8)  # fmt: skip
-
-
 def table2_model(row: dict) -> dict:
     """--model for a Table 2 row: heads = layers, head dim 128, SwiGLU 2.75 hidden
     (rounded to 128)."""
-    return dict(_dense(row["hidden"], row["layers"], row["heads"]),
+    return dict(sweep.dense_model(row["hidden"], row["layers"], row["heads"]),
                 intermediate_size=round(2.75 * row["hidden"] / 128) * 128)  # fmt: skip
 
 
@@ -96,7 +89,7 @@ def scale_setup(scale: str, quick: bool, devices: int) -> dict:
     each optimizer's sweep starts from (per size), whether sweeps extend, and seeds."""
     if quick:
         json_package = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "json"  # a small corpus
-        sizes = {"d16": _dense(16, 1, 2), "d24": _dense(24, 1, 3)}
+        sizes = {"d16": sweep.dense_model(16, 1, 2), "d24": sweep.dense_model(24, 1, 3)}
         base = dict(batch_size=max(8, devices), seq_len=32, warmup_steps=2, eval_batches=1,
                     final_eval_tokens=2048, data=(str(json_package),),
                     validation_fraction=0.1, steps=12)  # fmt: skip
@@ -105,13 +98,14 @@ def scale_setup(scale: str, quick: bool, devices: int) -> dict:
         start = {"adamw": (0.0316,), "muon": (0.0316,)}
         return dict(sizes=sizes, base=base, start=start, extend=False, seeds=SEEDS)
     if scale == "cpu":
-        sizes = {f"d{d}": _dense(d, 2, d // 8) for d in (32, 40, 48, 64)}
+        sizes = {f"d{d}": sweep.dense_model(d, 2, d // 8) for d in (32, 40, 48, 64)}
         base = dict(batch_size=16, seq_len=128, warmup_steps=20, eval_batches=16)
         start = {"adamw": (0.0178, 0.0316, 0.0562), "muon": (0.0316, 0.0562, 0.1)}
         return dict(sizes=sizes, base=base, start=start, extend=True, seeds=SEEDS)
     if scale == "gpu":  # one GPU, minutes per run; BPE over the python corpus
         sizes = {
-            f"d{d}": _dense(d, n, d // 32) for d, n in ((160, 5), (224, 7), (288, 8), (384, 10))
+            f"d{d}": sweep.dense_model(d, n, d // 32)
+            for d, n in ((160, 5), (224, 7), (288, 8), (384, 10))
         }
         base = dict(batch_size=64, seq_len=512, warmup_steps=200, eval_batches=8,
                     corpus="python", tokenizer="bpe", bpe_vocab_size=8192, dtype="bfloat16")  # fmt: skip

@@ -145,11 +145,6 @@ def build_task(folder: pathlib.Path, site_packages: bool, quick: bool) -> dict:
 # --- the scales --------------------------------------------------------------------------
 
 
-def _dense(d: int, layers: int, heads: int) -> dict:
-    return dict(d_model=d, n_layers=layers, first_k_dense=layers, n_heads=heads,
-                attention="mha", head_dim=d // heads, intermediate_size=round(2.75 * d / 8) * 8)  # fmt: skip
-
-
 def _schedule(steps: int, warmup: int) -> dict:
     return dict(steps=steps, warmup_steps=warmup, eval_every=steps, log_every=max(steps // 20, 1),
                 checkpoint_every=max(steps // 5, 1))  # fmt: skip
@@ -163,19 +158,19 @@ def scale_setup(scale: str, quick: bool, devices: int) -> dict:
     bpe = dict(tokenizer="bpe", dtype="bfloat16")
     if quick:  # toy sizes; SFT's shapes and schedule equal pretraining's (one compile each)
         sft = dict(batch_size=max(8, devices), seq_len=64, **_schedule(12, 2), eval_batches=1)
-        pretrain = dict(sft, preset="tiny", model=_dense(32, 1, 2), final_eval_tokens=2048,
+        pretrain = dict(sft, preset="tiny", model=sweep.dense_model(32, 1, 2), final_eval_tokens=2048,
                         **(dict(bpe, bpe_vocab_size=320) if scale == "gpu" else {}))  # fmt: skip
         rates, n = {o: (0.01,) for o in OPTIMIZERS}, 2 if scale == "cpu" else 1
         return dict(setup, pretrain=pretrain, sft=sft, pretrain_rates=rates, sft_rates=rates,
                     pretrain_seeds=PRETRAIN_SEEDS[:n], sft_seeds=SFT_SEEDS[:n])  # fmt: skip
     if scale == "cpu":
-        return dict(setup, pretrain=dict(preset="tiny", model=_dense(48, 2, 6), batch_size=16,
+        return dict(setup, pretrain=dict(preset="tiny", model=sweep.dense_model(48, 2, 6), batch_size=16,
                                          seq_len=128, **_schedule(400, 20), eval_batches=8),
                     sft=dict(batch_size=16, seq_len=128, **_schedule(100, 10), eval_batches=4),
                     pretrain_rates={"adamw": (0.0178, 0.0316, 0.0562), "muon": (0.0316, 0.0562, 0.1)},
                     sft_rates={o: (5.62e-4, 1e-3, 1.78e-3) for o in OPTIMIZERS})  # fmt: skip
     if scale == "gpu":
-        return dict(setup, pretrain=dict(preset="tiny", model=_dense(256, 6, 4), batch_size=64,
+        return dict(setup, pretrain=dict(preset="tiny", model=sweep.dense_model(256, 6, 4), batch_size=64,
                                          seq_len=512, **_schedule(3000, 200), eval_batches=8,
                                          bpe_vocab_size=8192, **bpe),
                     sft=dict(batch_size=64, seq_len=512, **_schedule(400, 40), eval_batches=8),

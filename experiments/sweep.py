@@ -2,12 +2,13 @@
 a ledger of training runs keyed by their config, seeds and their statistics,
 results.json, the side-by-side table row and the figures' conventions.
 
-A script describes its protocol as TrainConfig fields per run and calls
-`Ledger.train` for each: a run already in the ledger is not trained again, a
-run stopped half-way resumes from its last checkpoint, so a killed sweep
-relaunched with the same command trains only what is missing. On several
-hosts every process runs the script and trains each run on the whole mesh;
-process 0 writes."""
+A script is a `Finding`: its scales' settings, its protocol as TrainConfig
+fields per run (trained through `train_seeds` / `Ledger.train`, rates chosen by
+`sweep_rates` on seed means), its tables and its figure; `Finding.main` is its
+command line. A run already in the ledger is not trained again, a run stopped
+half-way resumes from its last checkpoint, so a killed sweep relaunched with the
+same command trains only what is missing. On several hosts every process runs
+the script and trains each run on the whole mesh; process 0 writes."""
 
 from __future__ import annotations
 

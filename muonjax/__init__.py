@@ -64,7 +64,19 @@ __all__ = [
 
 def __getattr__(name):
     if name == "nnx_matrix_axes":  # imported here: the optimizer alone installs without flax
-        from muonjax.nnx_axes import nnx_matrix_axes
-
+        try:
+            from muonjax.nnx_axes import nnx_matrix_axes
+        except ModuleNotFoundError as missing:
+            if missing.name != "flax":
+                raise
+            raise ModuleNotFoundError(
+                "muonjax.nnx_matrix_axes reads Flax NNX models and needs flax: "
+                "pip install 'muonjax[train]' (or flax)",
+                name="flax",
+            ) from None
         return nnx_matrix_axes
     raise AttributeError(f"module 'muonjax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), *__all__})

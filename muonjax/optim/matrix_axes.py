@@ -118,6 +118,11 @@ def matrix_view(shape: Sequence[int], axes: MatrixAxes | None, where: str = "lea
         )
     if axes is None:
         axes = MatrixAxes(rows=-2, cols=-1)
+    elif not isinstance(axes, MatrixAxes):
+        raise TypeError(
+            f"matrix_axes must return MatrixAxes or None, got {axes!r} for {where}: "
+            "write MatrixAxes(rows=..., cols=...)"
+        )
     rows, cols = _normalize(axes.rows, shape, where), _normalize(axes.cols, shape, where)
     if not rows or not cols or len(set(rows + cols)) != len(rows + cols):
         raise ValueError(

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from muonjax.optim.checks import check_number, check_rate
 from muonjax.optim.distributed import explicit_axes, orthogonalize_spread, resolve_mesh
 from muonjax.optim.matrix_axes import MatrixAxesFn, MatrixView, map_matrices
 from muonjax.optim.newton_schulz import (
@@ -91,6 +92,8 @@ def scale_by_muon(
       Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024).
     """
     steps = len(resolve_coefficients(ns_coeffs, ns_steps)[0])  # fail now, not in jit
+    check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+    check_number("eps", eps)
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
 
     def init_fn(params):
@@ -258,6 +261,7 @@ def scale_by_shape(
       Sec. 2.2 and 3.1.
     """
     check_update_scale(rule, hidden_size)
+    check_number("rms_scale", rms_scale)
     scale_rule = _SCALE_BY_RULE[rule]
 
     def update_fn(updates, state, params=None):
@@ -336,6 +340,8 @@ def muon(
       Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
       Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024).
     """
+    check_rate("learning_rate", learning_rate)
+    check_number("weight_decay", weight_decay)
     return optax.chain(
         scale_by_muon(
             momentum=momentum,

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from muonjax.optim.checks import check_number, check_rate
 from muonjax.optim.matrix_axes import MatrixAxesFn
 from muonjax.optim.muon import muon
 from muonjax.optim.newton_schulz import CoefficientsLike
@@ -242,6 +243,13 @@ def moonlight(
     References:
       Liu et al., "Muon is Scalable for LLM Training", arXiv 2502.16982 (2025).
     """
+    check_rate("learning_rate", learning_rate)
+    check_number("weight_decay", weight_decay)
+    if adamw_weight_decay is not None:
+        check_number("adamw_weight_decay", adamw_weight_decay)
+    for name, beta in (("adam_b1", adam_b1), ("adam_b2", adam_b2)):
+        check_number(name, beta, 0.0, 1.0, high_open=True)
+    check_number("adam_eps", adam_eps)
     wd = weight_decay if adamw_weight_decay is None else adamw_weight_decay  # AdamW's
     adamw = _adamw_group(
         learning_rate, wd, adam_b1, adam_b2, adam_eps, mu_dtype, adam_dtype, decay_norms_and_biases

@@ -161,3 +161,20 @@ def test_works_with_nnx_optimizer():
 
     losses = [float(step(model, optimizer)) for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_muon_momentum_is_reachable_in_one_call():
+    params = _params()
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    tx = optax.inject_hyperparams(muonjax.moonlight)(learning_rate=0.1)
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)
+    momentum = muonjax.muon_momentum(state)  # after one step M = G on Muon's leaves
+    np.testing.assert_array_equal(
+        momentum["layers"]["moe"]["experts"], grads["layers"]["moe"]["experts"]
+    )
+    assert isinstance(momentum["embed"]["embedding"], optax.MaskedNode)  # AdamW's leaf
+    with pytest.raises(KeyError, match="Found multiple values for 'mu'"):  # why it exists
+        optax.tree_utils.tree_get(state, "mu")
+    with pytest.raises(ValueError, match="holds 0 Muon states"):
+        muonjax.muon_momentum(optax.adamw(0.1).init(params))

@@ -10,6 +10,7 @@ from muonjax.optim.muon import (
     UPDATE_SCALE_RULES,
     ScaleByMuonState,
     muon,
+    muon_momentum,
     scale_by_muon,
     scale_by_shape,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "moonlight",
     "moonlight_labels",
     "muon",
+    "muon_momentum",
     "newton_schulz_flops",
     "orthogonalize",
     "orthogonalize_spread",

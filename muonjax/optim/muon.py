@@ -26,6 +26,18 @@ class ScaleByMuonState(NamedTuple):
     mu: optax.Updates  # momentum M, like params: same shapes, dtype mu_dtype or the param's
 
 
+def muon_momentum(state: Any) -> Any:
+    """Muon's momentum M (`ScaleByMuonState.mu`) from an optimizer state holding
+    one Muon: `muon`'s or `moonlight`'s (whose AdamW leaves are `optax.MaskedNode`
+    there), also inside `inject_hyperparams`, `MultiSteps` and other wrappers.
+    `optax.tree_utils.tree_get(state, "mu")` finds AdamW's `mu` as well."""
+    is_muon = lambda x: isinstance(x, ScaleByMuonState)  # noqa: E731
+    found = [x for x in jax.tree.leaves(state, is_leaf=is_muon) if is_muon(x)]
+    if len(found) != 1:
+        raise ValueError(f"the state holds {len(found)} Muon states (ScaleByMuonState), not one")
+    return found[0].mu
+
+
 def _matrix_views(matrix_axes: MatrixAxesFn | None, tree: Any) -> list[MatrixView]:
     views: list[MatrixView] = []
     map_matrices(lambda path, view, leaf: views.append(view), matrix_axes, tree)

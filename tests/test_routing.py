@@ -149,6 +149,20 @@ def test_moonlight_with_extended_labels():
     np.testing.assert_allclose(updates["output"], ref, rtol=1e-6)
     default, _ = muonjax.moonlight(0.01).update(grads, muonjax.moonlight(0.01).init(params), params)
     assert not np.allclose(default["output"], ref)  # Muon's, by default
+    for tx in (muonjax.moonlight(0.01, adamw_names="output"),  # on the recipe itself
+               muonjax.moonlight(0.01, adamw_if=lambda path, leaf: leaf.shape == (D, V))):  # fmt: skip
+        again, _ = tx.update(grads, tx.init(params), params)
+        np.testing.assert_allclose(again["output"], ref, rtol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        muonjax.moonlight(0.01, labels=labels, adamw_names="output")
+
+
+@pytest.mark.parametrize("as_function", [True, False])
+def test_a_label_typo_names_its_leaf(as_function):
+    params = {"blocks": [{"w": _kernel(D, D)}, {"w": _kernel(D, D)}]}
+    tree = {"blocks": [{"w": "muon"}, {"w": "adamW"}]}
+    with pytest.raises(ValueError, match=r"labels gave 'adamW' for \['blocks'\]\[1\]\['w'\]"):
+        muonjax.moonlight(0.01, labels=(lambda p: tree) if as_function else tree).init(params)
 
 
 # ---- routing_table -------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -169,6 +170,8 @@ def moonlight(
     adamw_weight_decay: float | None = None,
     decay_norms_and_biases: bool = True,
     labels: Callable[[Any], Any] | None = None,
+    adamw_names: str | Sequence[str] = (),
+    adamw_if: Callable[[Any, Any], bool] | None = None,
     matrix_axes: MatrixAxesFn | None = None,
     mesh: Any | None = None,
     spread_axes: Sequence[str] | None = None,
@@ -226,8 +229,10 @@ def moonlight(
         whose last path key is "scale" or "bias" (norm scales and biases,
         scanned ones included) get no weight decay (see `weight_decay_mask`).
       labels: a function of the params returning a tree of "muon" / "adamw"
-        (or such a tree); None means `moonlight_labels`. To extend the default
-        routing: `functools.partial(moonlight_labels, adamw_names=("output",))`.
+        (or such a tree); None means `moonlight_labels` with `adamw_names` and
+        `adamw_if`. Any other label is an error naming its leaf.
+      adamw_names, adamw_if: extend the default routing (see
+        `moonlight_labels`), e.g. `adamw_names=("output",)`; not with `labels`.
         Under `optax.inject_hyperparams` name it in static_args.
       matrix_axes: `(path, leaf) -> MatrixAxes | None` for Muon leaves whose
         matrix is not their last two axes.
@@ -272,8 +277,29 @@ def moonlight(
         spread_axes=spread_axes,
         update_specs=update_specs,
     )
-    labels = moonlight_labels if labels is None else labels
-    return optax.partition({MUON: hidden, ADAMW: adamw}, labels)
+    if labels is None:
+        labels = functools.partial(moonlight_labels, adamw_names=adamw_names, adamw_if=adamw_if)
+    elif adamw_names or adamw_if is not None:
+        raise ValueError("pass labels, or adamw_names / adamw_if to extend the default: not both")
+    return optax.partition({MUON: hidden, ADAMW: adamw}, _checked(labels))
+
+
+def _checked(labels: Any) -> Any:
+    """`labels` (a tree, or a function of the params giving one) whose every leaf
+    must be "muon" or "adamw": any other is a ValueError naming the leaf."""
+
+    def check(tree):
+        def one(path, label):
+            if not isinstance(label, str) or label not in (MUON, ADAMW):
+                where = jax.tree_util.keystr(path) or "<root>"
+                raise ValueError(
+                    f"labels gave {label!r} for {where}: each leaf is 'muon' or 'adamw'"
+                )
+            return label
+
+        return jax.tree_util.tree_map_with_path(one, tree)
+
+    return (lambda params: check(labels(params))) if callable(labels) else check(labels)
 
 
 def _adamw_group(learning_rate, weight_decay, b1, b2, eps, mu_dtype, adam_dtype, decay_all):

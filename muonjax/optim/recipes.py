@@ -277,16 +277,17 @@ def moonlight(
         spread_axes=spread_axes,
         update_specs=update_specs,
     )
+    return optax.partition({MUON: hidden, ADAMW: adamw}, _routing(labels, adamw_names, adamw_if))
+
+
+def _routing(labels: Any, adamw_names: Any, adamw_if: Any) -> Any:
+    """`moonlight`'s labels: `labels` (a tree, or a function of the params giving
+    one), else `moonlight_labels` with `adamw_names` and `adamw_if`; every leaf
+    must be "muon" or "adamw", and any other is a ValueError naming the leaf."""
     if labels is None:
         labels = functools.partial(moonlight_labels, adamw_names=adamw_names, adamw_if=adamw_if)
     elif adamw_names or adamw_if is not None:
         raise ValueError("pass labels, or adamw_names / adamw_if to extend the default: not both")
-    return optax.partition({MUON: hidden, ADAMW: adamw}, _checked(labels))
-
-
-def _checked(labels: Any) -> Any:
-    """`labels` (a tree, or a function of the params giving one) whose every leaf
-    must be "muon" or "adamw": any other is a ValueError naming the leaf."""
 
     def check(tree):
         def one(path, label):
